@@ -1,0 +1,42 @@
+"""solopo-mcore: the Megatron-Core trainer for SoLoPO (short-to-long preference optimization)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="solopo-mcore",
+    version="0.1.0",
+    description="Megatron-Core trainer for SoLoPO: short-to-long preference optimization",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["solopo_mcore", "solopo_mcore.*", "data_tools",
+                                    "data_tools.*"]),
+    package_data={"data_tools": ["resources/*"]},
+    install_requires=[
+        # torch is a range, never a pin: a user's CUDA build must not be replaced.
+        "torch>=2.6",
+        "megatron-core==0.16.1",
+        "transformers>=4.45",
+        "datasets>=2.19",
+        "safetensors>=0.4",
+        "tensorboard>=2.14",
+        "nvidia-ml-py>=12.535",
+        "psutil>=5.9",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "numpy>=1.24",
+        "tiktoken>=0.7",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        # Optional accelerators, used when importable and never required:
+        #   transformer-engine[pytorch]  TE layer spec, fused kernels, ring context parallelism
+        #   flash-attn                   faster attention kernels (via TE)
+        #   apex                         fused norms / optimizers (build from source)
+        "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
+        # vLLM speeds up `python -m data_tools.sample_pairs` when installed.
+        "sampling": ["vllm"],
+    },
+    entry_points={"console_scripts": []},
+)

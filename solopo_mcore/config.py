@@ -1,0 +1,331 @@
+"""Typed run configuration: dataclasses, YAML recipes, dotted overrides, validation.
+
+A run is described by :class:`RunConfig`. Recipes are YAML files whose top-level keys are the
+sections below; ``key.sub=value`` overrides on the command line are applied on top. Every unknown
+key and every badly typed value fails here, before any process group starts, naming the key.
+
+Parallel sizes use Megatron's own names and are passed into Megatron's ``TransformerConfig``
+(which subclasses ``ModelParallelConfig``) by :mod:`solopo_mcore.models.builder`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted key that caused it."""
+
+
+@dataclass
+class ModelConfig:
+    hf_config_path: Optional[str] = None
+    """Directory (or config.json) of a Hugging Face model whose architecture is built."""
+    params_dtype: str = "bf16"
+    """Parameter/compute dtype: "fp32", "bf16" or "fp16". Tests and CPU runs use fp32."""
+    layer_spec: str = "auto"
+    """"auto" (Transformer Engine when importable, else local), "te" or "local"."""
+    attention_backend: str = "auto"
+    """SDPA backend order for the torch core attention: "auto" (cuDNN>flash>efficient>math on
+    CUDA, math on CPU), "cudnn", "flash", "efficient" or "math"."""
+    recompute_granularity: Optional[str] = None
+    """Activation recompute: None, "selective" (core attention) or "full"."""
+    recompute_method: str = "uniform"
+    """With full recompute: "uniform" or "block" (Megatron's meaning)."""
+    recompute_num_layers: int = 1
+    """With full recompute: layers per recompute unit (uniform) or recomputed layers (block)."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this times the tensor-parallel size."""
+    attention_dropout: float = 0.0
+    """Attention dropout probability."""
+    hidden_dropout: float = 0.0
+    """Hidden-state dropout probability."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    """TP: shards attention heads, MLP and vocabulary."""
+    pipeline_model_parallel_size: int = 1
+    """PP: layer stages."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Virtual PP: model chunks per pipeline rank (interleaved schedule)."""
+    context_parallel_size: int = 1
+    """CP: splits every sequence into 2*CP zigzag chunks."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs Transformer Engine or apex norms)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduce with backward."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with forward."""
+
+
+@dataclass
+class DataConfig:
+    data_path: Optional[str] = None
+    """Prefix of the preprocessed triplet dataset (``PREFIX.bin/.idx/.meta.json``)."""
+    micro_batch_size: int = 1
+    """Examples (triplets) packed into one microbatch."""
+    global_batch_size: int = 8
+    """Examples per optimizer step, over all data-parallel ranks and microbatches."""
+    num_eval_examples: int = 0
+    """Examples held out from the end of the dataset for evaluation."""
+    ref_logprobs_path: Optional[str] = None
+    """Reference log-prob sidecar (DPO), written by examples/precompute_ref_logprobs.py."""
+    shuffle: bool = True
+    """Shuffle training examples every epoch (deterministic in seed and epoch)."""
+
+
+@dataclass
+class ObjectiveConfig:
+    algorithm: str = "orpo"
+    """Preference algorithm: "dpo", "simpo" or "orpo"."""
+    mode: str = "solo"
+    """"solo" (SoLoPO, chosen-only alignment), "solo_both", "short" or "long"."""
+    alpha: float = 1.0
+    """Weight of the short-to-long reward alignment term (SoLo-RA)."""
+    distance: str = "abs"
+    """Reward distance d(r_short, r_long): "abs" or "squared"."""
+    beta: float = 0.1
+    """Reward scale (DPO, SimPO)."""
+    gamma: float = 0.5
+    """SimPO target margin."""
+    orpo_lambda: float = 0.1
+    """ORPO weight of the odds-ratio term."""
+    label_smoothing: float = 0.0
+    """DPO label smoothing (conservative DPO)."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 5e-7
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    lr_warmup_steps: int = 0
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Gradient norm clip (0 disables)."""
+    optimizer_cpu_offload: bool = False
+    """Keep optimizer state on CPU (megatron-core hybrid offload; needs the distributed optimizer)."""
+
+
+@dataclass
+class TrainingConfig:
+    train_steps: int = 100
+    """Optimizer steps."""
+    seed: int = 1234
+    """Seed for weights, data order and dropout."""
+    deterministic: bool = False
+    """Deterministic algorithms (bitwise resume on CPU)."""
+    max_consecutive_nonfinite_steps: int = 5
+    """A NaN/Inf loss or grad skips the step; this many in a row stops the run (with a save)."""
+    eval_interval: int = 0
+    """Evaluate every N steps (0: never)."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_dir: Optional[str] = None
+    """Where dist_checkpointing checkpoints go (``iter_NNNNNNN`` + ``latest``)."""
+    save_interval: int = 0
+    """Save every N steps (0: only at the end and on SIGTERM)."""
+    keep_last: int = 2
+    """Complete checkpoints to keep."""
+    load_dir: Optional[str] = None
+    """Resume from / initialise with this Megatron checkpoint dir (its ``latest``)."""
+    finetune: bool = False
+    """With load_dir: load weights only and start at step 0 (no optimizer, data position)."""
+    hf_init_dir: Optional[str] = None
+    """Initialise weights from this Hugging Face model directory (converted on the fly)."""
+    export_hf_dir: Optional[str] = None
+    """At the end, export an HF checkpoint here."""
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    """Steps between console/metrics lines."""
+    tensorboard_dir: Optional[str] = None
+    """TensorBoard event dir (None: no TensorBoard)."""
+    metrics_path: Optional[str] = None
+    """metrics.jsonl path (rank 0); None: none."""
+    progress_bar: bool = True
+    """Show a progress bar when stdout is a terminal."""
+    peak_tflops: Optional[float] = None
+    """Per-device dense peak TFLOP/s for MFU; None: looked up from the device name."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture and numerics."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Megatron parallel layout."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Dataset and batch sizes."""
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """SoLoPO objective and its baselines."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and LR schedule."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Loop length, seed, fault handling."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving, loading, HF init and export."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Console, metrics.jsonl and TensorBoard."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        hint = options[0]
+    if value is None:
+        raise ConfigError(f"{key}: null is not allowed (expected {getattr(hint, '__name__', hint)})")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _from_dict(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix + unknown[0]!r}; valid keys under "
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _from_dict(hint, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Load a YAML recipe (optional) and apply ``key.sub=value`` overrides, then validate."""
+    tree: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        tree = yaml.safe_load(text) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    config = _from_dict(RunConfig, tree, "")
+    validate(config)
+    return config
+
+
+def to_dict(config: RunConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def _choice(key: str, value: Any, options) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, options))}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(config: RunConfig) -> None:
+    """Checks that need no process group or model file. Layout checks against the model's shape
+    and the world size are in :func:`solopo_mcore.parallel.layout.validate_layout`."""
+    m, p, d, o, opt, t = (config.model, config.parallel, config.data, config.objective,
+                          config.optimizer, config.training)
+    _choice("model.params_dtype", m.params_dtype, ("fp32", "bf16", "fp16"))
+    _choice("model.layer_spec", m.layer_spec, ("auto", "te", "local"))
+    _choice("model.attention_backend", m.attention_backend,
+            ("auto", "cudnn", "flash", "efficient", "math"))
+    _choice("model.recompute_granularity", m.recompute_granularity, (None, "selective", "full"))
+    _choice("model.recompute_method", m.recompute_method, ("uniform", "block"))
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                "context_parallel_size"):
+        _positive(f"parallel.{key}", getattr(p, key))
+    if p.virtual_pipeline_model_parallel_size is not None:
+        _positive("parallel.virtual_pipeline_model_parallel_size",
+                  p.virtual_pipeline_model_parallel_size)
+        if p.pipeline_model_parallel_size < 2:
+            raise ConfigError("parallel.virtual_pipeline_model_parallel_size needs "
+                              "parallel.pipeline_model_parallel_size >= 2")
+    _positive("data.micro_batch_size", d.micro_batch_size)
+    _positive("data.global_batch_size", d.global_batch_size)
+    _positive("data.num_eval_examples", d.num_eval_examples, allow_zero=True)
+    _choice("objective.algorithm", o.algorithm, ("dpo", "simpo", "orpo"))
+    _choice("objective.mode", o.mode, ("solo", "solo_both", "short", "long"))
+    _choice("objective.distance", o.distance, ("abs", "squared"))
+    _positive("objective.alpha", o.alpha, allow_zero=True)
+    _positive("objective.beta", o.beta)
+    if not 0.0 <= o.label_smoothing < 0.5:
+        raise ConfigError(f"objective.label_smoothing: must be in [0, 0.5), got {o.label_smoothing}")
+    _positive("optimizer.lr", opt.lr, allow_zero=True)
+    _positive("optimizer.clip_grad", opt.clip_grad, allow_zero=True)
+    if opt.optimizer_cpu_offload and not p.use_distributed_optimizer:
+        raise ConfigError("optimizer.optimizer_cpu_offload needs parallel.use_distributed_optimizer")
+    _positive("training.train_steps", t.train_steps)
+    _positive("training.max_consecutive_nonfinite_steps", t.max_consecutive_nonfinite_steps)
+    _positive("checkpoint.keep_last", config.checkpoint.keep_last)
+    _positive("logging.log_interval", config.logging.log_interval)
+    if o.algorithm == "dpo" and d.data_path and not d.ref_logprobs_path:
+        raise ConfigError("objective.algorithm=dpo needs data.ref_logprobs_path (run "
+                          "examples/precompute_ref_logprobs.py first)")

@@ -1,0 +1,225 @@
+"""Build Megatron-Core ``TransformerConfig`` + ``GPTModel`` chunks from an HF architecture.
+
+The model class :class:`ResponseLogprobGPTModel` is Megatron's ``GPTModel`` with one change: when
+labels are given, the output layer and the vocab-parallel log-softmax run only at the positions the
+loss mask selects (response tokens), and the model returns those tokens' log-probs. A 128K context
+therefore never materialises 128K x vocab logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.pipeline_parallel.utils import is_pp_first_stage, is_pp_last_stage
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from solopo_mcore.config import ModelConfig, ParallelConfig
+from solopo_mcore.models.attention import TorchCoreAttention
+from solopo_mcore.models.hf_config import ModelShape
+from solopo_mcore.platform import transformer_config_overrides
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
+
+
+def use_te_spec(model_cfg: ModelConfig) -> bool:
+    if model_cfg.layer_spec == "te":
+        if not transformer_engine_available():
+            raise RuntimeError("model.layer_spec=te but Transformer Engine is not importable "
+                               "(or no CUDA device); use model.layer_spec=local or auto")
+        return True
+    return model_cfg.layer_spec == "auto" and transformer_engine_available()
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
+    multiple = divisible_by * tp_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def build_transformer_config(shape: ModelShape, model_cfg: ModelConfig,
+                             parallel: ParallelConfig, **overrides) -> TransformerConfig:
+    """Megatron ``TransformerConfig`` for ``shape`` at the given layout and numerics."""
+    dtype = _DTYPES[model_cfg.params_dtype]
+    te = use_te_spec(model_cfg)
+    on_cuda = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_query_groups,
+        kv_channels=shape.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=shape.norm_epsilon,
+        add_bias_linear=False,
+        add_qkv_bias=shape.add_qkv_bias,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        attention_dropout=model_cfg.attention_dropout,
+        hidden_dropout=model_cfg.hidden_dropout,
+        init_method_std=0.02,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel and parallel.tensor_model_parallel_size > 1,
+        # Packed microbatches differ in length, so the pipeline exchanges shapes first. Megatron
+        # only allows that with the all-to-all dispatcher, even for dense models.
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",
+        # Loss is the mean over examples: loss_func returns per-microbatch sums and example counts
+        # and finalize_model_grads divides by the global count (see training/forward_step.py).
+        calculate_per_token_loss=True,
+        recompute_granularity=model_cfg.recompute_granularity,
+        recompute_method=model_cfg.recompute_method if model_cfg.recompute_granularity == "full"
+        else None,
+        recompute_num_layers=model_cfg.recompute_num_layers
+        if model_cfg.recompute_granularity == "full" else None,
+        use_cpu_initialization=not on_cuda,
+        # Fused kernels need CUDA plus Transformer Engine or apex; the torch paths are exact.
+        masked_softmax_fusion=False,
+        bias_activation_fusion=te and on_cuda,
+        bias_dropout_fusion=on_cuda,
+        apply_rope_fusion=te and on_cuda,
+        gradient_accumulation_fusion=te and on_cuda,
+        persist_layer_norm=False,
+    )
+    if model_cfg.recompute_granularity == "selective":
+        kwargs["recompute_modules"] = ["core_attn"]
+    kwargs.update(transformer_config_overrides())
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_layer_spec(model_cfg: ModelConfig):
+    """TE spec when Transformer Engine is used, else the local spec with torch core attention."""
+    if use_te_spec(model_cfg):
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    attention_cls = type("TorchCoreAttention", (TorchCoreAttention,),
+                         {"backend_name": model_cfg.attention_backend})
+    spec.submodules.self_attention.submodules.core_attention = attention_cls
+    return spec
+
+
+class ResponseLogprobGPTModel(GPTModel):
+    """``GPTModel`` that, given labels, returns log-probs at loss-mask positions only.
+
+    ``forward(input_ids, None, None, labels=..., loss_mask=..., packed_seq_params=...)`` returns
+    a float32 tensor ``[n]``: ``log p(labels[i] | prefix)`` for the ``n`` positions where
+    ``loss_mask`` is true, in order. The vocabulary is TP-sharded; the log-softmax is Megatron's
+    vocab-parallel cross entropy, so the value is already reduced over TP. Vocabulary padding rows
+    are masked out so the values equal the unpadded HF model's.
+    """
+
+    real_vocab_size: Optional[int] = None
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args,
+                     loss_mask=None, **kwargs):
+        if not self.post_process or labels is None:
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args,
+                                        loss_mask=loss_mask, **kwargs)
+        if loss_mask is None:
+            raise ValueError("ResponseLogprobGPTModel needs loss_mask with labels")
+        if self.config.sequence_parallel:
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, group=self.pg_collection.tp)
+        # hidden [s, b, h] -> the selected positions, [n, 1, h]
+        flat_hidden = hidden_states.transpose(0, 1).reshape(-1, hidden_states.shape[-1])
+        index = loss_mask.reshape(-1).nonzero(as_tuple=True)[0]
+        selected = flat_hidden.index_select(0, index).unsqueeze(1)
+        targets = labels.reshape(-1).index_select(0, index).unsqueeze(1)
+        weight = self.shared_embedding_or_output_weight() \
+            if self.share_embeddings_and_output_weights else None
+        sp = self.output_layer.sequence_parallel
+        self.output_layer.sequence_parallel = False
+        try:
+            logits, _ = self.output_layer(selected, weight=weight, runtime_gather_output=False)
+        finally:
+            self.output_layer.sequence_parallel = sp
+        logits = logits.float()
+        if self.real_vocab_size is not None and self.real_vocab_size < self.vocab_size:
+            shard = logits.shape[-1]
+            start = self.pg_collection.tp.rank() * shard
+            ids = torch.arange(start, start + shard, device=logits.device)
+            logits = logits.masked_fill(ids >= self.real_vocab_size, float("-inf"))
+        nll = tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
+        return -nll.reshape(-1)
+
+
+def build_model_chunks(shape: ModelShape, model_cfg: ModelConfig, parallel: ParallelConfig,
+                       pg_collection: ProcessGroupCollection,
+                       config: Optional[TransformerConfig] = None) -> list:
+    """One ``ResponseLogprobGPTModel`` per virtual-pipeline chunk on this rank (not yet wrapped)."""
+    config = config or build_transformer_config(shape, model_cfg, parallel)
+    spec = build_layer_spec(model_cfg)
+    vp_size = parallel.virtual_pipeline_model_parallel_size
+    tp = parallel.tensor_model_parallel_size
+    chunks = []
+    for vp_stage in range(vp_size or 1):
+        first = is_pp_first_stage(pg_collection.pp) and vp_stage == 0
+        last = is_pp_last_stage(pg_collection.pp) and vp_stage == (vp_size or 1) - 1
+        model = ResponseLogprobGPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab_size(shape.vocab_size, model_cfg.make_vocab_size_divisible_by,
+                                         tp),
+            max_sequence_length=shape.max_position_embeddings,
+            pre_process=first,
+            post_process=last,
+            parallel_output=True,
+            share_embeddings_and_output_weights=shape.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(shape.rope_theta),
+            rope_scaling=shape.rope_scaling is not None,
+            rope_scaling_factor=(shape.rope_scaling or {}).get("factor", 8.0),
+            pg_collection=pg_collection,
+            vp_stage=vp_stage if vp_size else None,
+        )
+        model.real_vocab_size = shape.vocab_size
+        _set_rope_frequencies(model, shape)
+        chunks.append(model)
+    return chunks
+
+
+def _set_rope_frequencies(model: GPTModel, shape: ModelShape) -> None:
+    """Recompute RoPE inverse frequencies as transformers does (float32, HF theta, llama3 scaling).
+
+    Megatron fixes llama3's low/high frequency factors and original length at Llama 3.1's values;
+    the HF config is the source of truth, so apply its own numbers (identical for Llama 3.1)."""
+    rotary = getattr(model, "rotary_pos_emb", None)
+    if rotary is None:
+        return
+    dim = rotary.inv_freq.numel() * 2
+    inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = shape.rope_scaling
+    if scaling is not None:
+        inv_freq = rotary._apply_scaling(inv_freq, **scaling)
+    rotary.inv_freq = inv_freq.to(dtype=rotary.inv_freq.dtype, device=rotary.inv_freq.device)
+
+
+def model_config_summary(config: TransformerConfig) -> dict:
+    keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+            "num_query_groups", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+            "context_parallel_size", "recompute_granularity")
+    full = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
+    return {k: full.get(k) for k in keys}

@@ -1,0 +1,132 @@
+"""Read a Hugging Face ``config.json`` into the shape of a Megatron GPT model.
+
+Supported architectures are rows of :data:`ARCHITECTURES`; anything else is refused by name.
+Both RoPE formats are read: the classic ``rope_theta`` / ``rope_scaling`` keys (real Qwen2.5 and
+Llama 3.1 checkpoints) and transformers-5 ``rope_parameters``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+
+@dataclass(frozen=True)
+class ArchitectureTraits:
+    """What differs between the supported decoder families."""
+
+    hf_model_type: str
+    """``model_type`` written into exported configs."""
+    qkv_bias_key: Optional[str]
+    """config.json key that switches QKV bias on, or None if the family always has it."""
+    qkv_bias_default: bool
+    """QKV bias when the key is absent."""
+
+
+ARCHITECTURES: dict[str, ArchitectureTraits] = {
+    "Qwen2ForCausalLM": ArchitectureTraits("qwen2", None, True),
+    "LlamaForCausalLM": ArchitectureTraits("llama", "attention_bias", False),
+}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Everything Megatron needs to know about an HF decoder's architecture."""
+
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    vocab_size: int
+    norm_epsilon: float
+    add_qkv_bias: bool
+    tie_word_embeddings: bool
+    rope_theta: float
+    rope_scaling: Optional[dict]
+    """None, or the llama3 scaling: factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings."""
+    max_position_embeddings: int
+    raw: dict
+    """The config.json contents, carried over on export."""
+
+
+def _rope(cfg: dict, key: str) -> tuple[float, Optional[dict]]:
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict):  # transformers 5
+        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        kind = params.get("rope_type", "default")
+        scaling = None if kind in (None, "default") else dict(params)
+    else:
+        theta = cfg.get("rope_theta", 10000.0)
+        scaling = cfg.get("rope_scaling")
+        kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
+    if scaling is None:
+        return float(theta), None
+    if kind != "llama3":
+        raise UnsupportedModelError(f"{key}: rope scaling type {kind!r} is not supported "
+                                    f"(supported: none, 'llama3')")
+    return float(theta), {
+        "factor": float(scaling["factor"]),
+        "low_freq_factor": float(scaling.get("low_freq_factor", 1.0)),
+        "high_freq_factor": float(scaling.get("high_freq_factor", 4.0)),
+        "original_max_position_embeddings": int(
+            scaling.get("original_max_position_embeddings", 8192)),
+    }
+
+
+def read_hf_config(path: Union[str, Path]) -> ModelShape:
+    """Parse ``config.json`` (or the directory holding it) into a :class:`ModelShape`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no HF config at {path}")
+    cfg = json.loads(path.read_text())
+    return shape_from_dict(cfg, source=str(path))
+
+
+def shape_from_dict(cfg: dict, source: str = "config") -> ModelShape:
+    archs = cfg.get("architectures") or []
+    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise UnsupportedModelError(
+            f"{source}: architectures={archs!r} is not supported; supported: "
+            f"{', '.join(ARCHITECTURES)}")
+    traits = ARCHITECTURES[arch]
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "vocab_size"):
+        if key not in cfg:
+            raise UnsupportedModelError(f"{source}: missing key {key!r}")
+    heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    theta, scaling = _rope(cfg, source)
+    qkv_bias = (traits.qkv_bias_default if traits.qkv_bias_key is None
+                else bool(cfg.get(traits.qkv_bias_key, traits.qkv_bias_default)))
+    if cfg.get("mlp_bias"):
+        raise UnsupportedModelError(f"{source}: mlp_bias=true is not supported")
+    return ModelShape(
+        architecture=arch,
+        num_layers=int(cfg["num_hidden_layers"]),
+        hidden_size=hidden,
+        ffn_hidden_size=int(cfg["intermediate_size"]),
+        num_attention_heads=heads,
+        num_query_groups=int(cfg.get("num_key_value_heads") or heads),
+        kv_channels=int(cfg.get("head_dim") or hidden // heads),
+        vocab_size=int(cfg["vocab_size"]),
+        norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+        add_qkv_bias=qkv_bias,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+        raw=cfg,
+    )

@@ -1,0 +1,114 @@
+"""Parallel layout: validation with actionable messages, and process-group start-up.
+
+The groups are Megatron's own (``parallel_state.initialize_model_parallel``); they are collected
+into a ``ProcessGroupCollection`` once, here, and passed explicitly to everything else.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from solopo_mcore.config import ParallelConfig
+from solopo_mcore.models.hf_config import ModelShape
+from solopo_mcore.platform import apply_cpu_patches
+
+
+class LayoutError(ValueError):
+    pass
+
+
+def validate_layout(shape: ModelShape, parallel: ParallelConfig, world_size: int) -> int:
+    """Check the layout against the model and world size; return the data-parallel size."""
+    tp = parallel.tensor_model_parallel_size
+    pp = parallel.pipeline_model_parallel_size
+    cp = parallel.context_parallel_size
+    vpp = parallel.virtual_pipeline_model_parallel_size or 1
+    if shape.num_attention_heads % tp:
+        raise LayoutError(
+            f"parallel.tensor_model_parallel_size={tp} does not divide num_attention_heads="
+            f"{shape.num_attention_heads}; choose a TP that divides it")
+    if shape.num_query_groups % tp:
+        raise LayoutError(
+            f"parallel.tensor_model_parallel_size={tp} does not divide the "
+            f"{shape.num_query_groups} KV groups (num_key_value_heads); choose a TP that divides "
+            f"it, e.g. {max(d for d in range(1, tp + 1) if shape.num_query_groups % d == 0)}")
+    if shape.num_layers % (pp * vpp):
+        raise LayoutError(
+            f"num_layers={shape.num_layers} is not divisible by pipeline_model_parallel_size "
+            f"x virtual_pipeline_model_parallel_size = {pp} x {vpp}; choose sizes whose product "
+            f"divides the layer count")
+    if world_size % (tp * pp * cp):
+        raise LayoutError(
+            f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = "
+            f"{tp * pp * cp}; launch a multiple of {tp * pp * cp} processes or change the sizes")
+    if parallel.sequence_parallel and tp > 1 and not torch.cuda.is_available():
+        raise LayoutError("parallel.sequence_parallel needs CUDA with Transformer Engine or apex "
+                          "norms; set parallel.sequence_parallel=false")
+    return world_size // (tp * pp * cp)
+
+
+def init_distributed(timeout_minutes: int = 30) -> None:
+    """Start torch.distributed from the torchrun environment (single process without one)."""
+    apply_cpu_patches()
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # plain `python script.py`: a world of one
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend,
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize_parallel(parallel: ParallelConfig, seed: int,
+                        shape: Optional[ModelShape] = None):
+    """Initialise Megatron's model-parallel groups and RNG; return a ``ProcessGroupCollection``."""
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    init_distributed()
+    if shape is not None:
+        validate_layout(shape, parallel, dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+    )
+    seed_everything(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,56 @@
+"""Megatron optimizer (AdamW, distributed or not, optional CPU offload) and LR schedule."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from solopo_mcore.config import OptimizerConfig, ParallelConfig
+
+
+def build_optimizer(model: list, opt: OptimizerConfig, parallel: ParallelConfig,
+                    params_dtype: torch.dtype, pg_collection):
+    """``get_megatron_optimizer`` for the DDP-wrapped chunks."""
+    config = McoreOptimizerConfig(
+        optimizer="adam",
+        lr=opt.lr,
+        min_lr=opt.min_lr,
+        weight_decay=opt.weight_decay,
+        adam_beta1=opt.adam_beta1,
+        adam_beta2=opt.adam_beta2,
+        adam_eps=opt.adam_eps,
+        clip_grad=opt.clip_grad,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        params_dtype=params_dtype,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        optimizer_cpu_offload=opt.optimizer_cpu_offload,
+        optimizer_offload_fraction=1.0 if opt.optimizer_cpu_offload else 0.0,
+        overlap_cpu_optimizer_d2h_h2d=opt.optimizer_cpu_offload,
+        use_precision_aware_optimizer=opt.optimizer_cpu_offload,
+        main_grads_dtype=torch.float32,
+        main_params_dtype=torch.float32,
+        exp_avg_dtype=torch.float32,
+        exp_avg_sq_dtype=torch.float32,
+    )
+    return get_megatron_optimizer(config, model, pg_collection=pg_collection,
+                                  use_gloo_process_groups=False)
+
+
+def build_scheduler(optimizer, opt: OptimizerConfig, train_steps: int) -> OptimizerParamScheduler:
+    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``train_steps``."""
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if opt.lr_warmup_steps else opt.lr,
+        max_lr=opt.lr,
+        min_lr=opt.min_lr,
+        lr_warmup_steps=opt.lr_warmup_steps,
+        lr_decay_steps=max(train_steps, opt.lr_warmup_steps + 1),
+        lr_decay_style="cosine",
+        start_wd=opt.weight_decay,
+        end_wd=opt.weight_decay,
+        wd_incr_steps=max(train_steps, 1),
+        wd_incr_style="constant",
+    )

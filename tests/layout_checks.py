@@ -1,0 +1,165 @@
+"""Per-rank bodies of the multi-process layout tests (run through tests/dist_harness.py).
+
+Each builds the tiny model at a layout from the same HF weights, runs a global batch through
+Megatron's schedule with the real SoLoPO loss, and checks per-sequence log-prob sums, the loss and
+the gradients (or the parameters after one optimizer step) against the single-process HF
+reference with written-out formulas (tests/reference.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _setup(hf_dir, tp=1, pp=1, cp=1, vpp=None, distributed_optimizer=False):
+    from solopo_mcore.config import ModelConfig, ParallelConfig
+    from solopo_mcore.convert.tables import load_hf_tensors_into_chunks
+    from solopo_mcore.models.builder import build_model_chunks, build_transformer_config
+    from solopo_mcore.models.hf_config import read_hf_config
+    from solopo_mcore.parallel.layout import initialize_parallel
+    from solopo_mcore.training.engine import wrap_ddp
+    from transformers import AutoModelForCausalLM
+
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              context_parallel_size=cp, virtual_pipeline_model_parallel_size=vpp,
+                              use_distributed_optimizer=distributed_optimizer)
+    shape = read_hf_config(hf_dir)
+    pgs = initialize_parallel(parallel, seed=7, shape=shape)
+    model_cfg = ModelConfig(params_dtype="fp32")
+    tcfg = build_transformer_config(shape, model_cfg, parallel)
+    chunks = build_model_chunks(shape, model_cfg, parallel, pgs, tcfg)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    state = hf.state_dict()
+    load_hf_tensors_into_chunks(chunks, lambda n: state[n], shape, pgs.tp)
+    model = wrap_ddp(chunks, tcfg, parallel, pgs)
+    return shape, pgs, tcfg, model, hf, parallel
+
+
+def _microbatches(examples, pgs, mode, num_microbatches, pad_multiple=None, equal_lengths=False):
+    from solopo_mcore.data.packing import pack_triplets
+    from solopo_mcore.losses.objective import MODE_ROLES
+
+    dp_size, dp_rank = pgs.dp.size(), pgs.dp.rank()
+    cp_size, cp_rank = pgs.cp.size(), pgs.cp.rank()
+    per_rank = len(examples) // dp_size
+    mine = examples[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    per_mb = len(mine) // num_microbatches
+    pad = pad_multiple or (2 * cp_size if cp_size > 1 else 1)
+    packed = [pack_triplets(mine[i * per_mb:(i + 1) * per_mb], MODE_ROLES[mode], pad_multiple=pad)
+              for i in range(num_microbatches)]
+    if equal_lengths:
+        from solopo_mcore.data.packing import pad_to_length, round_up
+        longest = round_up(max(int(p.tokens.shape[1]) for p in packed), pad)
+        packed = [pad_to_length(p, longest) for p in packed]
+    return [p.for_cp_rank(cp_size, cp_rank) for p in packed]
+
+
+def _check_segment_sums(outputs, S_ref, rel):
+    from tests.reference import assert_close
+
+    worst = 0.0
+    for out in outputs:
+        seg = out["_segments"]
+        expected = S_ref[seg["example_index"][seg["segment_example"]], seg["segment_role"]]
+        worst = max(worst, assert_close(seg["segment_sums"], expected, rel,
+                                        "per-sequence response log-prob sums"))
+    return worst
+
+
+def _expected_shard(hf_grads, global_name, shape, tp, tp_rank, param):
+    from solopo_mcore.convert.tables import _padded_rows, hf_names, match_mcore_name, to_shard
+
+    row, layer = match_mcore_name(global_name)
+    if row.hf[0] == "lm_head.weight" and shape.tie_word_embeddings:
+        tensors = [hf_grads["model.embed_tokens.weight"]]
+    else:
+        tensors = [hf_grads[n] for n in hf_names(row, layer)]
+    return to_shard(row, tensors, shape, tp, tp_rank, _padded_rows(param, row, tp))
+
+
+def check_grads(hf_dir, tp=1, pp=1, cp=1, vpp=None, num_microbatches=1, num_examples=4,
+                mode="solo", algorithm="orpo", rel=1e-5, seed=0, long=(20, 40)):
+    """Sums, loss and gradients of one global batch at a layout equal the reference."""
+    from solopo_mcore.config import ObjectiveConfig
+    from solopo_mcore.convert.tables import global_param_names
+    from solopo_mcore.training.engine import run_global_batch
+    from solopo_mcore.training.forward_step import make_forward_step, reduce_metrics
+    from tests.reference import assert_close, random_examples, reference_loss_and_grads
+
+    shape, pgs, _, model, hf, _ = _setup(hf_dir, tp, pp, cp, vpp)
+    objective = ObjectiveConfig(algorithm=algorithm, mode=mode, alpha=1.5, beta=0.5, gamma=0.3,
+                                orpo_lambda=0.2, label_smoothing=0.1 if algorithm == "dpo"
+                                else 0.0)
+    examples = random_examples(num_examples, shape.vocab_size, seed, long=long,
+                               with_ref=algorithm == "dpo")
+    ref_loss, S_ref, hf_grads = reference_loss_and_grads(hf, examples, objective, mode)
+
+    mbs = _microbatches(examples, pgs, mode, num_microbatches)
+    outputs = run_global_batch(model, make_forward_step(objective, mode, pgs.cp), mbs, pgs)
+    report = {"rank": dist.get_rank()}
+    if outputs:  # last pipeline stage
+        report["sums_rel_err"] = _check_segment_sums(outputs, S_ref, rel)
+        metrics = reduce_metrics(outputs, pgs.dp)
+        report["loss_rel_err"] = assert_close(torch.tensor(metrics["loss/total"]), ref_loss, rel,
+                                              "global-batch mean loss")
+    worst = 0.0
+    for chunk in model:
+        names = global_param_names(chunk.module)
+        for local, param in chunk.module.named_parameters():
+            expected = _expected_shard(hf_grads, names[local], shape, pgs.tp.size(),
+                                       pgs.tp.rank(), param)
+            worst = max(worst, assert_close(param.main_grad, expected, rel,
+                                            f"gradient of {names[local]}"))
+    report["grad_rel_err"] = worst
+    return report
+
+
+def check_optimizer_step(hf_dir, tp=1, pp=1, dp_expected=2, distributed_optimizer=True,
+                         num_examples=4, num_microbatches=1, rel=1e-5):
+    """One AdamW step through Megatron's (distributed) optimizer equals torch AdamW on HF.
+
+    Compared on the update (after - before). A large eps keeps the first Adam step a smooth
+    function of the gradient (with eps << |g| it is lr * sign(g), which hides gradient errors and
+    turns fp32 rounding of near-zero gradients into large update differences)."""
+    from solopo_mcore.config import ObjectiveConfig, OptimizerConfig
+    from solopo_mcore.convert.tables import global_param_names
+    from solopo_mcore.training.engine import run_global_batch
+    from solopo_mcore.training.forward_step import make_forward_step
+    from solopo_mcore.training.optim import build_optimizer
+    from tests.reference import assert_close, random_examples, reference_loss_and_grads
+
+    shape, pgs, _, model, hf, parallel = _setup(hf_dir, tp, pp,
+                                                distributed_optimizer=distributed_optimizer)
+    assert pgs.dp.size() == dp_expected, pgs.dp.size()
+    opt_cfg = OptimizerConfig(lr=1e-2, weight_decay=0.0, clip_grad=0.0, adam_beta2=0.999,
+                              adam_eps=0.1)
+    optimizer = build_optimizer(model, opt_cfg, parallel, torch.float32, pgs)
+    objective = ObjectiveConfig(algorithm="simpo", mode="solo", alpha=1.0, beta=2.0)
+    examples = random_examples(num_examples, shape.vocab_size, 3)
+    _, _, _ = reference_loss_and_grads(hf, examples, objective, "solo")
+    before = {k: v.detach().clone() for k, v in hf.named_parameters()}
+    ref_opt = torch.optim.AdamW(hf.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=0.1,
+                                weight_decay=0.0)
+    ref_opt.step()
+    hf_params = {k: v.detach() - before[k] for k, v in hf.named_parameters()}
+    if shape.tie_word_embeddings:
+        hf_params["lm_head.weight"] = hf_params["model.embed_tokens.weight"]
+
+    start = {n: p.detach().clone() for c in model for n, p in c.module.named_parameters()}
+    mbs = _microbatches(examples, pgs, "solo", num_microbatches)
+    run_global_batch(model, make_forward_step(objective, "solo", pgs.cp), mbs, pgs)
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-2
+    ok, _, _ = optimizer.step()
+    assert ok, "optimizer step was skipped"
+    worst = 0.0
+    for chunk in model:
+        names = global_param_names(chunk.module)
+        for local, param in chunk.module.named_parameters():
+            expected = _expected_shard(hf_params, names[local], shape, pgs.tp.size(),
+                                       pgs.tp.rank(), param)
+            # atol: the update is a difference of fp32 parameters of magnitude <= ~1.5 (1 ulp
+            # there is 1.2e-7)
+            worst = max(worst, assert_close(param.detach() - start[local], expected, rel,
+                                            f"AdamW update of {names[local]}", atol=2.5e-7))
+    return {"rank": dist.get_rank(), "param_rel_err": worst}
