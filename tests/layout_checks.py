@@ -77,16 +77,14 @@ def _expected_shard(hf_grads, global_name, shape, tp, tp_rank, param):
     return to_shard(row, tensors, shape, tp, tp_rank, _padded_rows(param, row, tp))
 
 
-def check_grads(hf_dir, tp=1, pp=1, cp=1, vpp=None, num_microbatches=1, num_examples=4,
-                mode="solo", algorithm="orpo", rel=1e-5, seed=0, long=(20, 40)):
-    """Sums, loss and gradients of one global batch at a layout equal the reference."""
+def _compare_one(model, shape, pgs, hf, algorithm, mode, num_microbatches, num_examples, rel,
+                 seed, long):
     from solopo_mcore.config import ObjectiveConfig
     from solopo_mcore.convert.tables import global_param_names
     from solopo_mcore.training.engine import run_global_batch
     from solopo_mcore.training.forward_step import make_forward_step, reduce_metrics
     from tests.reference import assert_close, random_examples, reference_loss_and_grads
 
-    shape, pgs, _, model, hf, _ = _setup(hf_dir, tp, pp, cp, vpp)
     objective = ObjectiveConfig(algorithm=algorithm, mode=mode, alpha=1.5, beta=0.5, gamma=0.3,
                                 orpo_lambda=0.2, label_smoothing=0.1 if algorithm == "dpo"
                                 else 0.0)
@@ -97,11 +95,12 @@ def check_grads(hf_dir, tp=1, pp=1, cp=1, vpp=None, num_microbatches=1, num_exam
     mbs = _microbatches(examples, pgs, mode, num_microbatches)
     outputs = run_global_batch(model, make_forward_step(objective, mode, pgs.cp), mbs, pgs)
     report = {"rank": dist.get_rank()}
+    where = f"[{algorithm}/{mode}]"
     if outputs:  # last pipeline stage
         report["sums_rel_err"] = _check_segment_sums(outputs, S_ref, rel)
         metrics = reduce_metrics(outputs, pgs.dp)
         report["loss_rel_err"] = assert_close(torch.tensor(metrics["loss/total"]), ref_loss, rel,
-                                              "global-batch mean loss")
+                                              f"{where} global-batch mean loss")
     worst = 0.0
     for chunk in model:
         names = global_param_names(chunk.module)
@@ -109,9 +108,30 @@ def check_grads(hf_dir, tp=1, pp=1, cp=1, vpp=None, num_microbatches=1, num_exam
             expected = _expected_shard(hf_grads, names[local], shape, pgs.tp.size(),
                                        pgs.tp.rank(), param)
             worst = max(worst, assert_close(param.main_grad, expected, rel,
-                                            f"gradient of {names[local]}"))
+                                            f"{where} gradient of {names[local]}"))
     report["grad_rel_err"] = worst
     return report
+
+
+def check_grads(hf_dir, tp=1, pp=1, cp=1, vpp=None, num_microbatches=1, num_examples=4,
+                mode="solo", algorithm="orpo", rel=1e-5, seed=0, long=(20, 40)):
+    """Sums, loss and gradients of one global batch at a layout equal the reference."""
+    shape, pgs, _, model, hf, _ = _setup(hf_dir, tp, pp, cp, vpp)
+    return _compare_one(model, shape, pgs, hf, algorithm, mode, num_microbatches, num_examples,
+                        rel, seed, long)
+
+
+def check_objectives(hf_dir, tp=1, pp=1, cp=1, num_microbatches=1, num_examples=4, rel=1e-5,
+                     algorithms=("dpo", "simpo", "orpo"),
+                     modes=("solo", "solo_both", "short", "long")):
+    """Every algorithm x mode at one layout equals the written-out single-process reference."""
+    shape, pgs, _, model, hf, _ = _setup(hf_dir, tp, pp, cp)
+    reports = []
+    for i, algorithm in enumerate(algorithms):
+        for j, mode in enumerate(modes):
+            reports.append(_compare_one(model, shape, pgs, hf, algorithm, mode, num_microbatches,
+                                        num_examples, rel, seed=10 * i + j, long=(20, 40)))
+    return reports
 
 
 def check_optimizer_step(hf_dir, tp=1, pp=1, dp_expected=2, distributed_optimizer=True,

@@ -53,3 +53,19 @@ def test_pp2_cp2_matches_reference(tiny_qwen2):
 def test_dp2_distributed_optimizer_step_matches_torch_adamw(tiny_qwen2):
     run_distributed(2, "tests.layout_checks:check_optimizer_step", hf_dir=tiny_qwen2,
                     distributed_optimizer=True)
+
+
+@pytest.mark.parametrize("layout", [
+    dict(world=1, num_microbatches=1),
+    dict(world=1, num_microbatches=4),
+    dict(world=2, pp=2, num_microbatches=4),
+    dict(world=2, cp=2, num_microbatches=2),
+    dict(world=2, num_microbatches=2),  # DP=2
+], ids=["mb1", "mb4", "pp2_mb4", "cp2", "dp2"])
+def test_every_algorithm_and_mode_matches_reference(layout, tiny_qwen2):
+    """DPO/SimPO/ORPO x solo/solo_both/short/long: identical global batches give the reference
+    loss and gradients whatever the split into microbatches, DP, PP and CP ranks."""
+    layout = dict(layout)
+    world = layout.pop("world")
+    run_distributed(world, "tests.layout_checks:check_objectives", hf_dir=tiny_qwen2,
+                    timeout_s=600, **layout)
