@@ -95,7 +95,7 @@ class TorchCoreAttention(MegatronModule):
                 attention_bias=None, packed_seq_params=None):
         if attention_bias is not None:
             raise ValueError("TorchCoreAttention does not take an attention bias")
-        rng = (tensor_parallel.get_cuda_rng_state_tracker().fork()
+        rng = (tensor_parallel.get_cuda_rng_tracker().fork()
                if self.training and self.dropout_p > 0 else contextlib.nullcontext())
         with rng, self._backend_scope(query.device):
             if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":

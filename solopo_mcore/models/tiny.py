@@ -43,7 +43,7 @@ def build_tiny_hf_model(out_dir: str | Path, family: str = "qwen2", vocab_size: 
         config.eos_token_id = tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # HF initialises norms to 1; perturb them so mapping errors show
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

@@ -1,0 +1,177 @@
+"""Tokenize preference triplets into a Megatron indexed dataset (``PREFIX.bin/.idx/.meta.json``).
+
+Each example becomes one *document* of four sequences, in this order:
+``short prompt, long prompt, chosen response, rejected response``. Prompts are the chat template
+applied to the user message with the assistant turn opened (``add_generation_prompt``);
+responses are the answer's tokens plus the end-of-turn token. ``PREFIX.meta.json`` records
+counts, length histograms, the tokenizer, a fingerprint of the token data, and the example ids;
+it is written last, so a dataset without it is incomplete and is refused by the trainer.
+
+Examples whose longest segment (a prompt plus a response) exceeds ``--max-seq-length`` are
+skipped and counted, never truncated.
+
+    python -m data_tools.preprocess --input pairs.jsonl --output-prefix data/solopo \\
+        --tokenizer builtin:qwen2.5 --max-seq-length 32768 --num-proc 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from data_tools.common import RowError, RunReport, read_jsonl, require, write_json
+from data_tools.tokenizer import BUILTIN_QWEN, load_tokenizer
+
+SEQUENCES_PER_EXAMPLE = 4
+FIELDS = ("prompt_short", "prompt_long", "chosen", "rejected")
+
+
+def _prompt_ids(tokenizer, text: str) -> list:
+    out = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                        add_generation_prompt=True, tokenize=True)
+    if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
+        out = out["input_ids"]
+    return list(out)
+
+
+def tokenize_row(row: dict, tokenizer) -> dict:
+    eos = tokenizer.eos_token_id
+
+    def response(text):
+        return tokenizer(text, add_special_tokens=False).input_ids + [eos]
+
+    return {"short_prompt": _prompt_ids(tokenizer, row["prompt_short"]),
+            "long_prompt": _prompt_ids(tokenizer, row["prompt_long"]),
+            "chosen": response(row["chosen"]), "rejected": response(row["rejected"])}
+
+
+def _histogram(values: list, bins: int = 10) -> dict:
+    if not values:
+        return {}
+    arr = np.asarray(values)
+    counts, edges = np.histogram(arr, bins=bins)
+    return {"min": int(arr.min()), "mean": round(float(arr.mean()), 1), "max": int(arr.max()),
+            "bin_edges": [int(e) for e in edges], "counts": [int(c) for c in counts]}
+
+
+def _sha256(paths) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def check_vocab(tokenizer, model_config: Optional[str]) -> Optional[int]:
+    """Refuse a tokenizer whose ids do not fit the model's embedding."""
+    if model_config is None:
+        return None
+    from solopo_mcore.models.hf_config import read_hf_config
+
+    vocab = read_hf_config(model_config).vocab_size
+    if len(tokenizer) > vocab:
+        raise SystemExit(f"preprocess: the tokenizer has {len(tokenizer)} tokens but the model "
+                         f"({model_config}) has vocab_size={vocab}: ids would not fit its "
+                         f"embedding. Use the model's own tokenizer.")
+    return vocab
+
+
+def run(input_path: str, output_prefix: str, tokenizer_name: str, max_seq_length: int,
+        num_proc: int = 1, model_config: Optional[str] = None, strict: bool = False) -> dict:
+    import datasets
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    report = RunReport("preprocess", strict=strict)
+    tokenizer = load_tokenizer(tokenizer_name)
+    check_vocab(tokenizer, model_config)
+    rows = []
+    for line_number, row in read_jsonl(input_path, report):
+        try:
+            require(row, list(FIELDS))
+            for field in FIELDS:
+                if not isinstance(row[field], str) or not row[field].strip():
+                    raise RowError("empty_field", f"{field!r} is empty or not a string")
+        except RowError as exc:
+            report.skip(f"{input_path}:{line_number}", exc.reason, str(exc))
+            continue
+        rows.append({"line": line_number, "id": str(row.get("id", line_number)),
+                     **{f: row[f] for f in FIELDS}})
+
+    datasets.disable_progress_bars()
+    table = datasets.Dataset.from_list(rows) if rows else None
+    if table is not None:
+        table = table.map(lambda r: tokenize_row(r, tokenizer), num_proc=max(1, num_proc),
+                          remove_columns=list(FIELDS), desc="tokenizing")
+
+    prefix = Path(output_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp_prefix = prefix.with_name(prefix.name + ".tmp")
+    builder = IndexedDatasetBuilder(str(tmp_prefix) + ".bin", dtype=np.int32)
+    ids, lengths = [], {k: [] for k in ("short_prompt", "long_prompt", "chosen", "rejected")}
+    num_tokens = 0
+    for r in (table if table is not None else []):
+        longest = max(len(r["short_prompt"]), len(r["long_prompt"])) + max(len(r["chosen"]),
+                                                                              len(r["rejected"]))
+        if longest > max_seq_length:
+            report.skip(f"{input_path}:{r['line']}", "too_long",
+                        f"longest segment {longest} tokens > --max-seq-length {max_seq_length}")
+            continue
+        for key in ("short_prompt", "long_prompt", "chosen", "rejected"):
+            builder.add_item(torch.tensor(r[key], dtype=torch.int32))
+            lengths[key].append(len(r[key]))
+            num_tokens += len(r[key])
+        builder.end_document()
+        ids.append(r["id"])
+        report.written += 1
+    builder.finalize(str(tmp_prefix) + ".idx")
+    for ext in (".bin", ".idx"):
+        os.replace(str(tmp_prefix) + ext, str(prefix) + ext)
+    meta = {
+        "format": "solopo-triplets-v1",
+        "sequences_per_example": ["short_prompt", "long_prompt", "chosen", "rejected"],
+        "num_examples": report.written,
+        "num_tokens": num_tokens,
+        "tokenizer": tokenizer_name,
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        "max_seq_length": max_seq_length,
+        "fingerprint": _sha256([str(prefix) + ".bin", str(prefix) + ".idx"]),
+        "source": str(input_path),
+        "source_sha256": _sha256([input_path]),
+        "lengths": {k: _histogram(v) for k, v in lengths.items()},
+        "report": report.as_dict(),
+        "example_ids": ids,
+    }
+    write_json(str(prefix) + ".meta.json", meta)
+    report.extra.update(num_tokens=num_tokens, output=str(prefix) + ".{bin,idx,meta.json}")
+    report.print_summary()
+    return meta
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="pairs JSONL (sample_pairs output)")
+    parser.add_argument("--output-prefix", required=True)
+    parser.add_argument("--tokenizer", default=BUILTIN_QWEN,
+                        help=f"HF tokenizer/model directory or {BUILTIN_QWEN}")
+    parser.add_argument("--max-seq-length", type=int, default=32768,
+                        help="longest allowed segment (prompt + response), in tokens")
+    parser.add_argument("--num-proc", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--model-config", help="HF model dir: refuse a larger tokenizer vocab")
+    parser.add_argument("--strict", action="store_true")
+    args = parser.parse_args(argv)
+    run(args.input, args.output_prefix, args.tokenizer, args.max_seq_length, args.num_proc,
+        args.model_config, args.strict)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Sample N chain-of-thought answers per short context and pick (chosen, rejected) by sub-EM.
+
+Backends:
+  hf    transformers ``generate`` (built in), batched, sampling at --temperature / --top-p;
+  vllm  vLLM, used when installed (``--backend auto`` picks it first);
+  rule  a rule-based answerer for the offline demo: from MuSiQue's ``question_decomposition`` it
+        writes the correct hop chain and broken chains ("wrong bridge entity") or evasive answers
+        ("the passages do not say"). It stands in for sampling when no model can be run.
+
+Scoring is sub-EM against the gold answer and aliases (SQuAD normalisation); the selection
+policy is :func:`data_tools.scoring.select_pair`. Examples with no valid pair are counted by
+reason (``none_correct``, ``all_correct``) and reported. The paper: 32 samples at T=0.85.
+
+    python -m data_tools.sample_pairs --input triplets.jsonl --output pairs.jsonl \\
+        --backend hf --model /models/Qwen2.5-7B-Instruct --num-samples 32 --temperature 0.85
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import random
+import re
+from typing import Optional
+
+from data_tools.common import RowError, RunReport, atomic_output, progress, read_jsonl, require
+from data_tools.common import write_json
+from data_tools.scoring import select_pair
+
+_TITLE = re.compile(r"^Title: (.+)$", re.MULTILINE)
+
+
+# --------------------------------------------------------------------------- rule backend
+def _chain_text(steps: list[tuple[str, str]], final: str) -> str:
+    lines = [f"Step {i}: {q} {a}." for i, (q, a) in enumerate(steps, 1)]
+    return "\n".join(lines + [f"Answer: {final}"])
+
+
+def rule_samples(row: dict, num_samples: int, rng: random.Random) -> list[str]:
+    """One correct chain plus broken or evasive ones (see module doc)."""
+    steps = row.get("question_decomposition")
+    if not steps:
+        raise RowError("no_decomposition", "the rule backend needs question_decomposition")
+    answers = [s["answer"] for s in steps]
+
+    def resolve(question: str, values: list[str]) -> str:
+        return re.sub(r"#(\d+)", lambda m: values[int(m.group(1)) - 1], question)
+
+    correct = _chain_text([(resolve(s["question"], answers), a) for s, a in zip(steps, answers)],
+                          answers[-1])
+    evidence_titles = set(_TITLE.findall("\n".join(row.get("evidence", []))))
+    decoys = [t for t in _TITLE.findall(row["prompt_long"]) if t not in evidence_titles
+              and t not in answers] or ["an unnamed place"]
+    samples = [correct]
+    while len(samples) < num_samples:
+        if rng.random() < 0.25:
+            samples.append("The passages do not say enough to answer this question.\n"
+                           "Answer: not mentioned")
+            continue
+        hop = rng.randrange(len(steps))  # the chain breaks here: a wrong bridge entity
+        broken = answers[:hop] + [rng.choice(decoys)]
+        broken += [rng.choice(decoys) for _ in range(len(steps) - hop - 1)]
+        samples.append(_chain_text([(resolve(s["question"], broken), a)
+                                    for s, a in zip(steps, broken)], broken[-1]))
+    rng.shuffle(samples)
+    return samples
+
+
+# --------------------------------------------------------------------------- model backends
+class HFSampler:
+    def __init__(self, model_path: str, tokenizer_path: Optional[str], num_samples: int,
+                 temperature: float, top_p: float, max_new_tokens: int, seed: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from data_tools.tokenizer import load_tokenizer
+
+        self.torch = torch
+        self.tokenizer = load_tokenizer(tokenizer_path or model_path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+        self.model.eval()
+        self.kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p,
+                           max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                           pad_token_id=self.tokenizer.pad_token_id)
+        self.num_samples = num_samples
+        torch.manual_seed(seed)
+
+    def __call__(self, prompts: list[str]) -> list[list[str]]:
+        texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                    add_generation_prompt=True, tokenize=False)
+                 for p in prompts]
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True,
+                               add_special_tokens=False).to(self.model.device)
+        with self.torch.no_grad():
+            out = self.model.generate(**batch, **self.kwargs)
+        new = out[:, batch["input_ids"].shape[1]:]
+        decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        n = self.num_samples
+        return [decoded[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+class VLLMSampler:
+    def __init__(self, model_path, tokenizer_path, num_samples, temperature, top_p,
+                 max_new_tokens, seed):
+        from vllm import LLM, SamplingParams
+
+        self.llm = LLM(model=model_path, tokenizer=tokenizer_path or model_path, seed=seed)
+        self.params = SamplingParams(n=num_samples, temperature=temperature, top_p=top_p,
+                                     max_tokens=max_new_tokens, seed=seed)
+
+    def __call__(self, prompts):
+        messages = [[{"role": "user", "content": p}] for p in prompts]
+        outputs = self.llm.chat(messages, self.params, use_tqdm=False)
+        return [[c.text for c in o.outputs] for o in outputs]
+
+
+def make_sampler(backend: str, args) -> Optional[object]:
+    if backend == "auto":
+        backend = "vllm" if importlib.util.find_spec("vllm") else "hf"
+    if backend == "rule":
+        return None
+    if not args.model:
+        raise SystemExit(f"sample_pairs: --backend {backend} needs --model DIR")
+    cls = VLLMSampler if backend == "vllm" else HFSampler
+    return cls(args.model, args.tokenizer, args.num_samples, args.temperature, args.top_p,
+               args.max_new_tokens, args.seed)
+
+
+# --------------------------------------------------------------------------- driver
+def _pair_row(row: dict, samples: list[str], rng: random.Random, report: RunReport, where: str):
+    chosen, rejected, scores, status = select_pair(samples, row["answers"], rng)
+    if status != "ok":
+        report.skip(where, status, f"{sum(scores)}/{len(scores)} samples sub-EM correct")
+        return None
+    return {"id": row["id"], "question": row["question"], "answers": row["answers"],
+            "prompt_short": row["prompt_short"], "prompt_long": row["prompt_long"],
+            "chosen": samples[chosen], "rejected": samples[rejected],
+            "scores": scores, "num_samples": len(samples), "meta": row.get("meta", {})}
+
+
+def run(args) -> dict:
+    report = RunReport("sample_pairs", strict=args.strict)
+    sampler = make_sampler(args.backend, args)
+    rows = []
+    for line_number, row in read_jsonl(args.input, report):
+        try:
+            require(row, ["id", "question", "answers", "prompt_short", "prompt_long"])
+            rows.append((line_number, row))
+        except RowError as exc:
+            report.skip(f"{args.input}:{line_number}", exc.reason, str(exc))
+    with atomic_output(args.output) as out:
+        for start in progress(range(0, len(rows), args.batch_size), desc="sampling",
+                              total=(len(rows) + args.batch_size - 1) // args.batch_size):
+            batch = rows[start:start + args.batch_size]
+            if sampler is None:
+                generated = []
+                for line_number, row in batch:
+                    try:
+                        generated.append(rule_samples(row, args.num_samples,
+                                                      random.Random(f"{args.seed}:{row['id']}")))
+                    except RowError as exc:
+                        report.skip(f"{args.input}:{line_number}", exc.reason, str(exc))
+                        generated.append(None)
+            else:
+                generated = sampler([row["prompt_short"] for _, row in batch])
+            for (line_number, row), samples in zip(batch, generated):
+                if samples is None:
+                    continue
+                pair = _pair_row(row, samples, random.Random(f"{args.seed}:pick:{row['id']}"),
+                                 report, f"{args.input}:{line_number}")
+                if pair is not None:
+                    out.write(json.dumps(pair, ensure_ascii=False) + "\n")
+                    report.written += 1
+    summary = report.as_dict()
+    write_json(args.output + ".summary.json", summary)
+    report.print_summary()
+    return summary
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="output of build_triplets")
+    parser.add_argument("--output", required=True, help="pairs JSONL for preprocess")
+    parser.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm", "rule"])
+    parser.add_argument("--model", help="HF model directory (hf / vllm backends)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.85)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--strict", action="store_true")
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Tokenizers, offline: any HF tokenizer directory, or the built-in Qwen2.5 tokenizer.
+
+``builtin:qwen2.5`` rebuilds the Qwen2/Qwen2.5 BPE (151,643 ranks) from the ``qwen.tiktoken``
+file that the ``dashscope`` package ships, adds the Qwen2.5 special tokens and the ChatML chat
+template, and caches the result as a normal HF tokenizer directory. Nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Optional
+
+BUILTIN_QWEN = "builtin:qwen2.5"
+
+# Qwen2 pre-tokenizer: like GPT-4's, but digits are split one by one.
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+                 r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# Qwen2.5 special tokens, ids 151643..151664 in this order.
+QWEN25_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+]
+
+CHATML_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def _default_cache() -> Path:
+    root = os.environ.get("SOLOPO_CACHE", os.path.join(Path.home(), ".cache", "solopo_mcore"))
+    return Path(root) / "qwen2.5-tokenizer"
+
+
+def _qwen_tiktoken_file() -> Path:
+    spec = importlib.util.find_spec("dashscope")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "builtin:qwen2.5 needs the dashscope package's qwen.tiktoken; install it with "
+            "`pip install --no-deps dashscope==2.0.2` (scripts/setup.sh does)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "resources" / "qwen.tiktoken"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed dashscope package")
+    return path
+
+
+def build_qwen25_tokenizer(out_dir: Optional[Path] = None):
+    """Build (once) and load the offline Qwen2.5 tokenizer."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir or _default_cache())
+    if (out_dir / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(out_dir)
+    from tokenizers import AddedToken, normalizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    backend = TikTokenConverter(vocab_file=str(_qwen_tiktoken_file()),
+                                pattern=QWEN2_PATTERN).converted()
+    backend.normalizer = normalizers.NFC()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in QWEN25_SPECIAL_TOKENS])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token=None, bos_token=None, model_max_length=131072, clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    tokenizer.save_pretrained(tmp)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:  # another process finished first
+        pass
+    return AutoTokenizer.from_pretrained(out_dir)
+
+
+def load_tokenizer(name_or_path: str):
+    """``builtin:qwen2.5`` or a local HF tokenizer/model directory."""
+    if name_or_path == BUILTIN_QWEN:
+        return build_qwen25_tokenizer()
+    from transformers import AutoTokenizer
+
+    if not Path(name_or_path).exists():
+        raise FileNotFoundError(f"tokenizer {name_or_path!r}: not a local directory (hub downloads "
+                                f"are not used); pass a directory or {BUILTIN_QWEN!r}")
+    return AutoTokenizer.from_pretrained(name_or_path)

@@ -1,0 +1,68 @@
+"""The one FLOPs function: model FLOPs of a training step, Megatron's convention.
+
+Per token of a segment of length ``s`` (causal), per layer, forward:
+
+* projections: ``2 * h * (q + 2 * kv) * d_head`` (QKV) + ``2 * q * d_head * h`` (output)
+* MLP (SwiGLU): ``2 * 3 * h * f``
+* attention: ``2 * 2 * s * q * d_head`` for QK^T and AV, **halved for causal masking**
+  (each token attends to ``s/2`` keys on average)
+
+plus the output layer, ``2 * h * V``, counted only at the positions where logits are computed
+(response tokens: this trainer never computes the context's logits). Training is 3x the forward
+(backward = 2x forward). Recomputation is *not* counted: MFU is model FLOPs, not hardware FLOPs.
+
+MFU = model FLOPs / (step time x devices x peak); :data:`PEAK_TFLOPS` lists dense bf16 peaks.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from solopo_mcore.models.hf_config import ModelShape
+
+#: Dense bf16 peak TFLOP/s per device, from the vendors' spec sheets (no sparsity).
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,   # SXM; the PCIe card is 756
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10": 125.0,
+}
+
+
+def forward_flops_per_segment(shape: ModelShape, seq_len: int, num_logit_tokens: int) -> float:
+    """Forward FLOPs of one causal segment of ``seq_len`` tokens with logits at
+    ``num_logit_tokens`` positions."""
+    h, f, d = shape.hidden_size, shape.ffn_hidden_size, shape.kv_channels
+    q, kv = shape.num_attention_heads, shape.num_query_groups
+    per_token_layer = 2 * h * (q + 2 * kv) * d + 2 * q * d * h + 2 * 3 * h * f
+    attention_layer = 2 * 2 * seq_len * q * d * 0.5  # per token, causal-halved
+    layers = shape.num_layers * seq_len * (per_token_layer + attention_layer)
+    return float(layers + 2 * h * shape.vocab_size * num_logit_tokens)
+
+
+def training_step_flops(shape: ModelShape, segments: Iterable[tuple[int, int]]) -> float:
+    """Model FLOPs of fwd+bwd over ``(seq_len, num_logit_tokens)`` segments."""
+    return 3.0 * sum(forward_flops_per_segment(shape, s, n) for s, n in segments)
+
+
+def device_peak_tflops(override: Optional[float] = None) -> Optional[float]:
+    """The dense bf16 peak of this rank's device, ``override`` if given, None on CPU/unknown."""
+    if override is not None:
+        return override
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def mfu(step_flops: float, step_seconds: float, num_devices: int,
+        peak_tflops: Optional[float]) -> Optional[float]:
+    if not peak_tflops or step_seconds <= 0:
+        return None
+    return step_flops / (step_seconds * num_devices * peak_tflops * 1e12)

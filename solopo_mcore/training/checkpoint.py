@@ -1,0 +1,167 @@
+"""Checkpoints with Megatron ``dist_checkpointing``: save, keep-last-K, ``latest``, safe resume.
+
+Layout of ``save_dir``::
+
+    iter_0000040/          a complete checkpoint (dist_checkpointing files + solopo_state.json)
+    latest                 "40": written (atomically) only after iter_0000040 is complete
+
+A save goes to ``iter_N.partial`` first and is renamed when every rank has finished, so a crash
+mid-save never touches the previous checkpoint. On load, ``latest`` is followed if it names a
+complete checkpoint; otherwise the newest complete one is used, with a warning naming the bad one.
+The model and optimizer are sharded tensors (loadable at another TP/PP layout); the step, the data
+position, the LR schedule, the config and each rank's RNG state are in the checkpoint as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+COMPLETE_MARKER = "solopo_state.json"
+_ITER = re.compile(r"^iter_(\d{7})$")
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def iter_dir(root: str, step: int) -> Path:
+    return Path(root) / f"iter_{step:07d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE_MARKER).is_file() and (path / "metadata.json").is_file()
+
+
+def find_checkpoint(root: str) -> Optional[Path]:
+    """The checkpoint to resume from: ``latest`` if complete, else the newest complete one."""
+    root_path = Path(root)
+    if not root_path.is_dir():
+        return None
+    latest = root_path / "latest"
+    if latest.is_file():
+        text = latest.read_text().strip()
+        candidate = iter_dir(root, int(text)) if text.isdigit() else None
+        if candidate is not None and is_complete(candidate):
+            return candidate
+        print(f"[checkpoint] WARNING: {latest} names {text!r}, which is not a complete checkpoint"
+              f"; falling back to the newest complete one", flush=True)
+    complete = sorted((p for p in root_path.iterdir() if _ITER.match(p.name) and is_complete(p)),
+                      key=lambda p: p.name)
+    for bad in (p for p in root_path.iterdir() if _ITER.match(p.name) and not is_complete(p)):
+        print(f"[checkpoint] WARNING: ignoring incomplete checkpoint {bad}", flush=True)
+    return complete[-1] if complete else None
+
+
+def read_marker(path: Path) -> dict:
+    return json.loads((Path(path) / COMPLETE_MARKER).read_text())
+
+
+def _model_state(model: list, is_loading: bool = False) -> dict:
+    if len(model) == 1:
+        return {"model": model[0].module.sharded_state_dict()}
+    return {f"model{i}": m.module.sharded_state_dict() for i, m in enumerate(model)}
+
+
+def _rng_object(rank: int, world: int) -> ShardedObject:
+    state = {"python_rng_state": None, "torch_rng_state": torch.get_rng_state(),
+             "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+             "tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
+
+
+class CheckpointManager:
+    def __init__(self, save_dir: Optional[str], keep_last: int):
+        self.save_dir = save_dir
+        self.keep_last = keep_last
+
+    def save(self, step: int, model: list, optimizer, scheduler, state: dict) -> Path:
+        """Collective. ``state`` (JSON-able: data position, counters, config) goes in the marker."""
+        if self.save_dir is None:
+            raise CheckpointError("checkpoint.save_dir is not set")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        final = iter_dir(self.save_dir, step)
+        partial = final.with_name(final.name + ".partial")
+        start = time.time()
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        dist.barrier()
+        sharded = _model_state(model)
+        if optimizer is not None:
+            sharded["optimizer"] = optimizer.sharded_state_dict(sharded,
+                                                                metadata=OPTIMIZER_METADATA)
+        sharded["rng_state"] = _rng_object(rank, world)
+        sharded["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+        dist_checkpointing.save(sharded, str(partial))
+        dist.barrier()
+        if rank == 0:
+            marker = {"step": step, "world_size": world, "saved_at": time.time(), **state}
+            (partial / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            tmp = Path(self.save_dir) / "latest.tmp"
+            tmp.write_text(str(step))
+            os.replace(tmp, Path(self.save_dir) / "latest")
+            self._prune()
+            print(f"[checkpoint] saved {final} in {time.time() - start:.1f}s", flush=True)
+        dist.barrier()
+        return final
+
+    def _prune(self) -> None:
+        complete = sorted(p for p in Path(self.save_dir).iterdir()
+                          if _ITER.match(p.name) and is_complete(p))
+        for old in complete[:-self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def load(path: Path, model: list, optimizer=None, scheduler=None, load_rng: bool = True
+             ) -> dict:
+        """Load into the (already built, wrapped) model and optimizer; return the marker state."""
+        if not is_complete(path):
+            raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} "
+                                  f"or metadata.json)")
+        marker = json.loads((path / COMPLETE_MARKER).read_text())
+        sharded = _model_state(model, is_loading=True)
+        if optimizer is not None:
+            sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
+                                                                metadata=OPTIMIZER_METADATA)
+        same_world = marker.get("world_size") == dist.get_world_size()
+        if load_rng and same_world:
+            sharded["rng_state"] = _rng_object(dist.get_rank(), dist.get_world_size())
+        try:
+            state = dist_checkpointing.load(sharded, str(path))
+        except Exception as exc:  # noqa: BLE001 - re-raised with the path
+            raise CheckpointError(f"failed to load {path}: {exc}") from exc
+        keys = [k for k in state if k.startswith("model")]
+        for chunk, key in zip(model, sorted(keys)):
+            chunk.module.load_state_dict(state[key], strict=True)
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if "rng_state" in state:
+            rng = state["rng_state"]
+            torch.set_rng_state(rng["torch_rng_state"])
+            if torch.cuda.is_available() and rng["cuda_rng_state"] is not None:
+                torch.cuda.set_rng_state(rng["cuda_rng_state"])
+            tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker_states"])
+        return marker
+
+
+def save_model_only(path: str, model: list, step: int = 0, state: Optional[dict] = None) -> Path:
+    """A weights-only checkpoint (the converter's output): ``path/iter_0000000`` + ``latest``."""
+    manager = CheckpointManager(path, keep_last=1)
+    return manager.save(step, model, None, None, dict(state or {}, weights_only=True))

@@ -1,0 +1,244 @@
+"""The SoLoPO training loop: data -> Megatron schedule -> optimizer -> logs / eval / checkpoints."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core.pipeline_parallel.utils import is_pp_last_stage
+
+from solopo_mcore.config import RunConfig, to_dict
+from solopo_mcore.data.sampler import SamplerState, TripletSampler
+from solopo_mcore.losses.objective import EVAL_ROLES, MODE_ROLES
+from solopo_mcore.parallel.layout import destroy_parallel
+from solopo_mcore.profiling.flops import device_peak_tflops, mfu, training_step_flops
+from solopo_mcore.profiling.memory import memory_stats, reset_peak
+from solopo_mcore.training import build
+from solopo_mcore.training.checkpoint import CheckpointManager, find_checkpoint, read_marker
+from solopo_mcore.training.engine import run_global_batch
+from solopo_mcore.training.forward_step import make_forward_step, reduce_metrics
+from solopo_mcore.training.logs import RunLogger
+from solopo_mcore.training.optim import build_optimizer, build_scheduler
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    """Builds a run from its config; :meth:`train` runs it to ``training.train_steps``."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.shape, self.pgs = build.setup_parallel(config)
+        self.stack = build.build_model_stack(config, self.shape, self.pgs)
+        self.model = self.stack.model
+        obj = config.objective
+        self.dataset = build.open_dataset(config, self.shape, need_reference=obj.algorithm == "dpo")
+        train_idx, self.eval_idx = build.split_indices(len(self.dataset),
+                                                       config.data.num_eval_examples)
+        self.pad_multiple = build.pad_multiple(config)
+        self.step = 0
+        self.num_nonfinite_in_row = 0
+        self.num_skipped_steps = 0
+        sampler_state = SamplerState()
+        checkpoint = self._checkpoint_to_load()
+        weights_only = checkpoint is not None and (
+            config.checkpoint.finetune or read_marker(checkpoint).get("weights_only", False))
+        if checkpoint is None and config.checkpoint.hf_init_dir:
+            build.load_hf_weights(self.stack, config.checkpoint.hf_init_dir)
+        if weights_only:  # before the optimizer copies the weights into its main params
+            CheckpointManager.load(checkpoint, self.model, load_rng=False)
+            print(f"[solopo] initialised weights from {checkpoint}", flush=True)
+        dtype = self.stack.config.params_dtype
+        self.optimizer = build_optimizer(self.model, config.optimizer, config.parallel, dtype,
+                                         self.pgs)
+        self.scheduler = build_scheduler(self.optimizer, config.optimizer,
+                                         config.training.train_steps)
+        self.checkpoints = CheckpointManager(config.checkpoint.save_dir,
+                                             config.checkpoint.keep_last)
+        if checkpoint is not None and not weights_only:
+            sampler_state = self._resume(checkpoint)
+        self.sampler = TripletSampler(
+            np.asarray(train_idx), config.data.global_batch_size, config.data.micro_batch_size,
+            self.pgs.dp.rank(), self.pgs.dp.size(), config.training.seed, config.data.shuffle,
+            sampler_state)
+        self.forward_step = make_forward_step(obj, obj.mode, self.pgs.cp)
+        self.eval_forward_step = make_forward_step(obj, "solo_both", self.pgs.cp)
+        self.is_last_stage = is_pp_last_stage(self.pgs.pp)
+        self.is_logging_rank = (self.is_last_stage and self.pgs.tp.rank() == 0
+                                and self.pgs.cp.rank() == 0 and self.pgs.dp.rank() == 0)
+        self.logger = RunLogger(config.logging, config.training.train_steps, self.is_logging_rank)
+        self.peak_tflops = device_peak_tflops(config.logging.peak_tflops)
+        self._stop_requested = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.logger.message(
+            f"[solopo] {config.objective.mode}/{config.objective.algorithm} | "
+            f"{self.shape.architecture} {self.shape.num_layers}L h{self.shape.hidden_size} | "
+            f"TP{self.pgs.tp.size()} PP{self.pgs.pp.size()} CP{self.pgs.cp.size()} "
+            f"DP{self.pgs.dp.size()} | {len(train_idx)} train / {len(self.eval_idx)} eval "
+            f"examples | {self.sampler.num_microbatches} microbatches/step | start step "
+            f"{self.step}")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_to_load(self):
+        ck = self.config.checkpoint
+        for root in (ck.load_dir, ck.save_dir):
+            if root:
+                found = find_checkpoint(root)
+                if found is not None:
+                    return found
+                if root == ck.load_dir:
+                    raise FileNotFoundError(f"checkpoint.load_dir={root}: no complete checkpoint")
+        return None
+
+    def _resume(self, path) -> SamplerState:
+        marker = CheckpointManager.load(path, self.model, self.optimizer, self.scheduler)
+        self.step = int(marker["step"])
+        self.num_skipped_steps = int(marker.get("num_skipped_steps", 0))
+        print(f"[solopo] resumed from {path} at step {self.step}", flush=True)
+        return SamplerState(consumed_examples=int(marker["consumed_examples"]))
+
+    def save(self) -> None:
+        if not self.config.checkpoint.save_dir:
+            return
+        self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, {
+            "consumed_examples": self.sampler.state.consumed_examples,
+            "num_skipped_steps": self.num_skipped_steps,
+            "config": to_dict(self.config),
+            "dataset_fingerprint": self.dataset.fingerprint,
+        })
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    # ------------------------------------------------------------------ one step
+    def _all_ranks(self, value: float, op) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
+        if torch.cuda.is_available():
+            t = t.cuda()
+        dist.all_reduce(t, op=op)
+        return float(t.item())
+
+    def _grads_finite(self) -> bool:
+        finite = True
+        for chunk in self.model:
+            for buffer in getattr(chunk, "buffers", []):
+                finite &= bool(torch.isfinite(buffer.grad_data).all())
+        return finite
+
+    def train_step(self) -> dict:
+        reset_peak()
+        start = time.time()
+        index_lists = self.sampler.next_step()
+        microbatches = build.make_microbatches(self.dataset, index_lists,
+                                               MODE_ROLES[self.config.objective.mode], self.pgs,
+                                               self.pad_multiple)
+        outputs = run_global_batch(self.model, self.forward_step, microbatches, self.pgs)
+        metrics = reduce_metrics(outputs, self.pgs.dp) if self.is_last_stage else {}
+        loss_ok = not self.is_last_stage or math.isfinite(metrics.get("loss/total", 0.0))
+        finite = self._all_ranks(float(loss_ok and self._grads_finite()), dist.ReduceOp.MIN) > 0
+        if finite:
+            ok, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
+            self.num_nonfinite_in_row = 0
+        else:
+            ok, grad_norm = False, float("nan")
+            self.num_nonfinite_in_row += 1
+            self.num_skipped_steps += 1
+        self.step += 1
+        seconds = time.time() - start
+        metrics.update(self._throughput(microbatches, seconds))
+        metrics.update({"optimizer/lr": self.optimizer.param_groups[0]["lr"],
+                        "optimizer/grad_norm": float(grad_norm) if grad_norm is not None
+                        else float("nan"),
+                        "optimizer/skipped_steps": float(self.num_skipped_steps),
+                        "time/step_sec": seconds, "data/epoch": self.sampler.epoch})
+        if not finite:
+            self.logger.message(f"[solopo] step {self.step}: non-finite loss or gradient, step "
+                                f"skipped ({self.num_nonfinite_in_row} in a row)")
+        return metrics
+
+    def _throughput(self, microbatches, seconds: float) -> dict:
+        tokens = sum(mb.num_real_tokens for mb in microbatches)
+        segments = []
+        for mb in microbatches:
+            lengths = (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist()
+            segments += list(zip(lengths, mb.segment_num_tokens.tolist()))
+        flops = training_step_flops(self.shape, segments)
+        totals = torch.tensor([tokens, flops], dtype=torch.float64)
+        # every CP/TP/PP rank of a DP replica holds the same microbatches: sum over DP only
+        dist.all_reduce(totals, group=self.pgs.dp) if self.pgs.dp.size() > 1 else None
+        world = dist.get_world_size()
+        mem = memory_stats()
+        keys = sorted(mem)
+        peak = torch.tensor([mem[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        out = {"throughput/tokens_per_sec_per_gpu": totals[0].item() / seconds / world,
+               "throughput/tflops_per_gpu": totals[1].item() / seconds / world / 1e12,
+               "throughput/tokens_per_step": totals[0].item()}
+        out["throughput/mfu"] = mfu(totals[1].item(), seconds, world, self.peak_tflops)
+        out.update(zip(keys, peak.tolist()))
+        return out
+
+    # ------------------------------------------------------------------ eval
+    def evaluate(self) -> dict:
+        """Pairwise accuracy on short and long contexts and the short/long reward distance,
+        on the held-out examples (all four segments per example)."""
+        if not len(self.eval_idx):
+            return {}
+        mine = list(self.eval_idx)[self.pgs.dp.rank()::self.pgs.dp.size()]
+        index_lists = build.chunk_list(mine, self.config.data.micro_batch_size)
+        if not index_lists:
+            return {}
+        for chunk in self.model:
+            chunk.eval()
+        with torch.no_grad():
+            microbatches = build.make_microbatches(self.dataset, index_lists, EVAL_ROLES,
+                                                   self.pgs, self.pad_multiple)
+            outputs = run_global_batch(self.model, self.eval_forward_step, microbatches,
+                                       self.pgs, forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        return reduce_metrics(outputs, self.pgs.dp) if self.is_last_stage else {}
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> None:
+        cfg = self.config
+        total = cfg.training.train_steps
+        while self.step < total:
+            metrics = self.train_step()
+            if self.step % cfg.logging.log_interval == 0 or self.step == total:
+                self.logger.log(self.step, metrics)
+            if self.num_nonfinite_in_row >= cfg.training.max_consecutive_nonfinite_steps:
+                self.save()
+                raise NonFiniteLossError(
+                    f"{self.num_nonfinite_in_row} consecutive steps had a non-finite loss or "
+                    f"gradient (last at step {self.step}); the last state was saved. Lower "
+                    f"optimizer.lr, check the data, or raise "
+                    f"training.max_consecutive_nonfinite_steps.")
+            if cfg.training.eval_interval and self.step % cfg.training.eval_interval == 0:
+                self.logger.log(self.step, self.evaluate(), prefix="eval/")
+            stop = self._all_ranks(float(self._stop_requested), dist.ReduceOp.MAX) > 0
+            if stop:
+                self.logger.message(f"[solopo] SIGTERM: saving at step {self.step} and exiting")
+                self.save()
+                return
+            if cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0:
+                self.save()
+        if cfg.training.eval_interval and self.step % cfg.training.eval_interval:
+            self.logger.log(self.step, self.evaluate(), prefix="eval/")
+        if not cfg.checkpoint.save_interval or self.step % cfg.checkpoint.save_interval:
+            self.save()
+        build.maybe_export(self.stack, cfg.checkpoint.export_hf_dir,
+                           cfg.checkpoint.hf_init_dir or cfg.model.hf_config_path)
+        if cfg.checkpoint.export_hf_dir:
+            self.logger.message(f"[solopo] exported HF checkpoint to "
+                                f"{cfg.checkpoint.export_hf_dir}")
+
+    def close(self) -> None:
+        self.logger.close()
+        destroy_parallel()
