@@ -1,0 +1,58 @@
+"""Convert checkpoints between Hugging Face and Megatron-Core (dist_checkpointing).
+
+    python examples/convert_checkpoint.py hf-to-mcore --src HF_DIR --dst MCORE_DIR [--tp N --pp N] [--verify]
+    python examples/convert_checkpoint.py mcore-to-hf --src MCORE_DIR --dst HF_DIR [--verify]
+
+With --tp/--pp > 1 and no torchrun environment, the script relaunches itself under torchrun.
+--verify compares logits with transformers on random tokens and fails above --tolerance.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"])
+    parser.add_argument("--src", required=True)
+    parser.add_argument("--dst", required=True)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to convert at")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to convert at")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                        help="parameter dtype (default: the HF config's torch_dtype)")
+    parser.add_argument("--hf-config", help="mcore-to-hf: HF directory for the architecture and "
+                                            "tokenizer files (default: recorded in the checkpoint)")
+    parser.add_argument("--verify", action="store_true")
+    parser.add_argument("--tolerance", type=float, default=1e-3)
+    parser.add_argument("--overwrite", action="store_true")
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    world = args.tp * args.pp
+    if world > 1 and "RANK" not in os.environ:  # relaunch under torchrun
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run",
+                                  f"--nproc-per-node={world}", *sys.argv])
+    from solopo_mcore.convert import commands
+    from solopo_mcore.parallel.layout import destroy_parallel, init_distributed
+
+    init_distributed()
+    try:
+        if args.direction == "hf-to-mcore":
+            report = commands.hf_to_mcore(args.src, args.dst, args.tp, args.pp, args.dtype,
+                                          args.verify, args.tolerance, args.overwrite)
+        else:
+            report = commands.mcore_to_hf(args.src, args.dst, args.tp, args.pp, args.hf_config,
+                                          args.verify, args.tolerance, args.overwrite, args.dtype)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(report, indent=2))
+    finally:
+        destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Precompute DPO reference log-probs over a preprocessed dataset: parse -> build -> run -> close.
+
+    torchrun --nproc-per-node G examples/precompute_ref_logprobs.py --config RECIPE.yaml \
+        --output data/solopo.ref [key.sub=value ...]
+
+The reference model is the policy's start: checkpoint.hf_init_dir or checkpoint.load_dir.
+Writes OUTPUT.npy ([N, 4] by role) and OUTPUT.json (dataset fingerprint, model, layout).
+"""
+
+import argparse
+
+from solopo_mcore.config import load_config
+from solopo_mcore.parallel.layout import destroy_parallel
+from solopo_mcore.reference import compute_reference
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe (the training recipe)")
+    parser.add_argument("--output", help="sidecar path (default: data.ref_logprobs_path)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    config = load_config(args.config, args.overrides + ["objective.algorithm=simpo"])
+    output = args.output or config.data.ref_logprobs_path
+    if not output:
+        parser.error("--output or data.ref_logprobs_path is required")
+    try:
+        compute_reference(config, output)
+    finally:
+        destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()

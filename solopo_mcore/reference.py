@@ -1,0 +1,97 @@
+"""Reference log-prob pre-pass for DPO: a forward-only run of the frozen starting model.
+
+Every example's four segments (short/long x chosen/rejected) are run, at any parallel layout,
+and their response log-prob sums are written to a sidecar aligned with the dataset by example
+index (``PATH.npy`` [N, 4] by Role + ``PATH.json`` provenance). Training refuses a sidecar whose
+dataset fingerprint or example count differs from its dataset.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core.pipeline_parallel.utils import is_pp_last_stage
+
+from solopo_mcore.config import RunConfig, to_dict
+from solopo_mcore.data.dataset import save_reference_sidecar
+from solopo_mcore.losses.objective import EVAL_ROLES
+from solopo_mcore.training import build
+from solopo_mcore.training.checkpoint import CheckpointManager, find_checkpoint
+from solopo_mcore.training.engine import run_global_batch
+from solopo_mcore.training.forward_step import make_forward_step
+
+
+def collect_segment_sums(outputs: list, table: np.ndarray) -> None:
+    """Scatter the loss function's per-segment sums into ``table[example_index, role]``."""
+    for out in outputs:
+        seg = out["_segments"]
+        examples = seg["example_index"][seg["segment_example"]].cpu().numpy()
+        roles = seg["segment_role"].cpu().numpy()
+        table[examples, roles] = seg["segment_sums"].float().cpu().numpy()
+
+
+def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) -> np.ndarray:
+    shape, pgs = build.setup_parallel(config)
+    stack = build.build_model_stack(config, shape, pgs)
+    source = {}
+    checkpoint = find_checkpoint(config.checkpoint.load_dir) if config.checkpoint.load_dir \
+        else None
+    if checkpoint is not None:
+        CheckpointManager.load(checkpoint, stack.model, load_rng=False)
+        source = {"megatron_checkpoint": str(checkpoint)}
+    elif config.checkpoint.hf_init_dir:
+        build.load_hf_weights(stack, config.checkpoint.hf_init_dir)
+        source = {"hf_checkpoint": config.checkpoint.hf_init_dir}
+    else:
+        raise ValueError("set checkpoint.hf_init_dir or checkpoint.load_dir: the reference "
+                         "model is the policy's starting point")
+    dataset = build.open_dataset(config, shape, need_reference=False)
+    objective = config.objective
+    objective_cfg = type(objective)(**{**objective.__dict__, "algorithm": "simpo"})  # no ref yet
+    forward_step = make_forward_step(objective_cfg, "solo_both", pgs.cp)
+    dp_rank, dp_size = pgs.dp.rank(), pgs.dp.size()
+    # forward-only: DP replicas never communicate, so each simply takes every dp_size-th example
+    index_lists = build.chunk_list(list(range(dp_rank, len(dataset), dp_size)),
+                                   config.data.micro_batch_size)
+    per_call = max(1, 8 // config.data.micro_batch_size)  # microbatches per schedule call
+    table = np.full((len(dataset), 4), np.nan, dtype=np.float32)
+    multiple = build.pad_multiple(config)
+    for chunk in stack.model:
+        chunk.eval()
+    start = time.time()
+    for call, first in enumerate(range(0, len(index_lists), per_call)):
+        with torch.no_grad():
+            mbs = build.make_microbatches(dataset, index_lists[first:first + per_call],
+                                          EVAL_ROLES, pgs, multiple)
+            outputs = run_global_batch(stack.model, forward_step, mbs, pgs, forward_only=True)
+        if is_pp_last_stage(pgs.pp):
+            collect_segment_sums(outputs, table)
+        if dist.get_rank() == 0 and call % log_every == 0:
+            print(f"[reference] {min(first + per_call, len(index_lists))}/{len(index_lists)} "
+                  f"microbatches on rank 0, {time.time() - start:.0f}s", flush=True)
+    # each example was computed on exactly one DP rank's last stage: combine with a NaN-aware sum
+    filled = torch.from_numpy(np.nan_to_num(table, nan=0.0)).double()
+    count = torch.from_numpy(~np.isnan(table)).double()
+    dist.all_reduce(filled)
+    dist.all_reduce(count)
+    result = (filled / count.clamp(min=1)).float().numpy()
+    result[count.numpy() == 0] = np.nan
+    missing = int(np.isnan(result).any(axis=1).sum())
+    if missing:
+        raise RuntimeError(f"{missing} examples have no reference log-probs")
+    if dist.get_rank() == 0:
+        save_reference_sidecar(output_path, result, {
+            "dataset": config.data.data_path, "dataset_fingerprint": dataset.fingerprint,
+            "num_examples": len(dataset), "roles": ["short_chosen", "short_rejected",
+                                                   "long_chosen", "long_rejected"],
+            "model": source, "layout": {"tp": pgs.tp.size(), "pp": pgs.pp.size(),
+                                        "cp": pgs.cp.size(), "dp": dp_size},
+            "config": to_dict(config), "created_at": time.time(),
+        })
+        print(f"[reference] wrote {output_path}.npy/.json ({len(dataset)} examples, "
+              f"{time.time() - start:.0f}s)", flush=True)
+    dist.barrier()
+    return result
