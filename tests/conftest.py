@@ -34,3 +34,35 @@ def tiny_llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
     build_tiny_hf_model(path, "llama", vocab_size=1000, seed=2)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """The real Qwen2.5 vocabulary, rebuilt offline from dashscope's qwen.tiktoken."""
+    from data_tools.tokenizer import load_tokenizer
+    return load_tokenizer("builtin:qwen2.5")
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory, qwen_tokenizer):
+    """The demo pipeline on a small scale: synthetic MuSiQue -> triplets (512-token long
+    contexts, Wikipedia distractors) -> rule pairs -> indexed dataset; plus a tiny Qwen2 model
+    with the real vocabulary. Returns a dict of paths."""
+    from data_tools import build_triplets, preprocess, synthetic
+    from data_tools.sample_pairs import main as sample_pairs_main
+    from solopo_mcore.models.tiny import build_tiny_hf_model
+
+    root = tmp_path_factory.mktemp("demo_data")
+    musique = root / "musique.jsonl"
+    synthetic.main(["--num-examples", "40", "--out", str(musique), "--seed", "3"])
+    build_triplets.run(str(musique), str(root / "triplets.jsonl"), "builtin:qwen2.5", 512,
+                       "builtin:wiki", seed=0)
+    sample_pairs_main(["--backend", "rule", "--num-samples", "6", "--input",
+                       str(root / "triplets.jsonl"), "--output", str(root / "pairs.jsonl")])
+    model_dir = root / "hf_init"
+    build_tiny_hf_model(model_dir, "qwen2", vocab_size=len(qwen_tokenizer), seed=0,
+                        tokenizer=qwen_tokenizer)
+    preprocess.run(str(root / "pairs.jsonl"), str(root / "solopo"), "builtin:qwen2.5", 1024,
+                   num_proc=1, model_config=str(model_dir))
+    return {"root": root, "musique": musique, "triplets": root / "triplets.jsonl",
+            "pairs": root / "pairs.jsonl", "prefix": str(root / "solopo"), "model": model_dir}

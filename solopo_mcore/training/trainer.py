@@ -209,6 +209,7 @@ class Trainer:
     def train(self) -> None:
         cfg = self.config
         total = cfg.training.train_steps
+        first_step = self.step
         while self.step < total:
             metrics = self.train_step()
             if self.step % cfg.logging.log_interval == 0 or self.step == total:
@@ -223,8 +224,11 @@ class Trainer:
             if cfg.training.eval_interval and self.step % cfg.training.eval_interval == 0:
                 self.logger.log(self.step, self.evaluate(), prefix="eval/")
             stop = self._all_ranks(float(self._stop_requested), dist.ReduceOp.MAX) > 0
-            if stop:
-                self.logger.message(f"[solopo] SIGTERM: saving at step {self.step} and exiting")
+            exit_now = bool(cfg.training.exit_interval) and \
+                self.step - first_step >= cfg.training.exit_interval and self.step < total
+            if stop or exit_now:
+                reason = "SIGTERM" if stop else "training.exit_interval"
+                self.logger.message(f"[solopo] {reason}: saving at step {self.step} and exiting")
                 self.save()
                 return
             if cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0:

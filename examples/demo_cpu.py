@@ -1,0 +1,89 @@
+"""The main job, end to end on CPU (a few minutes on 2 cores):
+
+1. build synthetic multi-hop QA (MuSiQue format) and short/long contexts (Wikipedia distractors);
+2. pick chosen/rejected with the rule-based answerer (stands in for sample_pairs' model sampling);
+3. preprocess with the real Qwen2.5 tokenizer into a Megatron indexed dataset;
+4. build a tiny Qwen2-architecture HF model from a config;
+5. convert it to a Megatron checkpoint (verified against transformers);
+6. train SoLo-ORPO on 2 processes with TP=2 (use --algorithm dpo for SoLo-DPO with a reference
+   pre-pass, --cp for context parallelism instead of TP);
+7. export HF, and print where everything went.
+
+    python examples/demo_cpu.py [--out runs/demo] [--steps 30] [--algorithm orpo|dpo|simpo] [--cp]
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sh(*args, **env):
+    print("\n$ " + " ".join(str(a) for a in args), flush=True)
+    subprocess.run([str(a) for a in args], check=True, cwd=REPO,
+                   env={**os.environ, "PYTHONWARNINGS": "ignore", **env})
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--examples", type=int, default=72)
+    parser.add_argument("--long-tokens", type=int, default=1024)
+    parser.add_argument("--algorithm", default="orpo", choices=["orpo", "dpo", "simpo"])
+    parser.add_argument("--cp", action="store_true", help="CP=2 instead of TP=2")
+    args = parser.parse_args()
+    out = (REPO / args.out).resolve()
+    py = sys.executable
+    data, model, run = out / "data", out / "model", out / "run"
+    torchrun = [py, "-m", "torch.distributed.run", "--nproc-per-node=2"]
+
+    sh(py, "-m", "data_tools.synthetic", "--num-examples", args.examples,
+       "--out", data / "musique_synthetic.jsonl")
+    sh(py, "-m", "data_tools.build_triplets", "--input", data / "musique_synthetic.jsonl",
+       "--output", data / "triplets.jsonl", "--target-long-tokens", args.long_tokens,
+       "--distractor-pool", "builtin:wiki", "--tokenizer", "builtin:qwen2.5")
+    sh(py, "-m", "data_tools.sample_pairs", "--backend", "rule", "--num-samples", 8,
+       "--input", data / "triplets.jsonl", "--output", data / "pairs.jsonl")
+    sh(py, "-c", "from solopo_mcore.models.tiny import build_tiny_hf_model; "
+                 "from data_tools.tokenizer import load_tokenizer; "
+                 "t = load_tokenizer('builtin:qwen2.5'); "
+                 f"build_tiny_hf_model({str(model / 'hf_init')!r}, 'qwen2', vocab_size=len(t), "
+                 "tokenizer=t); print('tiny Qwen2 HF model written')")
+    sh(py, "-m", "data_tools.preprocess", "--input", data / "pairs.jsonl",
+       "--output-prefix", data / "solopo", "--tokenizer", "builtin:qwen2.5",
+       "--max-seq-length", args.long_tokens + 512, "--num-proc", 2,
+       "--model-config", model / "hf_init")
+    sh(py, "examples/convert_checkpoint.py", "hf-to-mcore", "--src", model / "hf_init",
+       "--dst", model / "mcore_init", "--verify", "--overwrite")
+    layout = (["parallel.context_parallel_size=2", "parallel.tensor_model_parallel_size=1"]
+              if args.cp else [])
+    common = ["--config", "examples/recipes/tiny_cpu.yaml",
+              f"model.hf_config_path={model / 'hf_init'}", f"data.data_path={data / 'solopo'}",
+              f"objective.algorithm={args.algorithm}", *layout]
+    if args.algorithm == "dpo":
+        ref = data / "solopo.ref"
+        sh(*torchrun, "examples/precompute_ref_logprobs.py", *common,
+           f"checkpoint.load_dir={model / 'mcore_init'}", "--output", ref)
+        common += [f"data.ref_logprobs_path={ref}", "objective.alpha=3.0",
+                   "objective.beta=1.0", "optimizer.lr=1e-3"]
+    sh(*torchrun, "examples/pretrain_solopo.py", *common,
+       f"checkpoint.load_dir={model / 'mcore_init'}", f"checkpoint.save_dir={run / 'checkpoints'}",
+       f"checkpoint.export_hf_dir={run / 'hf_export'}", f"training.train_steps={args.steps}",
+       f"logging.metrics_path={run / 'metrics.jsonl'}",
+       f"logging.tensorboard_dir={run / 'tensorboard'}")
+    print(f"""
+Done. Everything is under {out}:
+  data        {data}/  (musique_synthetic.jsonl, triplets.jsonl, pairs.jsonl, solopo.bin/.idx/.meta.json)
+  HF init     {model / 'hf_init'}        Megatron init  {model / 'mcore_init'}
+  checkpoints {run / 'checkpoints'}      metrics        {run / 'metrics.jsonl'}
+  TensorBoard {run / 'tensorboard'}      HF export      {run / 'hf_export'}
+""")
+
+
+if __name__ == "__main__":
+    main()
