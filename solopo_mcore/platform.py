@@ -95,6 +95,39 @@ def apply_cpu_patches() -> bool:
     return True
 
 
+_FIXED = False
+
+
+def apply_megatron_fixes() -> None:
+    """Fixes for megatron-core 0.16.1 paths that break without apex/Transformer Engine (on CPU
+    and on GPUs alike). Idempotent."""
+    global _FIXED
+    if _FIXED:
+        return
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    # distrib_optimizer.py ``_set_main_param_and_optimizer_states`` / ``load_state_dict``: with
+    # torch's Adam (no apex/TE FusedAdam) the state holds a per-parameter "step" that the loaders
+    # leave out of ``tensors``, so the copy loop raises KeyError('step') on every load; and
+    # ``load_state_dict`` gives every parameter the *same* step tensor, which torch's foreach
+    # Adam then increments once per parameter, corrupting bias correction after a resume.
+    # Keep the restored step, as a tensor of the parameter's own.
+    def set_states(self, model_param, tensors):
+        if not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state[main_param]
+            if "step" in state and "step" not in tensors:
+                state["step"] = state["step"].detach().clone()
+                tensors = {**tensors, "step": state["step"]}
+        return original(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    _FIXED = True
+
+
 def transformer_config_overrides() -> dict:
     """Megatron ``TransformerConfig`` fields that must differ on CPU/gloo (empty on GPU)."""
     if torch.cuda.is_available():

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from solopo_mcore.config import ParallelConfig
 from solopo_mcore.models.hf_config import ModelShape
-from solopo_mcore.platform import apply_cpu_patches
+from solopo_mcore.platform import apply_cpu_patches, apply_megatron_fixes
 
 
 class LayoutError(ValueError):
@@ -57,6 +57,7 @@ def validate_layout(shape: ModelShape, parallel: ParallelConfig, world_size: int
 def init_distributed(timeout_minutes: int = 30) -> None:
     """Start torch.distributed from the torchrun environment (single process without one)."""
     apply_cpu_patches()
+    apply_megatron_fixes()
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:  # plain `python script.py`: a world of one

@@ -81,6 +81,24 @@ def _rng_object(rank: int, world: int) -> ShardedObject:
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer real state tensors (and a step count) before loading into it.
+
+    Without apex/Transformer Engine, megatron-core's optimizers read ``state['step']`` while
+    building the sharded state dict to load into, and a never-stepped torch Adam has none. One
+    step on zero gradients creates the state; everything it touches is then overwritten by the
+    load (model and main parameters, moments, step)."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = sub.optimizer
+        if any(len(inner.state[p]) for group in inner.param_groups for p in group["params"]):
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+
+
 class CheckpointManager:
     def __init__(self, save_dir: Optional[str], keep_last: int):
         self.save_dir = save_dir
@@ -136,6 +154,7 @@ class CheckpointManager:
         marker = json.loads((path / COMPLETE_MARKER).read_text())
         sharded = _model_state(model, is_loading=True)
         if optimizer is not None:
+            _materialize_optimizer_state(optimizer)
             sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
                                                                 metadata=OPTIMIZER_METADATA)
         same_world = marker.get("world_size") == dist.get_world_size()

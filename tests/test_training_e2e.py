@@ -1,0 +1,198 @@
+"""End-to-end CPU training runs through torchrun (gloo): the trainer, its logs and checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _torchrun(nproc, overrides, script="examples/pretrain_solopo.py", timeout=600, extra=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--master-port", str(_free_port()), script, "--config",
+           "examples/recipes/tiny_cpu.yaml", *extra, *overrides]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)}\nexit {result.returncode}\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metrics(path):
+    rows = [json.loads(line) for line in open(path)]
+    return [r for r in rows if "loss/total" in r], [r for r in rows if "eval/loss/total" in r]
+
+
+def _base(demo_data, run_dir, steps, tp=1, extra=()):
+    return [f"model.hf_config_path={demo_data['model']}",
+            f"checkpoint.hf_init_dir={demo_data['model']}",
+            f"data.data_path={demo_data['prefix']}",
+            f"parallel.tensor_model_parallel_size={tp}",
+            f"checkpoint.save_dir={run_dir / 'ckpt'}",
+            f"logging.metrics_path={run_dir / 'metrics.jsonl'}",
+            f"training.train_steps={steps}", *extra]
+
+
+def test_tp2_training_loss_decreases_and_logs_every_metric(demo_data, tmp_path):
+    _torchrun(2, _base(demo_data, tmp_path, 10, tp=2, extra=[
+        f"logging.tensorboard_dir={tmp_path / 'tb'}", "training.eval_interval=5",
+        "checkpoint.save_interval=5", f"checkpoint.export_hf_dir={tmp_path / 'hf'}"]))
+    train, evals = _metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in train] == list(range(1, 11))
+    first = sum(r["loss/total"] for r in train[:3]) / 3
+    last = sum(r["loss/total"] for r in train[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    keys = {"loss/total", "loss/po", "loss/solo_ra", "reward/chosen_short",
+            "reward/rejected_short", "reward/chosen_long", "reward/margin_short",
+            "accuracy/short", "reward/distance_chosen", "length/chosen_tokens",
+            "optimizer/lr", "optimizer/grad_norm", "throughput/tokens_per_sec_per_gpu",
+            "throughput/tflops_per_gpu", "memory/max_rss_gib", "time/step_sec"}
+    assert keys <= set(train[-1]), keys - set(train[-1])
+    assert len(evals) == 2 and {"eval/accuracy/short", "eval/accuracy/long",
+                                "eval/reward/distance_chosen"} <= set(evals[0])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert keys | {"eval/accuracy/long"} <= set(acc.Tags()["scalars"])
+    # checkpoints: keep_last=2 of {5, 10}; HF export loads in transformers
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == \
+        ["iter_0000005", "iter_0000010", "latest"]
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+
+
+def test_solo_reward_distance_shrinks(demo_data, tmp_path):
+    """Full-batch SoLo-SimPO with a strong alignment weight: |r(x_short,y_w) - r(x_long,y_w)|
+    on the same batch falls."""
+    _torchrun(1, _base(demo_data, tmp_path, 8, extra=[
+        "data.global_batch_size=8", "data.micro_batch_size=4", "data.shuffle=false",
+        "data.num_eval_examples=0", "objective.algorithm=simpo", "objective.beta=10.0",
+        "objective.alpha=20.0", "optimizer.lr=1e-3", "optimizer.lr_warmup_steps=0",
+        "checkpoint.save_dir=null"]))
+    train, _ = _metrics(tmp_path / "metrics.jsonl")
+    # 8 examples, batch 8, no shuffle: every step sees the same batch
+    distances = [r["reward/distance_chosen"] for r in train]
+    assert distances[-1] < 0.5 * distances[0], distances
+
+
+def test_resume_equals_uninterrupted_run_bitwise(demo_data, tmp_path):
+    common = ["training.deterministic=true", "checkpoint.save_interval=3",
+              "data.num_eval_examples=0"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _torchrun(1, _base(demo_data, straight, 6, extra=common))
+    _torchrun(1, _base(demo_data, resumed, 6, extra=common + ["training.exit_interval=3"]))
+    assert (resumed / "ckpt" / "latest").read_text() == "3"
+    _torchrun(1, _base(demo_data, resumed, 6, extra=common))
+    a, _ = _metrics(straight / "metrics.jsonl")
+    b, _ = _metrics(resumed / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        for key in ("loss/total", "loss/po", "loss/solo_ra", "optimizer/grad_norm",
+                    "optimizer/lr"):
+            assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+
+
+def test_resume_at_a_different_tensor_parallel_layout(demo_data, tmp_path):
+    common = ["checkpoint.save_interval=3", "data.num_eval_examples=0"]
+    _torchrun(1, _base(demo_data, tmp_path, 6, extra=common + ["training.exit_interval=3"]))
+    _torchrun(2, _base(demo_data, tmp_path, 6, tp=2, extra=common))
+    train, _ = _metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert train[3]["loss/total"] < train[0]["loss/total"]
+
+
+def test_sigterm_saves_a_loadable_checkpoint(demo_data, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
+           "--master-port", str(_free_port()), "examples/pretrain_solopo.py", "--config",
+           "examples/recipes/tiny_cpu.yaml",
+           *_base(demo_data, tmp_path, 500, extra=["data.num_eval_examples=0"])]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or
+                                      len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert "SIGTERM: saving at step" in output, output[-3000:]
+    step = int((tmp_path / "ckpt" / "latest").read_text())
+    assert step >= 2 and (tmp_path / "ckpt" / f"iter_{step:07d}" / "solopo_state.json").is_file()
+    result = _torchrun(1, _base(demo_data, tmp_path, step + 1,
+                                extra=["data.num_eval_examples=0"]))
+    assert f"resumed from {tmp_path / 'ckpt'}/iter_{step:07d} at step {step}" in result.stdout
+
+
+def test_corrupt_checkpoint_is_refused_and_the_previous_one_used(demo_data, tmp_path):
+    _torchrun(1, _base(demo_data, tmp_path, 4, extra=["checkpoint.save_interval=2",
+                                                      "data.num_eval_examples=0"]))
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "iter_0000004" / "solopo_state.json").unlink()  # an interrupted save
+    result = _torchrun(1, _base(demo_data, tmp_path, 5, extra=["data.num_eval_examples=0"]))
+    assert "is not a complete checkpoint" in result.stdout
+    assert f"resumed from {ckpt}/iter_0000002 at step 2" in result.stdout
+
+
+def test_bad_config_names_the_key_before_any_process_group(tmp_path):
+    for override, message in [("objective.alpah=3", "unknown config key 'objective.alpah'"),
+                              ("training.train_steps=ten", "training.train_steps: expected an "
+                                                           "integer"),
+                              ("objective.mode=medium", "objective.mode: 'medium' is not one of")]:
+        result = subprocess.run([sys.executable, "examples/pretrain_solopo.py", "--config",
+                                 "examples/recipes/tiny_cpu.yaml", override], cwd=REPO,
+                                capture_output=True, text=True,
+                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+        assert "init_process_group" not in result.stderr
+
+
+def test_dpo_reference_sidecar_matches_on_the_fly_and_is_checked(demo_data, tmp_path):
+    """The precomputed reference (TP=2) equals the policy's own log-probs at step 1 (DPO rewards
+    are exactly 0 there) and a sidecar for another dataset is refused."""
+    ref = tmp_path / "ref"
+    _torchrun(2, [f"model.hf_config_path={demo_data['model']}",
+                  f"checkpoint.hf_init_dir={demo_data['model']}",
+                  f"data.data_path={demo_data['prefix']}", "--output", str(ref)],
+              script="examples/precompute_ref_logprobs.py")
+    meta = json.loads((tmp_path / "ref.json").read_text())
+    from solopo_mcore.data.dataset import TripletDataset
+    dataset = TripletDataset(demo_data["prefix"])
+    assert meta["dataset_fingerprint"] == dataset.fingerprint
+    _torchrun(1, _base(demo_data, tmp_path, 1, extra=[
+        "objective.algorithm=dpo", f"data.ref_logprobs_path={ref}", "checkpoint.save_dir=null",
+        "data.num_eval_examples=0"]))
+    train, _ = _metrics(tmp_path / "metrics.jsonl")
+    for key in ("reward/chosen_short", "reward/rejected_short", "reward/chosen_long"):
+        assert abs(train[0][key]) < 1e-5, (key, train[0][key])
+    # the sidecar against the HF model, computed separately
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+    from tests.reference import hf_role_table
+    hf = AutoModelForCausalLM.from_pretrained(demo_data["model"], dtype=torch.float32)
+    with torch.no_grad():
+        S, _ = hf_role_table(hf, [dataset[0], dataset[1]], (0, 1, 2, 3))
+    np.testing.assert_allclose(np.load(tmp_path / "ref.npy")[:2], S.numpy(), rtol=1e-5)
+    # a sidecar whose fingerprint does not match is refused with a clear error
+    bad = dict(meta, dataset_fingerprint="0" * 64)
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    (tmp_path / "bad.npy").write_bytes((tmp_path / "ref.npy").read_bytes())
+    from solopo_mcore.data.dataset import DatasetError
+    with pytest.raises(DatasetError, match="was computed for dataset fingerprint"):
+        dataset.attach_reference(str(tmp_path / "bad"))
