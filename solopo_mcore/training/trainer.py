@@ -110,6 +110,8 @@ class Trainer:
             "num_skipped_steps": self.num_skipped_steps,
             "config": to_dict(self.config),
             "dataset_fingerprint": self.dataset.fingerprint,
+            "hf_config": self.shape.raw,
+            "source_hf_dir": self.config.checkpoint.hf_init_dir or self.config.model.hf_config_path,
         })
 
     def _on_sigterm(self, signum, frame) -> None:
