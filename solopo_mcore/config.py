@@ -264,10 +264,28 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "examples" / "recipes"
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A recipe file path, or the name of one in examples/recipes (with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (RECIPES_DIR / name_or_path, RECIPES_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    raise ConfigError(f"recipe {name_or_path!r} is neither a file nor a named recipe "
+                      f"({', '.join(names)})")
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
-    """Load a YAML recipe (optional) and apply ``key.sub=value`` overrides, then validate."""
+    """Load a YAML recipe (a file or a recipe name; optional) and apply ``key.sub=value``
+    overrides, then validate."""
     tree: dict = {}
     if path is not None:
+        path = resolve_recipe(path)
         text = Path(path).read_text()
         tree = yaml.safe_load(text) or {}
         if not isinstance(tree, dict):

@@ -1,0 +1,61 @@
+"""Typed configs: YAML recipes, dotted overrides, errors that name the key; the shipped recipes."""
+
+from pathlib import Path
+
+import pytest
+
+from solopo_mcore.config import ConfigError, RECIPES_DIR, load_config
+from solopo_mcore.models.hf_config import shape_from_dict
+from solopo_mcore.models.reference_configs import BY_NAME
+from solopo_mcore.parallel.layout import validate_layout
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config("tiny_cpu", ["objective.alpha=3", "optimizer.lr=1e-4",
+                                   "parallel.tensor_model_parallel_size=1",
+                                   "checkpoint.save_dir=null"])
+    assert cfg.objective.alpha == 3.0 and isinstance(cfg.objective.alpha, float)
+    assert cfg.optimizer.lr == 1e-4 and cfg.parallel.tensor_model_parallel_size == 1
+    assert cfg.checkpoint.save_dir is None and cfg.training.train_steps == 30
+
+
+@pytest.mark.parametrize("override,message", [
+    ("objective.alpah=1", "unknown config key 'objective.alpah'"),
+    ("optimiser.lr=1", "unknown config key 'optimiser'"),
+    ("data.micro_batch_size=two", "data.micro_batch_size: expected an integer"),
+    ("objective.algorithm=ppo", "objective.algorithm: 'ppo' is not one of dpo, simpo, orpo"),
+    ("objective.label_smoothing=0.7", "objective.label_smoothing: must be in [0, 0.5)"),
+    ("training.deterministic=maybe", "training.deterministic: expected true/false"),
+    ("objective.alpha", "expected key.sub=value"),
+    ("optimizer.optimizer_cpu_offload=true", "needs parallel.use_distributed_optimizer"),
+])
+def test_bad_values_name_the_key(override, message):
+    extra = ["parallel.use_distributed_optimizer=false"] if "offload" in override else []
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny_cpu", extra + [override])
+    assert message in str(err.value)
+
+
+def test_dpo_without_reference_is_refused_before_start():
+    with pytest.raises(ConfigError, match="needs data.ref_logprobs_path"):
+        load_config("tiny_cpu", ["objective.algorithm=dpo", "data.data_path=/x"])
+
+
+def test_unknown_recipe_lists_the_named_ones():
+    with pytest.raises(ConfigError, match="qwen2.5-7b_solo-orpo_8gpu"):
+        load_config("no-such-recipe")
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")
+                                          if p.stem != "tiny_cpu"))
+def test_paper_recipes_load_and_fit_their_cluster(recipe):
+    cfg = load_config(recipe)
+    model = "qwen2.5-7b" if recipe.startswith("qwen") else "llama3.1-8b"
+    world = 32 if "4node" in recipe else 8
+    dp = validate_layout(shape_from_dict(BY_NAME[model]), cfg.parallel, world)
+    assert cfg.data.global_batch_size % (cfg.data.micro_batch_size * dp) == 0
+    expected_alpha = {"solo-orpo": 4.0 if model == "llama3.1-8b" else 1.0, "solo-simpo": 1.0,
+                      "solo-dpo": 3.0}
+    algo = next(k for k in expected_alpha if k in recipe)
+    assert cfg.objective.alpha == expected_alpha[algo]  # the paper's alpha
+    assert cfg.model.params_dtype == "bf16" and cfg.objective.mode == "solo"
