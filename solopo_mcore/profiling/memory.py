@@ -43,3 +43,34 @@ def memory_stats() -> dict:
 def reset_peak() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+
+
+class PeakRSSSampler:
+    """Peak resident set size while the block runs, sampled by a thread (CPU runs, where the
+    torch allocator keeps no statistics and ``ru_maxrss`` never goes down)."""
+
+    def __init__(self, interval_s: float = 0.002):
+        self.interval_s = interval_s
+        self.peak_gib = 0.0
+        self._stop = None
+        self._thread = None
+
+    def __enter__(self):
+        import threading
+        process = psutil.Process()
+        self._stop = threading.Event()
+        self.peak_gib = process.memory_info().rss / GIB
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak_gib = max(self.peak_gib, process.memory_info().rss / GIB)
+                self._stop.wait(self.interval_s)
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_gib = max(self.peak_gib, psutil.Process().memory_info().rss / GIB)
+        return False

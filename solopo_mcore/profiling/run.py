@@ -1,0 +1,139 @@
+"""The profiler run behind examples/profile_solopo.py: build once, sweep, search, report."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from solopo_mcore.config import load_config
+from solopo_mcore.profiling.estimator import EstimateInputs, estimate_memory
+from solopo_mcore.profiling.flops import device_peak_tflops
+from solopo_mcore.profiling.report import write_report
+from solopo_mcore.profiling.sweep import (ProfileTarget, find_max_length, is_oom,
+                                          profile_setting)
+from solopo_mcore.training import build
+from solopo_mcore.training.optim import build_optimizer
+
+
+def _ints(text: str) -> list:
+    return [int(x) for x in text.split(",") if x]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="recipe (file or name)")
+    parser.add_argument("--out", default="runs/profile")
+    parser.add_argument("--modes", default="solo,long")
+    parser.add_argument("--long-lengths", default="4096,8192,16384")
+    parser.add_argument("--short-tokens", type=int, default=1024)
+    parser.add_argument("--response-tokens", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--find-max-len", action="store_true",
+                        help="search the longest trainable long context per mode")
+    parser.add_argument("--max-len-start", type=int, default=8192)
+    parser.add_argument("--max-len-limit", type=int, default=262144)
+    parser.add_argument("--max-len-granularity", type=int, default=2048)
+    parser.add_argument("--memory-limit-gib", type=float,
+                        help="treat a peak above this as out of memory (planning, tests)")
+    parser.add_argument("--trace", action="store_true", help="torch profiler trace of one step")
+    parser.add_argument("overrides", nargs="*")
+
+
+def run(args) -> dict:
+    config = load_config(args.config, args.overrides)
+    shape, pgs = build.setup_parallel(config)
+    stack = build.build_model_stack(config, shape, pgs)
+    if config.checkpoint.hf_init_dir:
+        build.load_hf_weights(stack, config.checkpoint.hf_init_dir)
+    optimizer = build_optimizer(stack.model, config.optimizer, config.parallel,
+                                stack.config.params_dtype, pgs)
+    target = ProfileTarget(stack, optimizer, config.objective, build.pad_multiple(config),
+                           args.response_tokens, config.training.seed, args.memory_limit_gib,
+                           device_peak_tflops(config.logging.peak_tflops))
+    modes = [m for m in args.modes.split(",") if m]
+    estimates = []
+    if dist.get_rank() == 0:
+        from pathlib import Path
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    for mode in modes:
+        for length in _ints(args.long_lengths):
+            trace = contextlib.nullcontext()
+            if args.trace and not target.results:
+                activities = [torch.profiler.ProfilerActivity.CPU] + (
+                    [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+                trace = torch.profiler.profile(activities=activities)
+            try:
+                with trace as prof:
+                    result = profile_setting(target, mode, args.short_tokens, length,
+                                             args.steps, args.warmup)
+            except Exception as exc:  # noqa: BLE001 - an OOM setting is a result, not a crash
+                if not is_oom(exc):
+                    raise
+                if dist.get_rank() == 0:
+                    print(f"[profile] {mode} long={length}: out of memory", flush=True)
+                continue
+            if prof is not None and dist.get_rank() == 0:
+                prof.export_chrome_trace(f"{args.out}/trace_{mode}_{length}.json")
+            estimates.append(_estimate(config, shape, pgs, mode, args, length, result))
+            if dist.get_rank() == 0:
+                print(f"[profile] {mode} long={length}: step {result['step_sec']:.3f}s, "
+                      f"{result['tokens_per_sec_per_gpu']:.0f} tok/s/GPU, peak "
+                      f"{result['peak_memory_gib']:.2f} GiB", flush=True)
+    max_lengths = {}
+    if args.find_max_len:
+        for mode in modes:
+            def fits(length, mode=mode):
+                profile_setting(target, mode, args.short_tokens, length, num_steps=1,
+                                num_warmup=0, record=False)
+                return True
+            best, trials = find_max_length(fits, args.max_len_start, args.max_len_limit,
+                                           args.max_len_granularity)
+            max_lengths[mode] = best
+            if dist.get_rank() == 0:
+                print(f"[profile] longest trainable long context for {mode}: {best} tokens "
+                      f"({len(trials)} trials)", flush=True)
+    context = {"model": shape.architecture, "layers": shape.num_layers,
+               "hidden": shape.hidden_size, "device": _device(),
+               "layout": f"TP{pgs.tp.size()} PP{pgs.pp.size()} CP{pgs.cp.size()} "
+                         f"DP{pgs.dp.size()}",
+               "short_tokens": args.short_tokens, "response_tokens": args.response_tokens,
+               "peak_tflops": target.peak_tflops, "torch": torch.__version__,
+               "recompute": config.model.recompute_granularity,
+               "params_dtype": config.model.params_dtype}
+    payload = {}
+    if dist.get_rank() == 0:
+        payload = write_report(args.out, target.results, context, max_lengths, estimates)
+    dist.barrier()
+    return payload
+
+
+def _device() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    import platform
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _estimate(config, shape, pgs, mode, args, length, result) -> dict:
+    from solopo_mcore.losses.objective import MODE_ROLES, Role
+    roles = MODE_ROLES[mode]
+    tokens = sum(length if r in (Role.LONG_CHOSEN, Role.LONG_REJECTED) else args.short_tokens
+                 for r in roles)
+    est = estimate_memory(shape, EstimateInputs(
+        tp=pgs.tp.size(), pp=pgs.pp.size(), cp=pgs.cp.size(), dp=pgs.dp.size(),
+        params_dtype=config.model.params_dtype,
+        distributed_optimizer=config.parallel.use_distributed_optimizer,
+        optimizer_cpu_offload=config.optimizer.optimizer_cpu_offload,
+        recompute=config.model.recompute_granularity or "none", microbatch_tokens=tokens,
+        response_tokens=args.response_tokens * len(roles),
+        workspace_gib=1.0 if torch.cuda.is_available() else 0.0))
+    measured = result["peak_memory_gib"]
+    on_gpu = torch.cuda.is_available()
+    return {"mode": mode, "long_tokens": length, "estimated_gib": est["total_gib"],
+            "measured_gib": measured,
+            # on CPU the measured figure is process RSS (framework included): no error reported
+            "error": (est["total_gib"] - measured) / measured if on_gpu and measured else None,
+            "components": {k: v for k, v in est.items() if k.endswith("_gib")}}

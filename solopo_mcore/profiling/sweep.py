@@ -1,0 +1,193 @@
+"""Profile SoLoPO against long-PO on the user's model and hardware, and find the longest long
+context that trains.
+
+Each setting (mode, long length) runs a few full training steps (forward, backward, optimizer) on
+synthetic triplets of the requested lengths, and separately times fwd+bwd of the short segments
+and of the long segment(s). The max-length search doubles the long length until a step runs out of
+memory, then bisects, recovering from each out-of-memory error.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from solopo_mcore.data.packing import TripletTokens, pack_triplets
+from solopo_mcore.losses.objective import MODE_ROLES, Role
+from solopo_mcore.profiling.flops import mfu, training_step_flops
+from solopo_mcore.profiling.memory import PeakRSSSampler, memory_stats, reset_peak
+from solopo_mcore.training.engine import run_global_batch
+from solopo_mcore.training.forward_step import make_forward_step
+
+
+class SimulatedOOM(torch.OutOfMemoryError if hasattr(torch, "OutOfMemoryError") else RuntimeError):
+    """Raised when an injected memory limit (``memory_limit_gib``) is exceeded."""
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, (SimulatedOOM, getattr(torch, "OutOfMemoryError", ()))) or \
+        "out of memory" in str(exc).lower()
+
+
+@dataclass
+class ProfileTarget:
+    """What the profiler drives: a built model stack, its optimizer and the run's objective."""
+
+    stack: object
+    optimizer: object
+    objective: object
+    pad_multiple: int = 1
+    response_tokens: int = 128
+    seed: int = 0
+    memory_limit_gib: Optional[float] = None
+    """Inject an out-of-memory error when the measured peak exceeds this (tests, planning)."""
+    peak_tflops: Optional[float] = None
+    results: list = field(default_factory=list)
+
+
+def synthetic_example(short_tokens: int, long_tokens: int, response_tokens: int, vocab: int,
+                      seed: int) -> TripletTokens:
+    rng = random.Random(seed)
+
+    def toks(n):
+        return [rng.randrange(1, vocab) for _ in range(max(n, 1))]
+    return TripletTokens(short_prompt=toks(short_tokens - response_tokens),
+                         long_prompt=toks(long_tokens - response_tokens),
+                         chosen=toks(response_tokens), rejected=toks(response_tokens), index=0,
+                         ref_logp_sum=[-50.0] * 4)
+
+
+def _peak_gib(cpu_sampler: Optional[PeakRSSSampler] = None) -> float:
+    """This setting's peak: the CUDA allocator's, or sampled process RSS on CPU."""
+    if torch.cuda.is_available():
+        return memory_stats()["memory/max_allocated_gib"]
+    return cpu_sampler.peak_gib if cpu_sampler is not None else 0.0
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed_pass(target: ProfileTarget, example: TripletTokens, roles, mode: str,
+                with_optimizer: bool) -> float:
+    pgs = target.stack.pg_collection
+    batch = pack_triplets([example], roles, pad_multiple=target.pad_multiple).for_cp_rank(
+        pgs.cp.size(), pgs.cp.rank())
+    forward_step = make_forward_step(target.objective, mode, pgs.cp)
+    _sync()
+    start = time.time()
+    run_global_batch(target.stack.model, forward_step, [batch], pgs)
+    if with_optimizer:
+        target.optimizer.step()
+    _sync()
+    return time.time() - start
+
+
+def _check_limit(target: ProfileTarget, sampler: Optional[PeakRSSSampler]) -> float:
+    peak = _peak_gib(sampler)
+    if target.memory_limit_gib is not None:
+        flag = torch.tensor([float(peak > target.memory_limit_gib)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            raise SimulatedOOM(f"peak {peak:.2f} GiB > injected limit {target.memory_limit_gib}")
+    return peak
+
+
+def profile_setting(target: ProfileTarget, mode: str, short_tokens: int, long_tokens: int,
+                    num_steps: int = 3, num_warmup: int = 1, record: bool = True) -> dict:
+    """Step time, throughput, model TFLOP/s, MFU, peak memory and per-context segment times."""
+    shape = target.stack.shape
+    example = synthetic_example(short_tokens, long_tokens, target.response_tokens,
+                                shape.vocab_size, target.seed)
+    roles = MODE_ROLES[mode]
+    reset_peak()
+    times = []
+    with PeakRSSSampler() as sampler:
+        for i in range(num_warmup + num_steps):
+            elapsed = _timed_pass(target, example, roles, mode, with_optimizer=True)
+            _check_limit(target, sampler)
+            if i >= num_warmup:
+                times.append(elapsed)
+    step = sorted(times)[len(times) // 2]
+    peak = _peak_gib(sampler)
+    stats = memory_stats()
+    segments = []
+    for role in roles:
+        prompt, response = example.segment(role)
+        segments.append((len(prompt) + len(response), len(response)))
+    tokens = sum(s for s, _ in segments)
+    flops = training_step_flops(shape, segments)
+    world = dist.get_world_size()
+    dp = target.stack.pg_collection.dp.size()
+    short_roles = [r for r in roles if r in (Role.SHORT_CHOSEN, Role.SHORT_REJECTED)]
+    long_roles = [r for r in roles if r in (Role.LONG_CHOSEN, Role.LONG_REJECTED)]
+    seg_times = {}
+    for name, rs in (("short", short_roles), ("long", long_roles)):
+        seg_times[f"time/{name}_segments_sec"] = (
+            _timed_pass(target, example, rs, "solo_both", with_optimizer=False) if rs else 0.0)
+    long_flops = training_step_flops(shape, [(long_tokens, target.response_tokens)] *
+                                     len(long_roles))
+    result = {
+        "mode": mode, "short_tokens": short_tokens, "long_tokens": long_tokens,
+        "response_tokens": target.response_tokens, "step_sec": step,
+        "tokens_per_sec_per_gpu": tokens * dp / step / world,
+        "model_tflops_per_gpu": flops * dp / step / world / 1e12,
+        "mfu": mfu(flops * dp, step, world, target.peak_tflops),
+        "long_pass_mfu": (mfu(long_flops * dp, seg_times["time/long_segments_sec"], world,
+                              target.peak_tflops) if long_roles else None),
+        "peak_memory_gib": peak, "nvml_used_gib": stats.get("memory/nvml_used_gib"),
+        **{k.split("/")[1]: v for k, v in seg_times.items()},
+    }
+    if record:
+        target.results.append(result)
+    return result
+
+
+def find_max_length(fits: Callable[[int], bool], start: int, limit: int,
+                    granularity: int = 1024) -> tuple[int, list]:
+    """Largest length in [start, limit] (multiple of ``granularity``) for which ``fits`` holds,
+    by doubling then bisecting. ``fits`` returns False (or raises an out-of-memory error) when a
+    length does not fit; other errors propagate. Returns (length or 0, trials)."""
+    trials = []
+
+    def attempt(length: int) -> bool:
+        try:
+            ok = bool(fits(length))
+        except Exception as exc:  # noqa: BLE001 - only OOM is a "no"
+            if not is_oom(exc):
+                raise
+            ok = False
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        trials.append({"long_tokens": length, "fits": ok})
+        return ok
+
+    lo, hi = 0, None
+    length = start
+    while length <= limit:  # doubling
+        if not attempt(length):
+            hi = length
+            break
+        lo, length = length, length * 2
+    if hi is None:  # everything fit up to the last doubling: try the limit itself
+        if lo >= limit or attempt(limit):
+            return max(lo, limit) if lo < limit else lo, trials
+        hi = limit
+    while hi - lo > granularity:  # bisect (from 0 when even the start failed)
+        mid = (lo + hi) // 2 // granularity * granularity
+        if mid <= lo:
+            break
+        if attempt(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, trials

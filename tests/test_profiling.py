@@ -1,0 +1,123 @@
+"""Profiling: the FLOPs function and memory estimator against hand-computed values, the
+OOM-recovering max-length search, and a CPU sweep that writes every output."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from solopo_mcore.models.hf_config import shape_from_dict
+from solopo_mcore.models.reference_configs import QWEN25_7B_INSTRUCT
+from solopo_mcore.profiling.estimator import (EstimateInputs, estimate_memory, parameter_counts,
+                                              suggest_layouts)
+from solopo_mcore.profiling.flops import forward_flops_per_segment, mfu, training_step_flops
+from solopo_mcore.profiling.sweep import SimulatedOOM, find_max_length
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = shape_from_dict({"architectures": ["LlamaForCausalLM"], "hidden_size": 8,
+                         "intermediate_size": 16, "num_hidden_layers": 2,
+                         "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 10})
+
+
+def test_flops_match_hand_computed_values():
+    # h=8, f=16, 2 heads of d=4, 1 KV group, 2 layers, V=10; one segment of s=6, 2 logit tokens
+    # per token-layer: QKV 2*8*(2+2)*4=256, out 2*2*4*8=128, MLP 2*3*8*16=768 -> 1152
+    # attention per token-layer: 2*2*6*2*4*0.5 = 96 -> (1152+96)*6 tokens*2 layers = 14976
+    # logits: 2*8*10*2 = 320 -> forward 15296; training = 3x
+    assert forward_flops_per_segment(SMALL, 6, 2) == 15296
+    assert training_step_flops(SMALL, [(6, 2), (6, 2)]) == 3 * 2 * 15296
+    assert mfu(1e15, 2.0, 4, 250.0) == pytest.approx(0.5)
+    assert mfu(1e15, 2.0, 4, None) is None
+
+
+def test_flops_at_qwen_7b_scale_are_6N_plus_attention():
+    shape = shape_from_dict(QWEN25_7B_INSTRUCT)
+    n = parameter_counts(shape)["layers"]
+    s = 8192
+    attention = 3 * 2 * 2 * s * 28 * 128 * 0.5 * 28 * s
+    # per token, training: 6 x (matmul params excluding the 2h norm weights) + attention
+    matmul = n - 2 * 3584 * 28 - (28 + 8) * 128 * 28  # drop norms and QKV bias
+    assert training_step_flops(shape, [(s, 0)]) == pytest.approx(6 * matmul * s + attention,
+                                                                 rel=1e-12)
+
+
+def test_memory_estimator_formulas_on_a_small_config():
+    counts = parameter_counts(SMALL)
+    per_layer = 8 * (2 + 2) * 4 + 2 * 4 * 8 + 3 * 8 * 16 + 2 * 8
+    assert counts["per_layer"] == per_layer and counts["embedding"] == counts["output"] == 80
+    gib = 1024 ** 3
+    est = estimate_memory(SMALL, EstimateInputs(tp=1, pp=1, dp=2, params_dtype="bf16",
+                                                recompute="full", microbatch_tokens=100,
+                                                response_tokens=10, workspace_gib=0.0))
+    params = 2 * per_layer + 160
+    assert est["params_per_rank"] == params
+    assert est["weights_gib"] * gib == pytest.approx(2 * params)
+    assert est["gradients_gib"] * gib == pytest.approx(4 * params)
+    assert est["optimizer_gib"] * gib == pytest.approx(12 * params / 2)
+    full_layer = 8 * (10 + 24) + 3 * 16 * 2
+    assert est["activations_gib"] * gib == pytest.approx(100 * (2 * 8 * 2 + full_layer))
+    assert est["logits_gib"] * gib == pytest.approx(10 * 10 * 4 * 3)
+    offload = estimate_memory(SMALL, EstimateInputs(optimizer_cpu_offload=True))
+    assert offload["optimizer_gib"] == 0.0
+    none = estimate_memory(SMALL, EstimateInputs(recompute="none", microbatch_tokens=100))
+    assert none["activations_gib"] * gib == pytest.approx(100 * 2 * full_layer)
+
+
+def test_estimator_says_which_layouts_fit_a_7b_run():
+    shape = shape_from_dict(QWEN25_7B_INSTRUCT)
+    layouts = suggest_layouts(shape, 8, microbatch_tokens=2 * 1024 + 65536,
+                              response_tokens=3 * 256, device_gib=80.0)
+    assert layouts and all(r["total_gib"] <= 80.0 for r in layouts)
+    assert all((r["tp"] * r["pp"] * r["cp"] * r["dp"]) == 8 for r in layouts)
+    full = estimate_memory(shape, EstimateInputs(microbatch_tokens=1024, dp=1))
+    assert 7.0e9 < parameter_counts(shape)["total"] < 7.7e9
+    assert full["weights_gib"] == pytest.approx(parameter_counts(shape)["total"] * 2 / 1024 ** 3,
+                                                rel=1e-3)
+
+
+@pytest.mark.parametrize("capacity,expected", [(0, 0), (3000, 2048), (19000, 18432),
+                                               (70000, 69632), (10 ** 9, 262144)])
+def test_max_length_search_recovers_from_injected_ooms(capacity, expected):
+    calls = []
+
+    def fits(length):
+        calls.append(length)
+        if length > capacity:
+            raise (torch.OutOfMemoryError if len(calls) % 2 else SimulatedOOM)("injected")
+        return True
+    best, trials = find_max_length(fits, 4096, 262144, granularity=1024)
+    assert best == expected
+    assert all(t["fits"] == (t["long_tokens"] <= capacity) for t in trials)
+
+
+def test_max_length_search_propagates_other_errors():
+    def fits(length):
+        raise ValueError("a real bug")
+    with pytest.raises(ValueError):
+        find_max_length(fits, 1024, 8192)
+
+
+def test_cpu_sweep_writes_every_output(tiny_qwen2, tmp_path):
+    out = tmp_path / "profile"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
+           "examples/profile_solopo.py", "--config", "tiny_cpu", "--out", str(out),
+           "--long-lengths", "256,512", "--short-tokens", "128", "--response-tokens", "16",
+           "--steps", "1", "--warmup", "0", "--trace", "--find-max-len", "--max-len-start", "512",
+           "--max-len-limit", "4096", "--max-len-granularity", "512",
+           f"model.hf_config_path={tiny_qwen2}", "parallel.tensor_model_parallel_size=1"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    for name in ("results.json", "results.csv", "time_vs_length.png", "memory_vs_length.png",
+                 "summary.md", "trace_solo_256.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    payload = json.loads((out / "results.json").read_text())
+    assert {(r["mode"], r["long_tokens"]) for r in payload["results"]} == \
+        {("solo", 256), ("solo", 512), ("long", 256), ("long", 512)}
+    assert set(payload["max_long_tokens"]) == {"solo", "long"}
+    assert all(r["step_sec"] > 0 and r["long_segments_sec"] > 0 for r in payload["results"])
+    assert "solo/long step time" in (out / "summary.md").read_text()
