@@ -66,33 +66,56 @@ def test_bad_inputs_name_the_tensor_or_key(tiny_qwen2, tmp_path):
     r = convert("hf-to-mcore", "--src", bad_arch, "--dst", tmp_path / "o1", check=False)
     assert r.returncode != 0 and "MistralForCausalLM" in r.stderr and "is not supported" in r.stderr
 
+
+
+def test_bad_tensors_layouts_and_destinations_are_named(tiny_qwen2, tmp_path):
+    """The same checks the CLI runs, called in-process (a subprocess each would cost ~10 s)."""
+    from solopo_mcore.config import ParallelConfig
+    from solopo_mcore.convert.hf_io import HFCheckpointReader, prepare_destination
+    from solopo_mcore.convert.tables import ConversionError, load_hf_tensors_into_chunks
+    from solopo_mcore.models.hf_config import read_hf_config
+    from solopo_mcore.parallel.layout import LayoutError, validate_layout
+
+    shape = read_hf_config(tiny_qwen2)
     tensors = _hf_tensors(tiny_qwen2)
     for case, mutate, message in [
         ("missing", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
          "missing tensor(s) ['model.layers.1.mlp.up_proj.weight']"),
         ("extra", lambda t: t.__setitem__("model.layers.9.foo.weight", torch.zeros(2)),
          "unexpected tensor(s) ['model.layers.9.foo.weight']"),
-        ("shape", lambda t: t.__setitem__("model.layers.0.self_attn.o_proj.weight",
-                                          torch.zeros(64, 32)),
-         "model.layers.0.self_attn.o_proj.weight -> decoder.layers.0.self_attention.linear_proj"),
     ]:
         d = tmp_path / case
         shutil.copytree(tiny_qwen2, d)
         t = dict(tensors)
         mutate(t)
         save_file(t, str(d / "model.safetensors"))
-        r = convert("hf-to-mcore", "--src", d, "--dst", tmp_path / f"o_{case}", check=False)
-        assert r.returncode != 0 and message in r.stderr, (case, r.stderr[-2000:])
+        with pytest.raises(ConversionError) as err:
+            HFCheckpointReader(str(d)).check_names(shape)
+        assert message in str(err.value)
 
-    r = convert("hf-to-mcore", "--src", tiny_qwen2, "--dst", tmp_path / "o3", "--tp", 4,
-                check=False)
-    assert r.returncode != 0 and "does not divide the 2 KV groups" in r.stderr + r.stdout
+    class Chunk(torch.nn.Module):  # the parameter names of a one-layer local-spec model
+        def __init__(self):
+            super().__init__()
+            self.decoder = torch.nn.Module()
+            layer = torch.nn.Module()
+            layer.layer_number = 1
+            layer.self_attention = torch.nn.Module()
+            layer.self_attention.linear_proj = torch.nn.Module()
+            layer.self_attention.linear_proj.weight = torch.nn.Parameter(torch.zeros(64, 32))
+            self.decoder.layers = torch.nn.ModuleList([layer])
+    with pytest.raises(ConversionError, match="model.layers.0.self_attn.o_proj.weight -> "
+                       "decoder.layers.0.self_attention.linear_proj.weight: shape"):
+        load_hf_tensors_into_chunks([Chunk()], tensors.__getitem__, shape, None)
+
+    with pytest.raises(LayoutError, match="does not divide the 2 KV groups"):
+        validate_layout(shape, ParallelConfig(tensor_model_parallel_size=4), 4)
 
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
-    r = convert("hf-to-mcore", "--src", tiny_qwen2, "--dst", tmp_path / "taken", check=False)
-    assert r.returncode != 0 and "exists and is not empty; pass --overwrite" in r.stderr
-    convert("hf-to-mcore", "--src", tiny_qwen2, "--dst", tmp_path / "taken", "--overwrite")
+    with pytest.raises(ConversionError, match="exists and is not empty; pass --overwrite"):
+        prepare_destination(str(tmp_path / "taken"), overwrite=False)
+    prepare_destination(str(tmp_path / "taken"), overwrite=True)
+    assert not any((tmp_path / "taken").iterdir())
 
 
 def test_trained_checkpoint_exports_and_verifies(demo_data, tmp_path):

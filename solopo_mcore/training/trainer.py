@@ -13,6 +13,7 @@ from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 from solopo_mcore.config import RunConfig, to_dict
 from solopo_mcore.data.sampler import SamplerState, TripletSampler
 from solopo_mcore.losses.objective import EVAL_ROLES, MODE_ROLES
+from solopo_mcore.models.builder import use_te_spec
 from solopo_mcore.parallel.layout import destroy_parallel
 from solopo_mcore.profiling.flops import device_peak_tflops, mfu, training_step_flops
 from solopo_mcore.profiling.memory import memory_stats, reset_peak
@@ -79,7 +80,8 @@ class Trainer:
             f"[solopo] {config.objective.mode}/{config.objective.algorithm} | "
             f"{self.shape.architecture} {self.shape.num_layers}L h{self.shape.hidden_size} | "
             f"TP{self.pgs.tp.size()} PP{self.pgs.pp.size()} CP{self.pgs.cp.size()} "
-            f"DP{self.pgs.dp.size()} | {len(train_idx)} train / {len(self.eval_idx)} eval "
+            f"DP{self.pgs.dp.size()} | {'TE' if use_te_spec(config.model) else 'torch SDPA'} "
+            f"attention | {len(train_idx)} train / {len(self.eval_idx)} eval "
             f"examples | {self.sampler.num_microbatches} microbatches/step | start step "
             f"{self.step}")
 
@@ -173,7 +175,8 @@ class Trainer:
         flops = training_step_flops(self.shape, segments)
         totals = torch.tensor([tokens, flops], dtype=torch.float64)
         # every CP/TP/PP rank of a DP replica holds the same microbatches: sum over DP only
-        dist.all_reduce(totals, group=self.pgs.dp) if self.pgs.dp.size() > 1 else None
+        if self.pgs.dp.size() > 1:
+            dist.all_reduce(totals, group=self.pgs.dp)
         world = dist.get_world_size()
         mem = memory_stats()
         keys = sorted(mem)
