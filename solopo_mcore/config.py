@@ -33,7 +33,7 @@ class ModelConfig:
     """"auto" (Transformer Engine when importable, else local), "te" or "local"."""
     attention_backend: str = "auto"
     """SDPA backend order for the torch core attention: "auto" (cuDNN>flash>efficient>math on
-    CUDA, math on CPU), "cudnn", "flash", "efficient" or "math"."""
+    CUDA, flash>math on CPU), "cudnn", "flash", "efficient" or "math"."""
     recompute_granularity: Optional[str] = None
     """Activation recompute: None, "selective" (core attention) or "full"."""
     recompute_method: str = "uniform"

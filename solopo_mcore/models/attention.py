@@ -7,8 +7,10 @@ Megatron's ``Attention`` gives a core attention: ``[s, b, h, d]`` tensors, or ``
 * Packed segments never attend to each other: SDPA runs once per segment, causally.
 * Context parallelism: K/V are all-gathered over the CP group (cheap with GQA's few KV heads) and
   each local zigzag chunk attends to the global prefix it needs, with a lower-right causal mask.
-* Backend: cuDNN > flash > efficient > math on CUDA (cuDNN measured 1.7-4x flash on Hopper),
-  math on CPU, unless ``ModelConfig.attention_backend`` names one.
+* Backend: cuDNN > flash > efficient > math on CUDA (cuDNN measured 1.7-4x flash on Hopper);
+  on CPU torch's flash kernel, then math (flash measured 1.3-2.2x faster than math at 1K-4K
+  tokens with less than half the memory, benchmarks/RESULTS.md), unless
+  ``ModelConfig.attention_backend`` names one.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def sdpa_backend_order(name: str, on_cuda: bool) -> list:
     """SDPA backends to allow, in priority order, for ``ModelConfig.attention_backend``."""
     if name == "auto":
         if not on_cuda:
-            return [SDPBackend.MATH]
+            return [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
         return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                 SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return [_BACKENDS[name]]
