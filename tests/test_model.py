@@ -110,3 +110,24 @@ def test_torch_attention_equals_local_dot_product_attention(tiny_qwen2, groups):
         a = ours(ids, None, None)
         b = theirs(ids, None, causal)
     assert_close(a, b, 1e-5, "torch SDPA vs local DotProductAttention logits")
+
+
+@pytest.mark.parametrize("granularity", ["full", "selective"])
+def test_activation_recompute_gives_the_same_gradients(granularity, tiny_qwen2, groups):
+    shape = read_hf_config(tiny_qwen2)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    state = hf.state_dict()
+    grads = []
+    for recompute in (None, granularity):
+        cfg = ModelConfig(params_dtype="fp32", recompute_granularity=recompute)
+        tcfg = build_transformer_config(shape, cfg, ParallelConfig())
+        model = build_model_chunks(shape, cfg, ParallelConfig(), groups, tcfg)[0]
+        load_hf_tensors_into_chunks([model], lambda n: state[n], shape, groups.tp)
+        ids = torch.randint(0, shape.vocab_size, (1, 40), generator=torch.Generator().manual_seed(4))
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[0, 20:39] = True
+        model(ids, None, None, labels=torch.roll(ids, -1, 1), loss_mask=mask).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert tcfg.recompute_granularity == granularity
+    for a, b in zip(*grads):
+        assert_close(b, a, 1e-6, f"{granularity} recompute gradient")

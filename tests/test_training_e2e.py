@@ -196,3 +196,23 @@ def test_dpo_reference_sidecar_matches_on_the_fly_and_is_checked(demo_data, tmp_
     from solopo_mcore.data.dataset import DatasetError
     with pytest.raises(DatasetError, match="was computed for dataset fingerprint"):
         dataset.attach_reference(str(tmp_path / "bad"))
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_save(demo_data, tmp_path):
+    """An absurd learning rate blows the weights up after step 1: later steps have a non-finite
+    loss, are skipped and counted, and the second in a row stops the run with a checkpoint."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
+           "--master-port", str(_free_port()), "examples/pretrain_solopo.py", "--config",
+           "examples/recipes/tiny_cpu.yaml",
+           *_base(demo_data, tmp_path, 10, extra=[
+               "data.num_eval_examples=0", "optimizer.lr=1e30", "optimizer.lr_warmup_steps=0",
+               "optimizer.clip_grad=0", "training.max_consecutive_nonfinite_steps=2"])]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "non-finite loss or gradient, step skipped (1 in a row)" in output
+    assert "2 consecutive steps had a non-finite loss or gradient" in output
+    step = int((tmp_path / "ckpt" / "latest").read_text())
+    state = json.loads((tmp_path / "ckpt" / f"iter_{step:07d}" / "solopo_state.json").read_text())
+    assert state["num_skipped_steps"] == 2
