@@ -121,3 +121,20 @@ def test_cpu_sweep_writes_every_output(tiny_qwen2, tmp_path):
     assert set(payload["max_long_tokens"]) == {"solo", "long"}
     assert all(r["step_sec"] > 0 and r["long_segments_sec"] > 0 for r in payload["results"])
     assert "solo/long step time" in (out / "summary.md").read_text()
+
+
+def test_estimate_memory_cli_for_a_recipe_and_cluster():
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        from estimate_memory import main
+    finally:
+        sys.path.pop(0)
+    report = main(["--config", "qwen2.5-7b_solo-orpo_64k_4node", "--model", "qwen2.5-7b",
+                   "--world-size", "32", "--long-tokens", "65536", "--device-gib", "141"])
+    assert report["recipe_layout"] == {"tp": 4, "pp": 1, "cp": 4, "dp": 2}
+    assert report["microbatch_tokens"] == 1024 * 2 + 65536 + 3 * 256
+    assert report["fits"] and report["layouts_that_fit"]
+    tight = main(["--config", "qwen2.5-7b_solo-orpo_8gpu", "--model", "qwen2.5-7b",
+                  "--world-size", "1", "--long-tokens", "131072", "--device-gib", "40",
+                  "parallel.tensor_model_parallel_size=1"])
+    assert not tight["fits"]

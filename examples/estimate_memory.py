@@ -1,0 +1,66 @@
+"""Estimate per-GPU memory for a recipe on a cluster, and suggest TP/PP/CP layouts that fit.
+
+    python examples/estimate_memory.py --config qwen2.5-7b_solo-orpo_64k_4node --world-size 32 \
+        --long-tokens 65536 --short-tokens 1024 --device-gib 141
+
+Reads the architecture from model.hf_config_path, or --model qwen2.5-7b|llama3.1-8b without the
+weights. Formulas: solopo_mcore/profiling/estimator.py.
+"""
+
+import argparse
+import json
+
+from solopo_mcore.config import load_config
+from solopo_mcore.losses.objective import MODE_ROLES, Role
+from solopo_mcore.models.hf_config import read_hf_config, shape_from_dict
+from solopo_mcore.models.reference_configs import BY_NAME
+from solopo_mcore.profiling.estimator import EstimateInputs, estimate_memory, suggest_layouts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--model", choices=sorted(BY_NAME), help="use a known architecture")
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--long-tokens", type=int, required=True)
+    parser.add_argument("--short-tokens", type=int, default=1024)
+    parser.add_argument("--response-tokens", type=int, default=256)
+    parser.add_argument("--device-gib", type=float, default=80.0)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    shape = shape_from_dict(BY_NAME[args.model]) if args.model else \
+        read_hf_config(cfg.model.hf_config_path)
+    roles = MODE_ROLES[cfg.objective.mode]
+    tokens = cfg.data.micro_batch_size * sum(
+        (args.long_tokens if r in (Role.LONG_CHOSEN, Role.LONG_REJECTED) else args.short_tokens)
+        + args.response_tokens for r in roles)
+    response = cfg.data.micro_batch_size * len(roles) * args.response_tokens
+    p = cfg.parallel
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * \
+        p.context_parallel_size
+    common = dict(params_dtype=cfg.model.params_dtype,
+                  distributed_optimizer=p.use_distributed_optimizer,
+                  optimizer_cpu_offload=cfg.optimizer.optimizer_cpu_offload,
+                  recompute=cfg.model.recompute_granularity or "none")
+    estimate = estimate_memory(shape, EstimateInputs(
+        tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
+        cp=p.context_parallel_size, dp=max(1, args.world_size // model_parallel),
+        microbatch_tokens=tokens, response_tokens=response, **common))
+    fits = estimate["total_gib"] <= args.device_gib
+    report = {"model": shape.architecture, "mode": cfg.objective.mode,
+              "microbatch_tokens": tokens, "recipe_layout": {
+                  "tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
+                  "cp": p.context_parallel_size,
+                  "dp": max(1, args.world_size // model_parallel)},
+              "per_gpu_gib": {k: round(v, 2) for k, v in estimate.items() if k.endswith("_gib")},
+              "fits": fits, "device_gib": args.device_gib,
+              "layouts_that_fit": suggest_layouts(shape, args.world_size, tokens, response,
+                                                  args.device_gib, **common)[:8]}
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
