@@ -152,7 +152,8 @@ class CheckpointConfig:
     keep_last: int = 2
     """Complete checkpoints to keep."""
     load_dir: Optional[str] = None
-    """Resume from / initialise with this Megatron checkpoint dir (its ``latest``)."""
+    """Start from this Megatron checkpoint dir (its ``latest``) unless save_dir already holds a
+    checkpoint, which is then resumed."""
     finetune: bool = False
     """With load_dir: load weights only and start at step 0 (no optimizer, data position)."""
     hf_init_dir: Optional[str] = None

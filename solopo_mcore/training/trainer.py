@@ -87,14 +87,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_to_load(self):
+        """Resume from save_dir when it holds a checkpoint (a restarted run), else start from
+        load_dir (a converted or earlier run's checkpoint), else from scratch / hf_init_dir."""
         ck = self.config.checkpoint
-        for root in (ck.load_dir, ck.save_dir):
-            if root:
-                found = find_checkpoint(root)
-                if found is not None:
-                    return found
-                if root == ck.load_dir:
-                    raise FileNotFoundError(f"checkpoint.load_dir={root}: no complete checkpoint")
+        if ck.save_dir:
+            found = find_checkpoint(ck.save_dir)
+            if found is not None:
+                return found
+        if ck.load_dir:
+            found = find_checkpoint(ck.load_dir)
+            if found is None:
+                raise FileNotFoundError(f"checkpoint.load_dir={ck.load_dir}: no complete "
+                                        f"checkpoint")
+            return found
         return None
 
     def _resume(self, path) -> SamplerState:
