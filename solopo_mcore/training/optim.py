@@ -8,11 +8,15 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from solopo_mcore.config import OptimizerConfig, ParallelConfig
+from solopo_mcore.models.builder import transformer_engine_available
 
 
 def build_optimizer(model: list, opt: OptimizerConfig, parallel: ParallelConfig,
                     params_dtype: torch.dtype, pg_collection):
     """``get_megatron_optimizer`` for the DDP-wrapped chunks."""
+    if opt.optimizer_cpu_offload and not torch.cuda.is_available():
+        raise ValueError("optimizer.optimizer_cpu_offload needs a CUDA device (without one the "
+                         "optimizer state is in host memory already); set it to false")
     config = McoreOptimizerConfig(
         optimizer="adam",
         lr=opt.lr,
@@ -29,7 +33,9 @@ def build_optimizer(model: list, opt: OptimizerConfig, parallel: ParallelConfig,
         optimizer_cpu_offload=opt.optimizer_cpu_offload,
         optimizer_offload_fraction=1.0 if opt.optimizer_cpu_offload else 0.0,
         overlap_cpu_optimizer_d2h_h2d=opt.optimizer_cpu_offload,
-        use_precision_aware_optimizer=opt.optimizer_cpu_offload,
+        # megatron-core's precision-aware path (TE FusedAdam) needs Transformer Engine; the
+        # hybrid CPU-offload optimizer also runs without it.
+        use_precision_aware_optimizer=opt.optimizer_cpu_offload and transformer_engine_available(),
         main_grads_dtype=torch.float32,
         main_params_dtype=torch.float32,
         exp_avg_dtype=torch.float32,
