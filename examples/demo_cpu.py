@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 def sh(*args, **env):
     print("\n$ " + " ".join(str(a) for a in args), flush=True)
     subprocess.run([str(a) for a in args], check=True, cwd=REPO,
-                   env={**os.environ, "PYTHONWARNINGS": "ignore", **env})
+                   env={**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1",
+                        "HF_DATASETS_OFFLINE": "1", **env})
 
 
 def main():
