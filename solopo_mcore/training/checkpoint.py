@@ -68,7 +68,7 @@ def read_marker(path: Path) -> dict:
     return json.loads((Path(path) / COMPLETE_MARKER).read_text())
 
 
-def _model_state(model: list, is_loading: bool = False) -> dict:
+def _model_state(model: list) -> dict:
     if len(model) == 1:
         return {"model": model[0].module.sharded_state_dict()}
     return {f"model{i}": m.module.sharded_state_dict() for i, m in enumerate(model)}
@@ -152,7 +152,7 @@ class CheckpointManager:
             raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} "
                                   f"or metadata.json)")
         marker = json.loads((path / COMPLETE_MARKER).read_text())
-        sharded = _model_state(model, is_loading=True)
+        sharded = _model_state(model)
         if optimizer is not None:
             _materialize_optimizer_state(optimizer)
             sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
