@@ -27,7 +27,6 @@ import numpy as np
 from data_tools.common import RowError, RunReport, read_jsonl, require, write_json
 from data_tools.tokenizer import BUILTIN_QWEN, load_tokenizer
 
-SEQUENCES_PER_EXAMPLE = 4
 FIELDS = ("prompt_short", "prompt_long", "chosen", "rejected")
 
 

@@ -8,7 +8,6 @@ therefore never materialises 128K x vocab logits.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from typing import Optional
 
@@ -215,11 +214,3 @@ def _set_rope_frequencies(model: GPTModel, shape: ModelShape) -> None:
     if scaling is not None:
         inv_freq = rotary._apply_scaling(inv_freq, **scaling)
     rotary.inv_freq = inv_freq.to(dtype=rotary.inv_freq.dtype, device=rotary.inv_freq.device)
-
-
-def model_config_summary(config: TransformerConfig) -> dict:
-    keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-            "num_query_groups", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-            "context_parallel_size", "recompute_granularity")
-    full = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
-    return {k: full.get(k) for k in keys}

@@ -80,8 +80,3 @@ def run_global_batch(model: list, forward_step, microbatches: Sequence[PackedMic
         pg_collection=pg_collection,
         **extra,
     )
-
-
-def unwrap(model: list) -> list:
-    return [m.module if hasattr(m, "module") else m for m in model]
-
