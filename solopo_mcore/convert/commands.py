@@ -55,7 +55,6 @@ def megatron_logits(stack, tokens: torch.Tensor) -> Optional[torch.Tensor]:
     """Full-vocabulary logits ``[b, s, V]`` through the pipeline (last stage; None elsewhere)."""
     pgs = stack.pg_collection
     tokens = tokens.to(default_device())
-    store = {}
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -81,8 +80,7 @@ def megatron_logits(stack, tokens: torch.Tensor) -> Optional[torch.Tensor]:
     logits = outputs[0]["logits"].float()
     parts = [torch.empty_like(logits) for _ in range(pgs.tp.size())]
     dist.all_gather(parts, logits.contiguous(), group=pgs.tp)
-    store["logits"] = torch.cat(parts, dim=-1)[..., :stack.shape.vocab_size]
-    return store["logits"]
+    return torch.cat(parts, dim=-1)[..., :stack.shape.vocab_size]
 
 
 def verify_against_hf(stack, hf_dir: str, tolerance: float, seq_len: int = 64,
@@ -116,8 +114,10 @@ def hf_to_mcore(src: str, dst: str, tp: int = 1, pp: int = 1, dtype: Optional[st
     shape = read_hf_config(src)
     reader = HFCheckpointReader(src)
     reader.check_names(shape)
-    if dist.get_rank() == 0 if dist.is_initialized() else True:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         prepare_destination(dst, overwrite)
+    if dist.is_initialized():
+        dist.barrier()
     config = _run_config(src, tp, pp, _checkpoint_dtype(shape.raw, dtype))
     shape, pgs = build.setup_parallel(config)
     stack = build.build_model_stack(config, shape, pgs)
