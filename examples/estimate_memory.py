@@ -43,7 +43,10 @@ def main(argv=None):
     common = dict(params_dtype=cfg.model.params_dtype,
                   distributed_optimizer=p.use_distributed_optimizer,
                   optimizer_cpu_offload=cfg.optimizer.optimizer_cpu_offload,
-                  recompute=cfg.model.recompute_granularity or "none")
+                  recompute=cfg.model.recompute_granularity or "none",
+                  recompute_method=cfg.model.recompute_method,
+                  recompute_num_layers=cfg.model.recompute_num_layers,
+                  vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
     estimate = estimate_memory(shape, EstimateInputs(
         tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
         cp=p.context_parallel_size, dp=max(1, args.world_size // model_parallel),

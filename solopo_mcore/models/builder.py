@@ -94,9 +94,12 @@ def build_transformer_config(shape: ModelShape, model_cfg: ModelConfig,
         recompute_num_layers=model_cfg.recompute_num_layers
         if model_cfg.recompute_granularity == "full" else None,
         use_cpu_initialization=not on_cuda,
-        # Fused kernels need CUDA plus Transformer Engine or apex; the torch paths are exact.
+        # RoPE / grad-accumulation fusions need Transformer Engine or apex. Megatron's
+        # torch.compile'd bias_swiglu and bias_dropout_add run with CUDA: the fused SwiGLU keeps
+        # only FC1's output for backward (3 f instead of 5 f activations per token, see
+        # profiling/estimator.py); on CPU the eager path measured faster.
         masked_softmax_fusion=False,
-        bias_activation_fusion=te and on_cuda,
+        bias_activation_fusion=on_cuda,  # Megatron's bias_swiglu: keeps only FC1's output
         bias_dropout_fusion=on_cuda,
         apply_rope_fusion=te and on_cuda,
         gradient_accumulation_fusion=te and on_cuda,

@@ -1,36 +1,55 @@
 """Per-rank memory estimate for a SoLoPO run: weights, gradients, optimizer state, activations.
 
-Bytes per parameter on the rank that holds it (Megatron with the DDP fp32 gradient buffer):
+Static bytes per parameter on the rank that holds it (Megatron DDP, ``grad_reduce_in_fp32``):
 
-* weights: 2 (bf16) or 4 (fp32);
-* gradients: 4 (``grad_reduce_in_fp32`` main-grad buffer);
-* optimizer: fp32 master copy (bf16 only) + Adam moments = 12 (bf16) or 8 (fp32) bytes, divided
-  by the data-parallel size with the distributed optimizer, and moved to host with CPU offload.
+* weights: 2 (bf16/fp16) or 4 (fp32);
+* gradients: 4 (the fp32 main-grad buffer);
+* optimizer: Adam moments 8, plus a 4-byte fp32 master copy for bf16/fp16 weights; divided by
+  the data-parallel size with the distributed optimizer; none on the GPU with CPU offload.
 
-Parameters per rank: the transformer layers divided by TP x PP, plus the (vocab-sharded) embedding
-on the first stage and the output layer on the last (counted on the stage holding the most).
+Parameters per rank: the transformer layers divided by TP x PP, plus the (TP-sharded, padded)
+vocabulary: the embedding on the first stage and the output layer on the last (the larger of the
+two with PP, both without).
 
-Activations per token, per layer (bf16, Korthikanti et al. 2022 with flash-style attention, i.e.
-no s^2 score tensor), divided by TP (no sequence parallelism) and CP:
+Activations are counted tensor by tensor from what autograd keeps for backward on this project's
+local-spec path (``ACTIVATION_TABLE``), measured with ``torch.autograd.graph.saved_tensors_hooks``
+and validated end to end against :class:`~solopo_mcore.profiling.memory.TensorPeakTracker`
+(benchmarks/RESULTS.md). Per token of a microbatch, per layer, with ``a`` the activation bytes:
 
-* no recompute: ``h * (10 + 24 / tp)`` bytes plus the MLP's SwiGLU intermediates
-  ``3 * f / tp * 2`` (our ffn is not 4h);
-* selective (core attention recomputed): the same minus the attention-internal tensors;
-* full: only each layer's input ``2 * h`` bytes is kept, plus one layer's worth while it is
-  recomputed.
+* the two RMSNorms (torch's composite norm) keep their input and normalized input: ``4 h a``,
+  their fp32 inverse RMS ``2 x 4``, and their outputs as the QKV / FC1 inputs: ``2 h a``
+  (the hidden states are replicated over TP: no sequence parallelism);
+* RoPE keeps cos and sin for q and k: ``4 d a``;
+* core attention (SDPA flash/efficient) keeps q, the GQA-expanded k and v, and its output:
+  ``4 n_q d / tp a``, plus the fp32 log-sum-exp ``n_q / tp x 4``; the output projection's input:
+  ``n_q d / tp a``;
+* the MLP keeps FC1's output ``2 f / tp a`` and FC2's input ``f / tp a``; torch's composite
+  SwiGLU also keeps the SiLU output and the gate operand, ``2 f / tp a`` more, which Megatron's
+  fused ``bias_swiglu`` (``bias_activation_fusion``, on with CUDA) recomputes in backward.
 
-Response-only logits add ``n_response * V / tp * 4 * 3`` bytes (fp32 logits, softmax, grad) —
-context positions never get logits. The whole microbatch (all segments) is in flight at once;
-with PP, the first stage holds up to PP microbatches (1F1B), counted here.
+Recompute: ``selective`` (core attention) keeps q, k, v (``(n_q + 2 n_kv) d / tp``) instead of the
+attention internals and rebuilds one layer's internals in backward; ``full`` keeps each recompute
+unit's input ``h a`` and rebuilds ``recompute_num_layers`` layers at a time. Backward's working
+set adds the FC1-output and hidden-state gradients, ``(2 f / tp + 2 h) a``. With PP the first
+stage holds min(PP, microbatches) microbatches' kept activations (1F1B). With CP every term is per local token
+(tokens / CP) except the expanded k and v, which span each segment's visible global prefix,
+``(2 CP + 1) / (2 CP)`` of the global tokens. (On CPU only, torch materializes the lower-right
+masks of CP chunks: ``materialized_cp_masks``.)
+
+Response-only logits: ``n_response / cp x V_padded / tp x (a + 12)`` bytes (the output layer's
+logits, their fp32 copy, the fp32 softmax kept by the vocab-parallel cross entropy and its
+gradient) — context positions never get logits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from solopo_mcore.models.hf_config import ModelShape
 
 GIB = 1024 ** 3
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass
@@ -42,14 +61,34 @@ class EstimateInputs:
     params_dtype: str = "bf16"
     distributed_optimizer: bool = True
     optimizer_cpu_offload: bool = False
-    recompute: str = "full"
+    recompute: Optional[str] = "full"
     """None/"none", "selective" or "full"."""
+    recompute_method: str = "uniform"
+    """With full recompute: "uniform" (every layer, in units of recompute_num_layers) or "block"
+    (only the first recompute_num_layers layers of each stage)."""
+    recompute_num_layers: int = 1
+    fused_swiglu: bool = True
+    """Megatron's ``bias_activation_fusion`` SwiGLU (the builder turns it on with CUDA)."""
     microbatch_tokens: int = 0
-    """Tokens in one packed microbatch (all its segments)."""
+    """Tokens in one packed microbatch (all its segments), before the CP split."""
+    num_microbatches: Optional[int] = None
+    """Microbatches per step; with PP the first stage holds min(PP, this) in flight (PP if None)."""
     response_tokens: int = 0
     """Response tokens in it (where logits are computed)."""
+    segment_tokens: tuple = ()
+    """Lengths of the microbatch's segments (only the CPU mask term below needs them; empty: one
+    segment of microbatch_tokens)."""
+    materialized_cp_masks: bool = False
+    """CPU only: torch materializes the lower-right causal mask of each CP chunk (fp32,
+    chunk x visible prefix) and its flash kernel keeps it for backward; CUDA kernels do not."""
+    vocab_divisible_by: int = 128
     workspace_gib: float = 3.0
-    """CUDA context, NCCL buffers, allocator fragmentation."""
+    """CUDA context, NCCL buffers, allocator fragmentation: outside the tensor figures."""
+
+
+def padded_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
 
 
 def parameter_counts(shape: ModelShape) -> dict:
@@ -65,42 +104,90 @@ def parameter_counts(shape: ModelShape) -> dict:
             "total": per_layer * shape.num_layers + embedding + output + h}
 
 
-def estimate_memory(shape: ModelShape, x: EstimateInputs) -> dict:
-    """Per-rank GiB by component (the most loaded pipeline stage), and the total."""
-    counts = parameter_counts(shape)
-    layers_per_stage = shape.num_layers / x.pp
-    stage_params = counts["per_layer"] * layers_per_stage / x.tp
-    stage_params += max(counts["embedding"], counts["output"]) / x.tp if x.pp > 1 else \
-        (counts["embedding"] + counts["output"]) / x.tp
-    weight_bytes = 2 if x.params_dtype in ("bf16", "fp16") else 4
-    optimizer_bytes = (12 if weight_bytes == 2 else 8) * stage_params
-    if x.distributed_optimizer:
-        optimizer_bytes /= x.dp
-    if x.optimizer_cpu_offload:
-        optimizer_bytes = 0.0
-    h, f = shape.hidden_size, shape.ffn_hidden_size
+def activation_table(shape: ModelShape, tp: int, act_bytes: int, fused_swiglu: bool) -> dict:
+    """Bytes per token that one transformer layer keeps for backward, by tensor (no recompute).
+    The ``attention_*`` entries are what selective recompute drops."""
+    h, f, d = shape.hidden_size, shape.ffn_hidden_size, shape.kv_channels
+    q_dim = shape.num_attention_heads * d / tp
+    return {
+        "norm_inputs_and_normalized": 4 * h * act_bytes,
+        "norm_inv_rms": 2 * 4,
+        "norm_outputs": 2 * h * act_bytes,
+        "rope_cos_sin": 4 * d * act_bytes,
+        "attention_q_and_output": 2 * q_dim * act_bytes,
+        "attention_expanded_kv": 2 * q_dim * act_bytes,
+        "attention_lse": shape.num_attention_heads / tp * 4,
+        "proj_input": q_dim * act_bytes,
+        "mlp": (3 if fused_swiglu else 5) * f / tp * act_bytes,
+    }
+
+
+def activation_bytes(shape: ModelShape, x: EstimateInputs, layers: float) -> float:
+    """Peak activation bytes on the most loaded pipeline stage (``layers`` layers)."""
+    act = DTYPE_BYTES[x.params_dtype]
+    table = activation_table(shape, x.tp, act, x.fused_swiglu)
     tokens = x.microbatch_tokens / x.cp
-    full_layer = h * (10 + 24 / x.tp) + 3 * f / x.tp * 2
+    # expanded k/v span each local chunk's visible global prefix (all of it without CP)
+    kv_tokens = tokens if x.cp == 1 else x.microbatch_tokens * (2 * x.cp + 1) / (2 * x.cp)
+    per_layer = sum(v for k, v in table.items() if k != "attention_expanded_kv") * tokens + \
+        table["attention_expanded_kv"] * kv_tokens
+    attention_internals = (table["attention_q_and_output"] + table["attention_lse"]) * tokens + \
+        table["attention_expanded_kv"] * kv_tokens
+    if x.materialized_cp_masks and x.cp > 1:
+        # every rank's two chunks see (2 CP + 1) chunks of keys in all
+        masks = sum(4 * (2 * x.cp + 1) * (n / (2 * x.cp)) ** 2
+                    for n in (x.segment_tokens or (x.microbatch_tokens,)))
+        per_layer += masks
+        attention_internals += masks
+    h, f = shape.hidden_size, shape.ffn_hidden_size
+    working_set = (2 * f / x.tp + 2 * h) * act * tokens
     recompute = (x.recompute or "none").lower()
     if recompute == "full":
-        per_layer_kept = 2 * h
-        activations = tokens * (per_layer_kept * layers_per_stage + full_layer)
+        unit = max(1, min(x.recompute_num_layers, int(layers)))
+        if x.recompute_method == "block":
+            kept = (layers - unit) * per_layer + unit * h * act * tokens
+            rebuilt = per_layer
+        else:
+            kept = layers / unit * h * act * tokens
+            rebuilt = unit * per_layer
     elif recompute == "selective":
-        activations = tokens * layers_per_stage * (full_layer - 4 * h / x.tp)
+        q_kv = (shape.num_attention_heads + 2 * shape.num_query_groups) * shape.kv_channels / x.tp
+        kept = layers * (per_layer - attention_internals + q_kv * act * tokens)
+        rebuilt = attention_internals
     else:
-        activations = tokens * layers_per_stage * full_layer
-    activations *= x.pp  # 1F1B: the first stage holds PP microbatches in flight
-    logits = x.response_tokens / x.cp * shape.vocab_size / x.tp * 4 * 3
+        kept, rebuilt = layers * per_layer, 0.0
+    in_flight = min(x.pp, x.num_microbatches or x.pp)
+    return in_flight * kept + rebuilt + working_set
+
+
+def estimate_memory(shape: ModelShape, x: EstimateInputs) -> dict:
+    """Per-rank GiB by component (the most loaded pipeline stage), the tensor total (what
+    ``torch.cuda.max_memory_allocated`` measures) and the total with the workspace."""
+    counts = parameter_counts(shape)
+    vocab = padded_vocab(shape.vocab_size, x.vocab_divisible_by, x.tp)
+    embedding = vocab * shape.hidden_size
+    output = 0 if shape.tie_word_embeddings else embedding
+    layers_per_stage = shape.num_layers / x.pp
+    stage_params = counts["per_layer"] * layers_per_stage / x.tp
+    stage_params += (max(embedding, output) if x.pp > 1 else embedding + output) / x.tp
+    weight_bytes = DTYPE_BYTES[x.params_dtype]
+    optimizer_bytes = (12 if weight_bytes == 2 else 8) * stage_params
+    if x.distributed_optimizer:  # sharded over the data-parallel ranks, context-parallel included
+        optimizer_bytes /= x.dp * x.cp
+    if x.optimizer_cpu_offload:
+        optimizer_bytes = 0.0
+    logits = x.response_tokens / x.cp * vocab / x.tp * (weight_bytes + 12)
     out = {
         "weights_gib": weight_bytes * stage_params / GIB,
         "gradients_gib": 4 * stage_params / GIB,
         "optimizer_gib": optimizer_bytes / GIB,
-        "activations_gib": activations / GIB,
+        "activations_gib": activation_bytes(shape, x, layers_per_stage) / GIB,
         "logits_gib": logits / GIB,
-        "workspace_gib": x.workspace_gib,
-        "params_per_rank": stage_params,
     }
-    out["total_gib"] = sum(v for k, v in out.items() if k.endswith("_gib"))
+    out["tensors_gib"] = sum(out.values())
+    out["workspace_gib"] = x.workspace_gib
+    out["total_gib"] = out["tensors_gib"] + x.workspace_gib
+    out["params_per_rank"] = stage_params
     return out
 
 

@@ -74,3 +74,59 @@ class PeakRSSSampler:
         self._thread.join()
         self.peak_gib = max(self.peak_gib, psutil.Process().memory_info().rss / GIB)
         return False
+
+
+def live_storages() -> dict:
+    """``{data_ptr: bytes}`` of every distinct tensor storage reachable from Python right now
+    (weights, DDP buffers, optimizer state...): the static part of a CPU run's tensor memory."""
+    import gc
+
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if not isinstance(obj, torch.Tensor) or obj.is_meta:
+            continue
+        try:
+            storage = obj.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (fakes, sparse)
+            continue
+        if storage.data_ptr():
+            storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0),
+                                               storage.nbytes())
+    return storages
+
+
+class AllocatorPeakTracker:
+    """Peak bytes held by the CPU allocator for tensors allocated while the block runs.
+
+    The CPU counterpart of ``torch.cuda.max_memory_allocated()`` minus what was allocated at
+    entry: torch's profiler reports every allocation and free of the c10 CPU allocator (forward,
+    backward, recompute, kernel workspaces, collectives' buffers); their running sum's maximum is
+    the peak. Unlike process RSS it excludes the framework, the Python heap and the pages malloc
+    keeps, so it is the figure the memory estimator is validated against on CPU. Frees of tensors
+    allocated before the block are not reported, so the sum never counts them.
+    """
+
+    def __init__(self):
+        self.peak_bytes = 0
+        self._profile = None
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._profile.__exit__(*exc)
+        current = 0
+        for nbytes in self._memory_events():
+            current += nbytes
+            self.peak_bytes = max(self.peak_bytes, current)
+        return False
+
+    def _memory_events(self) -> list:
+        events = [e for e in self._profile.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_index() == -1]
+        return [e.nbytes() for e in sorted(events, key=lambda e: e.start_ns())]

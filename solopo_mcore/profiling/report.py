@@ -45,23 +45,25 @@ def write_report(out_dir: str, results: list, context: dict, max_lengths: dict,
         lines.append(f"| {r['mode']} | {r['long_tokens']} | {r['step_sec']:.3f} | "
                      f"{r['tokens_per_sec_per_gpu']:.0f} | {r['model_tflops_per_gpu']:.2f} | "
                      f"{f(r['mfu'], '{:.1%}')} | {f(r['long_pass_mfu'], '{:.1%}')} | "
-                     f"{r['peak_memory_gib']:.2f} | {r['short_segments_sec']:.3f} | "
+                     f"{r['peak_memory_gib']:.3f} | {r['short_segments_sec']:.3f} | "
                      f"{r['long_segments_sec']:.3f} |")
     ratios = _ratio_rows(results)
     if ratios:
         lines += ["", "| long tokens | solo/long step time | solo peak GiB | long peak GiB |",
                   "|---|---|---|---|"]
-        lines += [f"| {l} | {t:.2f} | {a:.2f} | {b:.2f} |" for l, t, a, b in ratios]
+        lines += [f"| {l} | {t:.2f} | {a:.3f} | {b:.3f} |" for l, t, a, b in ratios]
     if max_lengths:
         lines += ["", "Longest trainable long context: " + ", ".join(
             f"{mode} {n} tokens" for mode, n in max_lengths.items())]
     if estimates:
-        lines += ["", "| mode | long tokens | estimated GiB | measured GiB | error |",
+        lines += ["", "Memory estimator (profiling/estimator.py) against the measured tensor peak "
+                  "(CUDA max allocated; on CPU the allocator's peak plus the live tensors):", "",
+                  "| mode | long tokens | estimated GiB | measured GiB | error |",
                   "|---|---|---|---|---|"]
         for e in estimates:
             err = "—" if e.get("error") is None else f"{e['error']:+.1%}"
-            lines.append(f"| {e['mode']} | {e['long_tokens']} | {e['estimated_gib']:.2f} | "
-                         f"{e['measured_gib']:.2f} | {err} |")
+            lines.append(f"| {e['mode']} | {e['long_tokens']} | {e['estimated_gib']:.3f} | "
+                         f"{e['measured_gib']:.3f} | {err} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return payload
 

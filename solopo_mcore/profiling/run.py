@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-
 import torch
 import torch.distributed as dist
 
@@ -13,7 +11,7 @@ from solopo_mcore.profiling.estimator import EstimateInputs, estimate_memory
 from solopo_mcore.profiling.flops import device_peak_tflops
 from solopo_mcore.profiling.report import write_report
 from solopo_mcore.profiling.sweep import (ProfileTarget, find_max_length, is_oom,
-                                          profile_setting)
+                                          profile_setting, trace_step)
 from solopo_mcore.training import build
 from solopo_mcore.training.optim import build_optimizer
 
@@ -60,28 +58,23 @@ def run(args) -> dict:
         Path(args.out).mkdir(parents=True, exist_ok=True)
     for mode in modes:
         for length in _ints(args.long_lengths):
-            trace = contextlib.nullcontext()
-            if args.trace and not target.results:
-                activities = [torch.profiler.ProfilerActivity.CPU] + (
-                    [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-                trace = torch.profiler.profile(activities=activities)
             try:
-                with trace as prof:
-                    result = profile_setting(target, mode, args.short_tokens, length,
-                                             args.steps, args.warmup)
+                result = profile_setting(target, mode, args.short_tokens, length, args.steps,
+                                         args.warmup)
             except Exception as exc:  # noqa: BLE001 - an OOM setting is a result, not a crash
                 if not is_oom(exc):
                     raise
                 if dist.get_rank() == 0:
                     print(f"[profile] {mode} long={length}: out of memory", flush=True)
                 continue
-            if prof is not None and dist.get_rank() == 0:
-                prof.export_chrome_trace(f"{args.out}/trace_{mode}_{length}.json")
-            estimates.append(_estimate(config, shape, pgs, mode, args, length, result))
+            if args.trace and len(target.results) == 1:
+                trace_step(target, mode, args.short_tokens, length,
+                           f"{args.out}/trace_{mode}_{length}.json")
+            estimates.append(_estimate(config, stack, pgs, mode, args, length, result))
             if dist.get_rank() == 0:
                 print(f"[profile] {mode} long={length}: step {result['step_sec']:.3f}s, "
                       f"{result['tokens_per_sec_per_gpu']:.0f} tok/s/GPU, peak "
-                      f"{result['peak_memory_gib']:.2f} GiB", flush=True)
+                      f"{result['peak_memory_gib']:.3f} GiB", flush=True)
     max_lengths = {}
     if args.find_max_len:
         for mode in modes:
@@ -117,23 +110,25 @@ def _device() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _estimate(config, shape, pgs, mode, args, length, result) -> dict:
-    from solopo_mcore.losses.objective import MODE_ROLES, Role
-    roles = MODE_ROLES[mode]
-    tokens = sum(length if r in (Role.LONG_CHOSEN, Role.LONG_REJECTED) else args.short_tokens
-                 for r in roles)
-    est = estimate_memory(shape, EstimateInputs(
+def _estimate(config, stack, pgs, mode, args, length, result) -> dict:
+    """The estimator's figure for this setting next to the measured tensor peak, and its error."""
+    on_gpu = torch.cuda.is_available()
+    model = config.model
+    est = estimate_memory(stack.shape, EstimateInputs(
         tp=pgs.tp.size(), pp=pgs.pp.size(), cp=pgs.cp.size(), dp=pgs.dp.size(),
-        params_dtype=config.model.params_dtype,
+        params_dtype=model.params_dtype,
         distributed_optimizer=config.parallel.use_distributed_optimizer,
         optimizer_cpu_offload=config.optimizer.optimizer_cpu_offload,
-        recompute=config.model.recompute_granularity or "none", microbatch_tokens=tokens,
-        response_tokens=args.response_tokens * len(roles),
-        workspace_gib=1.0 if torch.cuda.is_available() else 0.0))
-    measured = result["peak_memory_gib"]
-    on_gpu = torch.cuda.is_available()
-    return {"mode": mode, "long_tokens": length, "estimated_gib": est["total_gib"],
+        recompute=model.recompute_granularity, recompute_method=model.recompute_method,
+        recompute_num_layers=model.recompute_num_layers,
+        fused_swiglu=bool(stack.config.bias_activation_fusion),
+        microbatch_tokens=sum(result["segment_tokens"]), num_microbatches=1,
+        segment_tokens=tuple(result["segment_tokens"]),
+        response_tokens=args.response_tokens * len(result["segment_tokens"]),
+        vocab_divisible_by=model.make_vocab_size_divisible_by,
+        materialized_cp_masks=not on_gpu, workspace_gib=0.0))
+    measured = result["peak_memory_gib"]  # tensors only: CUDA max allocated / CPU allocator
+    return {"mode": mode, "long_tokens": length, "estimated_gib": est["tensors_gib"],
             "measured_gib": measured,
-            # on CPU the measured figure is process RSS (framework included): no error reported
-            "error": (est["total_gib"] - measured) / measured if on_gpu and measured else None,
+            "error": (est["tensors_gib"] - measured) / measured if measured else None,
             "components": {k: v for k, v in est.items() if k.endswith("_gib")}}

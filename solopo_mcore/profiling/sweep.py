@@ -21,7 +21,8 @@ import torch.distributed as dist
 from solopo_mcore.data.packing import TripletTokens, pack_triplets
 from solopo_mcore.losses.objective import MODE_ROLES, Role
 from solopo_mcore.profiling.flops import mfu, training_step_flops
-from solopo_mcore.profiling.memory import PeakRSSSampler, memory_stats, reset_peak
+from solopo_mcore.profiling.memory import (GIB, AllocatorPeakTracker, PeakRSSSampler,
+                                           live_storages, memory_stats, reset_peak)
 from solopo_mcore.training.engine import run_global_batch
 from solopo_mcore.training.forward_step import make_forward_step
 
@@ -63,11 +64,16 @@ def synthetic_example(short_tokens: int, long_tokens: int, response_tokens: int,
                          ref_logp_sum=[-50.0] * 4)
 
 
-def _peak_gib(cpu_sampler: Optional[PeakRSSSampler] = None) -> float:
-    """This setting's peak: the CUDA allocator's, or sampled process RSS on CPU."""
+def _tensor_peak_gib(target: "ProfileTarget", example: TripletTokens, roles, mode: str) -> float:
+    """Peak tensor memory of one training step: the CUDA allocator's maximum, or on CPU the
+    tensors alive before the step plus the CPU allocator's peak during it (an extra, untimed
+    step under the profiler)."""
     if torch.cuda.is_available():
         return memory_stats()["memory/max_allocated_gib"]
-    return cpu_sampler.peak_gib if cpu_sampler is not None else 0.0
+    static_bytes = sum(live_storages().values())
+    with AllocatorPeakTracker() as tracker:
+        _timed_pass(target, example, roles, mode, with_optimizer=True)
+    return (static_bytes + tracker.peak_bytes) / GIB
 
 
 def _sync():
@@ -90,14 +96,12 @@ def _timed_pass(target: ProfileTarget, example: TripletTokens, roles, mode: str,
     return time.time() - start
 
 
-def _check_limit(target: ProfileTarget, sampler: Optional[PeakRSSSampler]) -> float:
-    peak = _peak_gib(sampler)
+def _check_limit(target: ProfileTarget, peak: float) -> None:
     if target.memory_limit_gib is not None:
         flag = torch.tensor([float(peak > target.memory_limit_gib)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:
             raise SimulatedOOM(f"peak {peak:.2f} GiB > injected limit {target.memory_limit_gib}")
-    return peak
 
 
 def profile_setting(target: ProfileTarget, mode: str, short_tokens: int, long_tokens: int,
@@ -112,11 +116,11 @@ def profile_setting(target: ProfileTarget, mode: str, short_tokens: int, long_to
     with PeakRSSSampler() as sampler:
         for i in range(num_warmup + num_steps):
             elapsed = _timed_pass(target, example, roles, mode, with_optimizer=True)
-            _check_limit(target, sampler)
             if i >= num_warmup:
                 times.append(elapsed)
     step = sorted(times)[len(times) // 2]
-    peak = _peak_gib(sampler)
+    peak = _tensor_peak_gib(target, example, roles, mode)
+    _check_limit(target, peak)
     stats = memory_stats()
     segments = []
     for role in roles:
@@ -143,11 +147,26 @@ def profile_setting(target: ProfileTarget, mode: str, short_tokens: int, long_to
         "long_pass_mfu": (mfu(long_flops * dp, seg_times["time/long_segments_sec"], world,
                               target.peak_tflops) if long_roles else None),
         "peak_memory_gib": peak, "nvml_used_gib": stats.get("memory/nvml_used_gib"),
+        "peak_rss_gib": sampler.peak_gib,
+        "segment_tokens": [n for n, _ in segments],
         **{k.split("/")[1]: v for k, v in seg_times.items()},
     }
     if record:
         target.results.append(result)
     return result
+
+
+def trace_step(target: ProfileTarget, mode: str, short_tokens: int, long_tokens: int,
+                path: str) -> None:
+    """A torch profiler trace (Chrome JSON) of one training step of this setting."""
+    example = synthetic_example(short_tokens, long_tokens, target.response_tokens,
+                                target.stack.shape.vocab_size, target.seed)
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        _timed_pass(target, example, MODE_ROLES[mode], mode, with_optimizer=True)
+    if dist.get_rank() == 0:
+        prof.export_chrome_trace(path)
 
 
 def find_max_length(fits: Callable[[int], bool], start: int, limit: int,
