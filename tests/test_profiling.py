@@ -14,6 +14,7 @@ from solopo_mcore.models.hf_config import shape_from_dict
 from solopo_mcore.models.reference_configs import QWEN25_7B_INSTRUCT
 from solopo_mcore.profiling.estimator import (EstimateInputs, estimate_memory, parameter_counts,
                                               suggest_layouts)
+from solopo_mcore.profiling.memory import AllocatorPeakTracker, live_storages
 from solopo_mcore.profiling.flops import forward_flops_per_segment, mfu, training_step_flops
 from solopo_mcore.profiling.sweep import SimulatedOOM, find_max_length
 
@@ -50,21 +51,60 @@ def test_memory_estimator_formulas_on_a_small_config():
     per_layer = 8 * (2 + 2) * 4 + 2 * 4 * 8 + 3 * 8 * 16 + 2 * 8
     assert counts["per_layer"] == per_layer and counts["embedding"] == counts["output"] == 80
     gib = 1024 ** 3
-    est = estimate_memory(SMALL, EstimateInputs(tp=1, pp=1, dp=2, params_dtype="bf16",
-                                                recompute="full", microbatch_tokens=100,
-                                                response_tokens=10, workspace_gib=0.0))
+    common = dict(params_dtype="bf16", microbatch_tokens=100, response_tokens=10,
+                  vocab_divisible_by=1, workspace_gib=0.0)
+    est = estimate_memory(SMALL, EstimateInputs(dp=2, recompute="full", **common))
     params = 2 * per_layer + 160
     assert est["params_per_rank"] == params
     assert est["weights_gib"] * gib == pytest.approx(2 * params)
     assert est["gradients_gib"] * gib == pytest.approx(4 * params)
     assert est["optimizer_gib"] * gib == pytest.approx(12 * params / 2)
-    full_layer = 8 * (10 + 24) + 3 * 16 * 2
-    assert est["activations_gib"] * gib == pytest.approx(100 * (2 * 8 * 2 + full_layer))
-    assert est["logits_gib"] * gib == pytest.approx(10 * 10 * 4 * 3)
+    # bf16 bytes kept per token per layer (h=8, f=16, d=4, 2 query heads, fused SwiGLU):
+    # norms 4*8*2 + rstd 2*4 + norm outputs 2*8*2 + RoPE 4*4*2 + q&out 2*8*2 + expanded kv
+    # 2*8*2 + lse 2*4 + proj input 8*2 + MLP 3*16*2 = 320; backward working set (2*16+2*8)*2 = 96
+    layer, work = 320, 96
+    assert est["activations_gib"] * gib == pytest.approx(100 * (2 * 8 * 2 + layer + work))
+    assert est["logits_gib"] * gib == pytest.approx(10 * 10 * (2 + 12))
+    assert est["tensors_gib"] == pytest.approx(sum(est[k] for k in (
+        "weights_gib", "gradients_gib", "optimizer_gib", "activations_gib", "logits_gib")))
+
+    def act(**kw):
+        return estimate_memory(SMALL, EstimateInputs(**{**common, **kw}))["activations_gib"] * gib
+    assert act(recompute="none") == pytest.approx(100 * (2 * layer + work))
+    assert act(recompute="none", fused_swiglu=False) == pytest.approx(
+        100 * (2 * (layer + 2 * 16 * 2) + work))
+    # selective: q, k, v (4 heads' worth, 16 values) replace q&out, expanded kv and lse (72 B)
+    assert act(recompute="selective") == pytest.approx(100 * (2 * (layer - 72 + 32) + 72 + work))
+    # PP2: one layer per stage; PP microbatches in flight, or fewer when there are fewer
+    assert act(recompute="none", pp=2, num_microbatches=4) == pytest.approx(
+        100 * (2 * layer + work))
+    assert act(recompute="none", pp=2, num_microbatches=1) == pytest.approx(100 * (layer + work))
+    # CP2: 50 local tokens; expanded k/v span 5/4 of the 100 global tokens
+    cp_layer = (layer - 32) * 50 + 32 * 125
+    assert act(recompute="none", cp=2) == pytest.approx(2 * cp_layer + work * 50)
+    masks = 4 * 5 * 25 ** 2  # CPU: fp32 lower-right masks, (2 CP + 1) chunks of 25 keys x 25
+    assert act(recompute="none", cp=2, materialized_cp_masks=True) == pytest.approx(
+        2 * (cp_layer + masks) + work * 50)
+    assert estimate_memory(SMALL, EstimateInputs(dp=2, cp=2, **common))["optimizer_gib"] * gib \
+        == pytest.approx(12 * params / 4)
     offload = estimate_memory(SMALL, EstimateInputs(optimizer_cpu_offload=True))
     assert offload["optimizer_gib"] == 0.0
-    none = estimate_memory(SMALL, EstimateInputs(recompute="none", microbatch_tokens=100))
-    assert none["activations_gib"] * gib == pytest.approx(100 * 2 * full_layer)
+
+
+def test_allocator_tracker_measures_written_out_bytes():
+    x = torch.randn(1000, 256)
+    two, one = torch.tensor(2.0), torch.tensor(1.0)  # (python scalars would add 4-byte tensors)
+    storages = live_storages()
+    view = x[10:]
+    assert storages[x.untyped_storage().data_ptr()] == 1000 * 256 * 4
+    assert live_storages()[view.untyped_storage().data_ptr()] == 1000 * 256 * 4
+    with AllocatorPeakTracker() as tracker:
+        a = x * two
+        b = a + one  # a and b alive together: the peak
+        del a, x, view  # freeing a tensor allocated before the block is not counted
+        c = b * two
+        del b, c
+    assert tracker.peak_bytes == 2 * 1000 * 256 * 4
 
 
 def test_estimator_says_which_layouts_fit_a_7b_run():
@@ -121,6 +161,9 @@ def test_cpu_sweep_writes_every_output(tiny_qwen2, tmp_path):
     assert set(payload["max_long_tokens"]) == {"solo", "long"}
     assert all(r["step_sec"] > 0 and r["long_segments_sec"] > 0 for r in payload["results"])
     assert "solo/long step time" in (out / "summary.md").read_text()
+    # the estimator against the measured tensor peak (CPU allocator + live tensors)
+    assert len(payload["estimates"]) == 4
+    assert all(-0.10 < e["error"] < 0.15 for e in payload["estimates"]), payload["estimates"]
 
 
 def test_estimate_memory_cli_for_a_recipe_and_cluster():

@@ -10,8 +10,8 @@ from solopo_mcore.config import load_config
 from solopo_mcore.profiling.estimator import EstimateInputs, estimate_memory
 from solopo_mcore.profiling.flops import device_peak_tflops
 from solopo_mcore.profiling.report import write_report
-from solopo_mcore.profiling.sweep import (ProfileTarget, find_max_length, is_oom,
-                                          profile_setting, trace_step)
+from solopo_mcore.profiling.sweep import (ProfileTarget, find_max_length, probe_length,
+                                          profile_length, trace_step)
 from solopo_mcore.training import build
 from solopo_mcore.training.optim import build_optimizer
 
@@ -56,18 +56,15 @@ def run(args) -> dict:
     if dist.get_rank() == 0:
         from pathlib import Path
         Path(args.out).mkdir(parents=True, exist_ok=True)
-    for mode in modes:
-        for length in _ints(args.long_lengths):
-            try:
-                result = profile_setting(target, mode, args.short_tokens, length, args.steps,
-                                         args.warmup)
-            except Exception as exc:  # noqa: BLE001 - an OOM setting is a result, not a crash
-                if not is_oom(exc):
-                    raise
+    for length in _ints(args.long_lengths):
+        results = profile_length(target, modes, args.short_tokens, length, args.steps,
+                                 args.warmup)
+        for mode, result in results.items():
+            if result is None:
                 if dist.get_rank() == 0:
                     print(f"[profile] {mode} long={length}: out of memory", flush=True)
                 continue
-            if args.trace and len(target.results) == 1:
+            if args.trace and result is target.results[0]:
                 trace_step(target, mode, args.short_tokens, length,
                            f"{args.out}/trace_{mode}_{length}.json")
             estimates.append(_estimate(config, stack, pgs, mode, args, length, result))
@@ -79,8 +76,7 @@ def run(args) -> dict:
     if args.find_max_len:
         for mode in modes:
             def fits(length, mode=mode):
-                profile_setting(target, mode, args.short_tokens, length, num_steps=1,
-                                num_warmup=0, record=False)
+                probe_length(target, mode, args.short_tokens, length)
                 return True
             best, trials = find_max_length(fits, args.max_len_start, args.max_len_limit,
                                            args.max_len_granularity)

@@ -1,10 +1,11 @@
 """Profile SoLoPO against long-PO on the user's model and hardware, and find the longest long
 context that trains.
 
-Each setting (mode, long length) runs a few full training steps (forward, backward, optimizer) on
-synthetic triplets of the requested lengths, and separately times fwd+bwd of the short segments
-and of the long segment(s). The max-length search doubles the long length until a step runs out of
-memory, then bisects, recovering from each out-of-memory error.
+Each long length runs a few full training steps (forward, backward, optimizer) per mode on
+synthetic triplets of the requested lengths, alternating the modes, plus one untimed step per mode
+whose peak tensor memory is measured; then it times fwd+bwd of the short segments and of the long
+segment(s). The max-length search doubles the long length until a step runs out of memory, then
+bisects, recovering from each out-of-memory error.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class ProfileTarget:
     """Inject an out-of-memory error when the measured peak exceeds this (tests, planning)."""
     peak_tflops: Optional[float] = None
     results: list = field(default_factory=list)
+    stepped: bool = False
+    """Whether the optimizer has taken a step (its state exists)."""
 
 
 def synthetic_example(short_tokens: int, long_tokens: int, response_tokens: int, vocab: int,
@@ -65,10 +68,11 @@ def synthetic_example(short_tokens: int, long_tokens: int, response_tokens: int,
 
 
 def _tensor_peak_gib(target: "ProfileTarget", example: TripletTokens, roles, mode: str) -> float:
-    """Peak tensor memory of one training step: the CUDA allocator's maximum, or on CPU the
-    tensors alive before the step plus the CPU allocator's peak during it (an extra, untimed
-    step under the profiler)."""
+    """Peak tensor memory of one (untimed) training step: the CUDA allocator's maximum, or on CPU
+    the tensors alive before the step plus the CPU allocator's peak during it."""
     if torch.cuda.is_available():
+        reset_peak()
+        _timed_pass(target, example, roles, mode, with_optimizer=True)
         return memory_stats()["memory/max_allocated_gib"]
     static_bytes = sum(live_storages().values())
     with AllocatorPeakTracker() as tracker:
@@ -104,23 +108,65 @@ def _check_limit(target: ProfileTarget, peak: float) -> None:
             raise SimulatedOOM(f"peak {peak:.2f} GiB > injected limit {target.memory_limit_gib}")
 
 
-def profile_setting(target: ProfileTarget, mode: str, short_tokens: int, long_tokens: int,
-                    num_steps: int = 3, num_warmup: int = 1, record: bool = True) -> dict:
-    """Step time, throughput, model TFLOP/s, MFU, peak memory and per-context segment times."""
+def _first_step(target: ProfileTarget, example: TripletTokens, mode: str) -> None:
+    """The run's very first step creates the optimizer state after backward, so its peak is not
+    a steady-state one: take it untimed and unmeasured."""
+    if not target.stepped:
+        _timed_pass(target, example, MODE_ROLES[mode], mode, with_optimizer=True)
+        target.stepped = True
+
+
+def probe_length(target: ProfileTarget, mode: str, short_tokens: int, long_tokens: int) -> float:
+    """Peak tensor memory (GiB) of one training step; raises out-of-memory (real, or above the
+    injected limit) when it does not fit."""
+    example = synthetic_example(short_tokens, long_tokens, target.response_tokens,
+                                target.stack.shape.vocab_size, target.seed)
+    _first_step(target, example, mode)
+    peak = _tensor_peak_gib(target, example, MODE_ROLES[mode], mode)
+    _check_limit(target, peak)
+    return peak
+
+
+def profile_length(target: ProfileTarget, modes: list, short_tokens: int, long_tokens: int,
+                   num_steps: int = 3, num_warmup: int = 1) -> dict:
+    """Step time, throughput, model TFLOP/s, MFU, peak memory and per-context segment times of
+    each mode at one long length: ``{mode: result}``, ``None`` for a mode that ran out of memory.
+
+    Each mode's peak comes from its own untimed step. The timed steps then alternate between the
+    modes (solo, long, solo, long, ...), so a drift in the machine's speed affects all alike; the
+    step time is the median."""
     shape = target.stack.shape
     example = synthetic_example(short_tokens, long_tokens, target.response_tokens,
                                 shape.vocab_size, target.seed)
-    roles = MODE_ROLES[mode]
-    reset_peak()
-    times = []
-    with PeakRSSSampler() as sampler:
-        for i in range(num_warmup + num_steps):
-            elapsed = _timed_pass(target, example, roles, mode, with_optimizer=True)
+    peaks, rss, out = {}, {}, {}
+    for mode in modes:
+        try:
+            with PeakRSSSampler() as sampler:
+                peaks[mode] = probe_length(target, mode, short_tokens, long_tokens)
+            rss[mode] = sampler.peak_gib
+        except Exception as exc:  # noqa: BLE001 - an OOM setting is a result, not a crash
+            if not is_oom(exc):
+                raise
+            out[mode] = None
+            _release_memory()
+    fitting = [m for m in modes if m in peaks]
+    times = {m: [] for m in fitting}
+    for i in range(num_warmup + num_steps):
+        for mode in fitting:
+            elapsed = _timed_pass(target, example, MODE_ROLES[mode], mode, with_optimizer=True)
             if i >= num_warmup:
-                times.append(elapsed)
-    step = sorted(times)[len(times) // 2]
-    peak = _tensor_peak_gib(target, example, roles, mode)
-    _check_limit(target, peak)
+                times[mode].append(elapsed)
+    for mode in fitting:
+        step = sorted(times[mode])[len(times[mode]) // 2]
+        out[mode] = _result(target, example, mode, short_tokens, long_tokens, step,
+                            peaks[mode], rss[mode])
+        target.results.append(out[mode])
+    return {m: out[m] for m in modes}
+
+
+def _result(target, example, mode, short_tokens, long_tokens, step, peak, peak_rss) -> dict:
+    shape = target.stack.shape
+    roles = MODE_ROLES[mode]
     stats = memory_stats()
     segments = []
     for role in roles:
@@ -138,7 +184,7 @@ def profile_setting(target: ProfileTarget, mode: str, short_tokens: int, long_to
             _timed_pass(target, example, rs, "solo_both", with_optimizer=False) if rs else 0.0)
     long_flops = training_step_flops(shape, [(long_tokens, target.response_tokens)] *
                                      len(long_roles))
-    result = {
+    return {
         "mode": mode, "short_tokens": short_tokens, "long_tokens": long_tokens,
         "response_tokens": target.response_tokens, "step_sec": step,
         "tokens_per_sec_per_gpu": tokens * dp / step / world,
@@ -147,13 +193,16 @@ def profile_setting(target: ProfileTarget, mode: str, short_tokens: int, long_to
         "long_pass_mfu": (mfu(long_flops * dp, seg_times["time/long_segments_sec"], world,
                               target.peak_tflops) if long_roles else None),
         "peak_memory_gib": peak, "nvml_used_gib": stats.get("memory/nvml_used_gib"),
-        "peak_rss_gib": sampler.peak_gib,
+        "peak_rss_gib": peak_rss,
         "segment_tokens": [n for n, _ in segments],
         **{k.split("/")[1]: v for k, v in seg_times.items()},
     }
-    if record:
-        target.results.append(result)
-    return result
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def trace_step(target: ProfileTarget, mode: str, short_tokens: int, long_tokens: int,
@@ -184,9 +233,7 @@ def find_max_length(fits: Callable[[int], bool], start: int, limit: int,
                 raise
             ok = False
         finally:
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _release_memory()
         trials.append({"long_tokens": length, "fits": ok})
         return ok
 
