@@ -64,9 +64,20 @@ def test_memory_estimator_formulas_on_a_small_config():
     # 2*8*2 + lse 2*4 + proj input 8*2 + MLP 3*16*2 = 320; backward working set (2*16+2*8)*2 = 96
     layer, work = 320, 96
     assert est["activations_gib"] * gib == pytest.approx(100 * (2 * 8 * 2 + layer + work))
-    assert est["logits_gib"] * gib == pytest.approx(10 * 10 * (2 + 12))
-    assert est["tensors_gib"] == pytest.approx(sum(est[k] for k in (
-        "weights_gib", "gradients_gib", "optimizer_gib", "activations_gib", "logits_gib")))
+    # 10 response tokens x 10 logits: fp32 (4 B) + the bf16 ones while copied (2 B); backward's
+    # 4 B + the output weight's bf16 gradient (10 x 8 x 2 B) is smaller
+    assert est["logits_gib"] * gib == pytest.approx(max(100 * (4 + 2), 100 * 4 + 10 * 8 * 2))
+    fp32 = estimate_memory(SMALL, EstimateInputs(**{**common, "params_dtype": "fp32"}))
+    assert fp32["logits_gib"] * gib == pytest.approx(max(100 * 4, 100 * 4 + 10 * 8 * 4))
+    padded = estimate_memory(SMALL, EstimateInputs(**{**common, "vocab_divisible_by": 16}))
+    assert padded["logits_gib"] * gib == pytest.approx(10 * 16 * (4 + 4))  # masked copy
+    static = est["weights_gib"] + est["gradients_gib"] + est["optimizer_gib"]
+    # the peak: kept layer inputs + the larger of backward's tensors and the logits
+    assert est["tensors_gib"] == pytest.approx(static + est["activations_gib"])
+    many = estimate_memory(SMALL, EstimateInputs(dp=2, recompute="full",
+                                                 **{**common, "response_tokens": 10_000}))
+    assert many["tensors_gib"] * gib == pytest.approx(
+        static * gib + 100 * 2 * 8 * 2 + 10_000 * 10 * (4 + 2))
 
     def act(**kw):
         return estimate_memory(SMALL, EstimateInputs(**{**common, **kw}))["activations_gib"] * gib

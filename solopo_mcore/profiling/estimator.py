@@ -36,9 +36,13 @@ stage holds min(PP, microbatches) microbatches' kept activations (1F1B). With CP
 ``(2 CP + 1) / (2 CP)`` of the global tokens. (On CPU only, torch materializes the lower-right
 masks of CP chunks: ``materialized_cp_masks``.)
 
-Response-only logits: ``n_response / cp x V_padded / tp x (a + 12)`` bytes (the output layer's
-logits, their fp32 copy, the fp32 softmax kept by the vocab-parallel cross entropy and its
-gradient) — context positions never get logits.
+Response-only logits: the vocab-parallel cross entropy works in place on the fp32 logits
+(``n_response / cp x V_padded / tp x 4`` bytes), which become its saved softmax and then the
+gradient. Forward adds a copy while the fp32 logits are made (from bf16 logits, or by masking
+padded-vocab columns); backward adds the output weight's gradient (``V_padded / tp x h x a``)
+before it is accumulated into the main-grad buffer. Context positions never get logits. The
+logits exist at the end of forward and the start of backward, before backward's recomputed
+tensors and working set, so the peak counts the larger of the two on top of the kept activations.
 """
 
 from __future__ import annotations
@@ -122,8 +126,10 @@ def activation_table(shape: ModelShape, tp: int, act_bytes: int, fused_swiglu: b
     }
 
 
-def activation_bytes(shape: ModelShape, x: EstimateInputs, layers: float) -> float:
-    """Peak activation bytes on the most loaded pipeline stage (``layers`` layers)."""
+def activation_bytes(shape: ModelShape, x: EstimateInputs, layers: float) -> tuple:
+    """(kept, backward) activation bytes on the most loaded pipeline stage (``layers`` layers):
+    what the in-flight microbatches keep for backward, and what backward adds on top of it (the
+    recomputed tensors and the working set)."""
     act = DTYPE_BYTES[x.params_dtype]
     table = activation_table(shape, x.tp, act, x.fused_swiglu)
     tokens = x.microbatch_tokens / x.cp
@@ -157,11 +163,22 @@ def activation_bytes(shape: ModelShape, x: EstimateInputs, layers: float) -> flo
     else:
         kept, rebuilt = layers * per_layer, 0.0
     in_flight = min(x.pp, x.num_microbatches or x.pp)
-    return in_flight * kept + rebuilt + working_set
+    return in_flight * kept, rebuilt + working_set
+
+
+def logits_bytes(shape: ModelShape, x: EstimateInputs, vocab: int, act: int) -> float:
+    """Peak bytes of the response-only output layer (see the module docstring)."""
+    elements = x.response_tokens / x.cp * vocab / x.tp
+    # forward: the fp32 logits, plus a copy while it is made (bf16 -> fp32; padded-vocab mask)
+    copy = max(act if act < 4 else 0, 4 if vocab > shape.vocab_size else 0)
+    # backward: the fp32 softmax turned gradient, plus the output weight's gradient before it is
+    # added into the fp32 main-grad buffer
+    return max(elements * (4 + copy), elements * 4 + vocab / x.tp * shape.hidden_size * act)
 
 
 def estimate_memory(shape: ModelShape, x: EstimateInputs) -> dict:
-    """Per-rank GiB by component (the most loaded pipeline stage), the tensor total (what
+    """Per-rank GiB by component (the most loaded pipeline stage; ``activations_gib`` and
+    ``logits_gib`` each at their own peak), the tensor total at the step's peak (what
     ``torch.cuda.max_memory_allocated`` measures) and the total with the workspace."""
     counts = parameter_counts(shape)
     vocab = padded_vocab(shape.vocab_size, x.vocab_divisible_by, x.tp)
@@ -176,15 +193,18 @@ def estimate_memory(shape: ModelShape, x: EstimateInputs) -> dict:
         optimizer_bytes /= x.dp * x.cp
     if x.optimizer_cpu_offload:
         optimizer_bytes = 0.0
-    logits = x.response_tokens / x.cp * vocab / x.tp * (weight_bytes + 12)
+    logits = logits_bytes(shape, x, vocab, weight_bytes)
+    kept, backward = activation_bytes(shape, x, layers_per_stage)
     out = {
         "weights_gib": weight_bytes * stage_params / GIB,
         "gradients_gib": 4 * stage_params / GIB,
         "optimizer_gib": optimizer_bytes / GIB,
-        "activations_gib": activation_bytes(shape, x, layers_per_stage) / GIB,
+        "activations_gib": (kept + backward) / GIB,
         "logits_gib": logits / GIB,
     }
-    out["tensors_gib"] = sum(out.values())
+    # the logits live at the end of forward, before backward adds its tensors: the larger counts
+    out["tensors_gib"] = (weight_bytes + 4) * stage_params / GIB + out["optimizer_gib"] + \
+        (kept + max(backward, logits)) / GIB
     out["workspace_gib"] = x.workspace_gib
     out["total_gib"] = out["tensors_gib"] + x.workspace_gib
     out["params_per_rank"] = stage_params
