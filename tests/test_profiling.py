@@ -19,9 +19,10 @@ from solopo_mcore.profiling.flops import forward_flops_per_segment, mfu, trainin
 from solopo_mcore.profiling.sweep import SimulatedOOM, find_max_length
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL = shape_from_dict({"architectures": ["LlamaForCausalLM"], "hidden_size": 8,
-                         "intermediate_size": 16, "num_hidden_layers": 2,
-                         "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 10})
+SMALL_HF = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "vocab_size": 10}
+SMALL = shape_from_dict(SMALL_HF)
 
 
 def test_flops_match_hand_computed_values():
@@ -98,6 +99,14 @@ def test_memory_estimator_formulas_on_a_small_config():
         2 * (cp_layer + masks) + work * 50)
     assert estimate_memory(SMALL, EstimateInputs(dp=2, cp=2, **common))["optimizer_gib"] * gib \
         == pytest.approx(12 * params / 4)
+    # tied embeddings: the output layer's weight gradient (10 x 8 x 2 B) waits for the
+    # embedding's through backward (on one stage)
+    tied = shape_from_dict({**SMALL_HF, "tie_word_embeddings": True})
+    assert estimate_memory(tied, EstimateInputs(**common))["activations_gib"] * gib == \
+        pytest.approx(100 * (2 * 8 * 2 + layer + work) + 10 * 8 * 2)
+    assert act(recompute="none", pp=2, num_microbatches=1) == pytest.approx(
+        estimate_memory(tied, EstimateInputs(**common, recompute="none", pp=2,
+                                             num_microbatches=1))["activations_gib"] * gib)
     offload = estimate_memory(SMALL, EstimateInputs(optimizer_cpu_offload=True))
     assert offload["optimizer_gib"] == 0.0
 

@@ -43,6 +43,8 @@ padded-vocab columns); backward adds the output weight's gradient (``V_padded / 
 before it is accumulated into the main-grad buffer. Context positions never get logits. The
 logits exist at the end of forward and the start of backward, before backward's recomputed
 tensors and working set, so the peak counts the larger of the two on top of the kept activations.
+With tied embeddings on one stage, the output layer's weight gradient (``V_padded / tp x h x a``)
+waits in autograd for the embedding's contribution through all of backward.
 """
 
 from __future__ import annotations
@@ -195,6 +197,10 @@ def estimate_memory(shape: ModelShape, x: EstimateInputs) -> dict:
         optimizer_bytes = 0.0
     logits = logits_bytes(shape, x, vocab, weight_bytes)
     kept, backward = activation_bytes(shape, x, layers_per_stage)
+    if shape.tie_word_embeddings and x.pp == 1:
+        # autograd holds the output layer's gradient of the shared weight until the embedding's
+        # gradient arrives at the very end of backward, and only then accumulates it
+        backward += vocab / x.tp * shape.hidden_size * weight_bytes
     out = {
         "weights_gib": weight_bytes * stage_params / GIB,
         "gradients_gib": 4 * stage_params / GIB,
