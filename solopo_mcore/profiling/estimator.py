@@ -37,7 +37,8 @@ stage holds min(PP, microbatches) microbatches' kept activations (1F1B). With CP
 masks of CP chunks: ``materialized_cp_masks``.)
 
 Response-only logits: the vocab-parallel cross entropy works in place on the fp32 logits
-(``n_response / cp x V_padded / tp x 4`` bytes), which become its saved softmax and then the
+(``n_response x V_padded / tp x 4`` bytes; not divided by CP: a response ends its segment, in the
+last zigzag chunk, which CP rank 0 holds whenever it is shorter than a chunk), which become its saved softmax and then the
 gradient. Forward adds a copy while the fp32 logits are made (from bf16 logits, or by masking
 padded-vocab columns); backward adds the output weight's gradient (``V_padded / tp x h x a``)
 before it is accumulated into the main-grad buffer. Context positions never get logits. The
@@ -170,7 +171,8 @@ def activation_bytes(shape: ModelShape, x: EstimateInputs, layers: float) -> tup
 
 def logits_bytes(shape: ModelShape, x: EstimateInputs, vocab: int, act: int) -> float:
     """Peak bytes of the response-only output layer (see the module docstring)."""
-    elements = x.response_tokens / x.cp * vocab / x.tp
+    # responses end their segments, i.e. sit in the last zigzag chunk, which CP rank 0 holds
+    elements = x.response_tokens * vocab / x.tp
     # forward: the fp32 logits, plus a copy while it is made (bf16 -> fp32; padded-vocab mask)
     copy = max(act if act < 4 else 0, 4 if vocab > shape.vocab_size else 0)
     # backward: the fp32 softmax turned gradient, plus the output weight's gradient before it is
