@@ -13,7 +13,7 @@ import torch
 from solopo_mcore.models.hf_config import shape_from_dict
 from solopo_mcore.models.reference_configs import QWEN25_7B_INSTRUCT
 from solopo_mcore.profiling.estimator import (EstimateInputs, estimate_memory, parameter_counts,
-                                              suggest_layouts)
+                                              response_tokens_on_busiest_cp_rank, suggest_layouts)
 from solopo_mcore.profiling.memory import AllocatorPeakTracker, live_storages
 from solopo_mcore.profiling.flops import forward_flops_per_segment, mfu, training_step_flops
 from solopo_mcore.profiling.sweep import SimulatedOOM, find_max_length
@@ -97,6 +97,11 @@ def test_memory_estimator_formulas_on_a_small_config():
     masks = 4 * 5 * 25 ** 2  # CPU: fp32 lower-right masks, (2 CP + 1) chunks of 25 keys x 25
     assert act(recompute="none", cp=2, materialized_cp_masks=True) == pytest.approx(
         2 * (cp_layer + masks) + work * 50)
+    # responses end their segments: CP rank 0 holds each one's last zigzag chunk (64 of 256
+    # tokens per chunk here), so 2 x 128 + 256 of the 768 response tokens land on it
+    assert response_tokens_on_busiest_cp_rank(EstimateInputs(
+        cp=2, response_tokens=768, segment_tokens=(256, 256, 1024))) == 128 + 128 + 256
+    assert response_tokens_on_busiest_cp_rank(EstimateInputs(cp=2, response_tokens=768)) == 768
     assert estimate_memory(SMALL, EstimateInputs(dp=2, cp=2, **common))["optimizer_gib"] * gib \
         == pytest.approx(12 * params / 4)
     # tied embeddings: the output layer's weight gradient (10 x 8 x 2 B) waits for the

@@ -37,8 +37,9 @@ stage holds min(PP, microbatches) microbatches' kept activations (1F1B). With CP
 masks of CP chunks: ``materialized_cp_masks``.)
 
 Response-only logits: the vocab-parallel cross entropy works in place on the fp32 logits
-(``n_response x V_padded / tp x 4`` bytes; not divided by CP: a response ends its segment, in the
-last zigzag chunk, which CP rank 0 holds whenever it is shorter than a chunk), which become its saved softmax and then the
+(``n_response x V_padded / tp x 4`` bytes, with the response tokens of the busiest CP rank: a
+response ends its segment, in the last zigzag chunk, which CP rank 0 holds, so CP does not divide
+responses shorter than a chunk), which become its saved softmax and then the
 gradient. Forward adds a copy while the fp32 logits are made (from bf16 logits, or by masking
 padded-vocab columns); backward adds the output weight's gradient (``V_padded / tp x h x a``)
 before it is accumulated into the main-grad buffer. Context positions never get logits. The
@@ -169,10 +170,28 @@ def activation_bytes(shape: ModelShape, x: EstimateInputs, layers: float) -> tup
     return in_flight * kept, rebuilt + working_set
 
 
+def response_tokens_on_busiest_cp_rank(x: EstimateInputs) -> float:
+    """Responses end their segments; in the zigzag layout CP rank k holds chunks k and 2CP-1-k of
+    every segment, so rank 0 gets each response's tail. Equal responses per segment assumed; all
+    of them on one rank without ``segment_tokens``."""
+    if x.cp == 1 or not x.segment_tokens:
+        return float(x.response_tokens)
+    response = x.response_tokens / len(x.segment_tokens)
+    best = 0.0
+    for rank in range(x.cp):
+        held = 0.0
+        for length in x.segment_tokens:
+            chunk = length / (2 * x.cp)
+            for index in (rank, 2 * x.cp - 1 - rank):
+                start, end = index * chunk, (index + 1) * chunk
+                held += max(0.0, end - max(start, length - response))
+        best = max(best, held)
+    return best
+
+
 def logits_bytes(shape: ModelShape, x: EstimateInputs, vocab: int, act: int) -> float:
     """Peak bytes of the response-only output layer (see the module docstring)."""
-    # responses end their segments, i.e. sit in the last zigzag chunk, which CP rank 0 holds
-    elements = x.response_tokens * vocab / x.tp
+    elements = response_tokens_on_busiest_cp_rank(x) * vocab / x.tp
     # forward: the fp32 logits, plus a copy while it is made (bf16 -> fp32; padded-vocab mask)
     copy = max(act if act < 4 else 0, 4 if vocab > shape.vocab_size else 0)
     # backward: the fp32 softmax turned gradient, plus the output weight's gradient before it is
