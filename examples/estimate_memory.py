@@ -33,9 +33,10 @@ def main(argv=None):
     shape = shape_from_dict(BY_NAME[args.model]) if args.model else \
         read_hf_config(cfg.model.hf_config_path)
     roles = MODE_ROLES[cfg.objective.mode]
-    tokens = cfg.data.micro_batch_size * sum(
+    segments = tuple(
         (args.long_tokens if r in (Role.LONG_CHOSEN, Role.LONG_REJECTED) else args.short_tokens)
-        + args.response_tokens for r in roles)
+        + args.response_tokens for r in roles) * cfg.data.micro_batch_size
+    tokens = sum(segments)
     response = cfg.data.micro_batch_size * len(roles) * args.response_tokens
     p = cfg.parallel
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * \
@@ -50,7 +51,7 @@ def main(argv=None):
     estimate = estimate_memory(shape, EstimateInputs(
         tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
         cp=p.context_parallel_size, dp=max(1, args.world_size // model_parallel),
-        microbatch_tokens=tokens, response_tokens=response, **common))
+        microbatch_tokens=tokens, response_tokens=response, segment_tokens=segments, **common))
     fits = estimate["total_gib"] <= args.device_gib
     report = {"model": shape.architecture, "mode": cfg.objective.mode,
               "microbatch_tokens": tokens, "recipe_layout": {
@@ -60,7 +61,8 @@ def main(argv=None):
               "per_gpu_gib": {k: round(v, 2) for k, v in estimate.items() if k.endswith("_gib")},
               "fits": fits, "device_gib": args.device_gib,
               "layouts_that_fit": suggest_layouts(shape, args.world_size, tokens, response,
-                                                  args.device_gib, **common)[:8]}
+                                                  args.device_gib, segment_tokens=segments,
+                                                  **common)[:8]}
     print(json.dumps(report, indent=2))
     return report
 
