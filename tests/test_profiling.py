@@ -124,9 +124,10 @@ def test_allocator_tracker_measures_written_out_bytes():
     assert storages[x.untyped_storage().data_ptr()] == 1000 * 256 * 4
     assert live_storages()[view.untyped_storage().data_ptr()] == 1000 * 256 * 4
     with AllocatorPeakTracker() as tracker:
-        a = x * two
+        del x, view  # the free of a tensor allocated before the block is not counted
+        a = torch.ones(1000, 256) * two  # the ones and the product, then a alone
         b = a + one  # a and b alive together: the peak
-        del a, x, view  # freeing a tensor allocated before the block is not counted
+        del a
         c = b * two
         del b, c
     assert tracker.peak_bytes == 2 * 1000 * 256 * 4

@@ -5,16 +5,17 @@ Static bytes per parameter on the rank that holds it (Megatron DDP, ``grad_reduc
 * weights: 2 (bf16/fp16) or 4 (fp32);
 * gradients: 4 (the fp32 main-grad buffer);
 * optimizer: Adam moments 8, plus a 4-byte fp32 master copy for bf16/fp16 weights; divided by
-  the data-parallel size with the distributed optimizer; none on the GPU with CPU offload.
+  the data-parallel x context-parallel size with the distributed optimizer (Megatron shards it
+  over both); none on the GPU with CPU offload.
 
 Parameters per rank: the transformer layers divided by TP x PP, plus the (TP-sharded, padded)
 vocabulary: the embedding on the first stage and the output layer on the last (the larger of the
 two with PP, both without).
 
 Activations are counted tensor by tensor from what autograd keeps for backward on this project's
-local-spec path (``ACTIVATION_TABLE``), measured with ``torch.autograd.graph.saved_tensors_hooks``
-and validated end to end against :class:`~solopo_mcore.profiling.memory.TensorPeakTracker`
-(benchmarks/RESULTS.md). Per token of a microbatch, per layer, with ``a`` the activation bytes:
+local-spec path (:func:`activation_table`), found with ``torch.autograd.graph.saved_tensors_hooks``
+and validated end to end against measured peaks (:mod:`solopo_mcore.profiling.memory`;
+benchmarks/RESULTS.md). Per token of a microbatch, per layer, with ``a`` the activation bytes:
 
 * the two RMSNorms (torch's composite norm) keep their input and normalized input: ``4 h a``,
   their fp32 inverse RMS ``2 x 4``, and their outputs as the QKV / FC1 inputs: ``2 h a``
@@ -31,17 +32,17 @@ Recompute: ``selective`` (core attention) keeps q, k, v (``(n_q + 2 n_kv) d / tp
 attention internals and rebuilds one layer's internals in backward; ``full`` keeps each recompute
 unit's input ``h a`` and rebuilds ``recompute_num_layers`` layers at a time. Backward's working
 set adds the FC1-output and hidden-state gradients, ``(2 f / tp + 2 h) a``. With PP the first
-stage holds min(PP, microbatches) microbatches' kept activations (1F1B). With CP every term is per local token
-(tokens / CP) except the expanded k and v, which span each segment's visible global prefix,
-``(2 CP + 1) / (2 CP)`` of the global tokens. (On CPU only, torch materializes the lower-right
-masks of CP chunks: ``materialized_cp_masks``.)
+stage holds min(PP, microbatches) microbatches' kept activations (1F1B). With CP every term is
+per local token (tokens / CP) except the expanded k and v, which span each segment's visible
+global prefix, ``(2 CP + 1) / (2 CP)`` of the global tokens. (On CPU only, torch materializes the
+lower-right masks of CP chunks: ``materialized_cp_masks``.)
 
 Response-only logits: the vocab-parallel cross entropy works in place on the fp32 logits
 (``n_response x V_padded / tp x 4`` bytes, with the response tokens of the busiest CP rank: a
 response ends its segment, in the last zigzag chunk, which CP rank 0 holds, so CP does not divide
-responses shorter than a chunk), which become its saved softmax and then the
-gradient. Forward adds a copy while the fp32 logits are made (from bf16 logits, or by masking
-padded-vocab columns); backward adds the output weight's gradient (``V_padded / tp x h x a``)
+responses shorter than a chunk), which become its saved softmax and then the gradient. Forward
+adds a copy while the fp32 logits are made (from bf16 logits, or by masking padded-vocab columns);
+backward adds the output weight's gradient (``V_padded / tp x h x a``)
 before it is accumulated into the main-grad buffer. Context positions never get logits. The
 logits exist at the end of forward and the start of backward, before backward's recomputed
 tensors and working set, so the peak counts the larger of the two on top of the kept activations.
