@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import resource
 import sys
 
@@ -79,8 +80,6 @@ class PeakRSSSampler:
 def live_storages() -> dict:
     """``{data_ptr: bytes}`` of every distinct tensor storage reachable from Python right now
     (weights, DDP buffers, optimizer state...): the static part of a CPU run's tensor memory."""
-    import gc
-
     gc.collect()
     storages = {}
     for obj in gc.get_objects():
