@@ -1,4 +1,5 @@
-"""Memory figures: the torch allocator and NVML on GPU, resident set size on CPU."""
+"""Memory figures: the torch allocator and NVML on GPU; on CPU the allocator's peak (profiler
+memory events) plus the live tensors, and resident set size."""
 
 from __future__ import annotations
 
