@@ -67,14 +67,9 @@ def _check_segment_sums(outputs, S_ref, rel):
 
 
 def _expected_shard(hf_grads, global_name, shape, tp, tp_rank, param):
-    from solopo_mcore.convert.tables import _padded_rows, hf_names, match_mcore_name, to_shard
+    from solopo_mcore.convert.tables import shard_for_param
 
-    row, layer = match_mcore_name(global_name)
-    if row.hf[0] == "lm_head.weight" and shape.tie_word_embeddings:
-        tensors = [hf_grads["model.embed_tokens.weight"]]
-    else:
-        tensors = [hf_grads[n] for n in hf_names(row, layer)]
-    return to_shard(row, tensors, shape, tp, tp_rank, _padded_rows(param, row, tp))
+    return shard_for_param(param, global_name, hf_grads.__getitem__, shape, tp, tp_rank)
 
 
 def _compare_one(model, shape, pgs, hf, algorithm, mode, num_microbatches, num_examples, rel,

@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from solopo_mcore.convert.tables import (ConversionError, expected_hf_names, from_shards,
-                                         global_param_names, match_mcore_name, hf_names)
+from solopo_mcore.convert.tables import (OUTPUT_HF_NAME, ConversionError, expected_hf_names,
+                                         global_param_names, hf_tensors_from_shards)
 from solopo_mcore.models.hf_config import ModelShape
 
 #: Files copied from the source HF directory on export (those that exist).
@@ -53,7 +53,7 @@ class HFCheckpointReader:
         expected = expected_hf_names(shape)
         have = {n for n in self.names() if not n.endswith("rotary_emb.inv_freq")}
         if shape.tie_word_embeddings:
-            have.discard("lm_head.weight")  # some tied checkpoints still store it
+            have.discard(OUTPUT_HF_NAME)  # some tied checkpoints still store it
         missing, extra = sorted(expected - have), sorted(have - expected)
         if missing:
             raise ConversionError(f"{self.directory}: missing tensor(s) {missing[:5]}"
@@ -94,12 +94,8 @@ def export_hf(chunks: list, shape: ModelShape, out_dir: str, pg_collection,
         module = chunk.module if hasattr(chunk, "module") else chunk
         names = global_param_names(module)
         for local, param in module.named_parameters():
-            global_name = names[local]
-            row, layer = match_mcore_name(global_name)
             shards = _gather_tp(param.detach(), tp)
-            if row.hf[0] == "lm_head.weight" and shape.tie_word_embeddings:
-                continue
-            for name, value in zip(hf_names(row, layer), from_shards(row, shards, shape)):
+            for name, value in hf_tensors_from_shards(names[local], shards, shape).items():
                 tensors[name] = value.to(dtype or value.dtype).contiguous().cpu()
     num_stages, stage = pp.size(), pp.rank()
     file = f"model-{stage + 1:05d}-of-{num_stages:05d}.safetensors"

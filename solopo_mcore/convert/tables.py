@@ -1,9 +1,14 @@
 """HF <-> Megatron-Core name and layout tables for Qwen2/Qwen2.5 and Llama 3/3.1.
 
-A row says which HF tensors make one Megatron parameter and how (its *kind*). The kinds are the
-only code: each knows how to build one tensor-parallel shard from the HF tensors and how to undo
-that from all shards. There is no per-architecture branch; both families share the table, and
-tensors a model lacks (QKV bias on Llama, ``lm_head`` when tied) are simply absent from it.
+A row says which HF tensors make one Megatron parameter and which *mapping* lays them out. The
+mappings are the only code: each is a small class that builds one tensor-parallel shard from the
+HF tensors (``to_shard``) and undoes that from all shards (``from_shards``). There is no
+per-architecture branch; both families share the table, and tensors a model lacks (QKV bias on
+Llama, ``lm_head`` when tied) are simply absent from it.
+
+The tied-output rule every direction shares lives here once (:func:`is_tied_output`); the padded
+vocabulary size is ``models.hf_config.padded_vocab_size``, the one function the model builder and
+the memory estimator use too.
 """
 
 from __future__ import annotations
@@ -17,6 +22,97 @@ import torch
 from solopo_mcore.models.hf_config import ModelShape
 
 
+class ConversionError(ValueError):
+    pass
+
+
+# --- mappings: HF tensors -> one TP shard, and all TP shards -> HF tensors ---------------------
+
+class Mapping:
+    """How one Megatron parameter is laid out from its HF tensors, in both directions."""
+
+    def to_shard(self, tensors: list, shape: ModelShape, tp: int, rank: int,
+                 padded_rows: int) -> torch.Tensor:
+        """This TP rank's shard of the parameter, from the full HF tensors (in table order)."""
+        raise NotImplementedError
+
+    def from_shards(self, shards: list, shape: ModelShape) -> list:
+        """The full HF tensors (in table order) from every TP rank's shard."""
+        raise NotImplementedError
+
+
+class Replicated(Mapping):
+    """Identical on every TP rank (norm weights)."""
+
+    def to_shard(self, tensors, shape, tp, rank, padded_rows):
+        return tensors[0]
+
+    def from_shards(self, shards, shape):
+        return [shards[0]]
+
+
+class RowParallel(Mapping):
+    """Split along the input dimension (``linear_proj``, ``linear_fc2``)."""
+
+    def to_shard(self, tensors, shape, tp, rank, padded_rows):
+        return tensors[0].chunk(tp, dim=1)[rank]
+
+    def from_shards(self, shards, shape):
+        return [torch.cat(shards, dim=1)]
+
+
+class VocabParallel(Mapping):
+    """Vocabulary rows, zero-padded to Megatron's padded size, then split over TP; the padding
+    is trimmed on export."""
+
+    def to_shard(self, tensors, shape, tp, rank, padded_rows):
+        full = tensors[0]
+        if padded_rows > full.shape[0]:
+            full = torch.cat([full, full.new_zeros(padded_rows - full.shape[0], *full.shape[1:])])
+        return full.chunk(tp, dim=0)[rank]
+
+    def from_shards(self, shards, shape):
+        return [torch.cat(shards, dim=0)[: shape.vocab_size]]
+
+
+class InterleavedQKV(Mapping):
+    """HF's separate q/k/v (weights or biases) -> Megatron's fused QKV, grouped per KV head:
+    ``[g, (q heads per group + 2) x d, ...]``, so a TP split keeps whole groups together."""
+
+    def to_shard(self, tensors, shape, tp, rank, padded_rows):
+        g, per, d = shape.num_query_groups, self._per_group(shape), shape.kv_channels
+        q, k, v = tensors
+        rest = q.shape[1:]
+        grouped = torch.cat([q.reshape(g, per * d, *rest), k.reshape(g, d, *rest),
+                             v.reshape(g, d, *rest)], dim=1)
+        part = grouped.chunk(tp, dim=0)[rank]
+        return part.reshape(-1, *part.shape[2:])
+
+    def from_shards(self, shards, shape):
+        g, per, d = shape.num_query_groups, self._per_group(shape), shape.kv_channels
+        full = torch.cat(shards, dim=0)
+        grouped = full.reshape(g, (per + 2) * d, *full.shape[1:])
+        q, k, v = grouped.split([per * d, d, d], dim=1)
+        return [t.reshape(-1, *full.shape[1:]).contiguous() for t in (q, k, v)]
+
+    @staticmethod
+    def _per_group(shape: ModelShape) -> int:
+        return shape.num_attention_heads // shape.num_query_groups
+
+
+class GatedMLP(Mapping):
+    """HF's ``gate_proj`` and ``up_proj`` -> Megatron's SwiGLU ``linear_fc1``: each rank holds
+    its slice of the gate followed by its slice of the up projection."""
+
+    def to_shard(self, tensors, shape, tp, rank, padded_rows):
+        gate, up = tensors
+        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]])
+
+    def from_shards(self, shards, shape):
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
+
+
 @dataclass(frozen=True)
 class Row:
     local: str
@@ -25,39 +121,41 @@ class Row:
     """The same parameter's name with the Transformer Engine spec (fused norms)."""
     hf: tuple
     """HF tensor names it is built from, in order."""
-    kind: str
-    """How: replicate | column | row | vocab | qkv | qkv_bias | fc1."""
+    mapping: Mapping
+    """How the HF tensors are laid out into TP shards and back."""
+    optional: bool = False
+    """Only some models have it (QKV bias: Qwen2 yes, Llama no)."""
 
 
 _L = "decoder.layers.{i}."
 _H = "model.layers.{i}."
+_REPLICATED, _ROW, _VOCAB, _QKV, _FC1 = (Replicated(), RowParallel(), VocabParallel(),
+                                         InterleavedQKV(), GatedMLP())
+EMBEDDING_HF_NAME = "model.embed_tokens.weight"
+OUTPUT_HF_NAME = "lm_head.weight"
 TABLE: tuple = (
     Row("embedding.word_embeddings.weight", "embedding.word_embeddings.weight",
-        ("model.embed_tokens.weight",), "vocab"),
+        (EMBEDDING_HF_NAME,), _VOCAB),
     Row(_L + "input_layernorm.weight", _L + "self_attention.linear_qkv.layer_norm_weight",
-        (_H + "input_layernorm.weight",), "replicate"),
+        (_H + "input_layernorm.weight",), _REPLICATED),
     Row(_L + "self_attention.linear_qkv.weight", _L + "self_attention.linear_qkv.weight",
         (_H + "self_attn.q_proj.weight", _H + "self_attn.k_proj.weight",
-         _H + "self_attn.v_proj.weight"), "qkv"),
+         _H + "self_attn.v_proj.weight"), _QKV),
     Row(_L + "self_attention.linear_qkv.bias", _L + "self_attention.linear_qkv.bias",
         (_H + "self_attn.q_proj.bias", _H + "self_attn.k_proj.bias",
-         _H + "self_attn.v_proj.bias"), "qkv_bias"),
+         _H + "self_attn.v_proj.bias"), _QKV, optional=True),
     Row(_L + "self_attention.linear_proj.weight", _L + "self_attention.linear_proj.weight",
-        (_H + "self_attn.o_proj.weight",), "row"),
+        (_H + "self_attn.o_proj.weight",), _ROW),
     Row(_L + "pre_mlp_layernorm.weight", _L + "mlp.linear_fc1.layer_norm_weight",
-        (_H + "post_attention_layernorm.weight",), "replicate"),
+        (_H + "post_attention_layernorm.weight",), _REPLICATED),
     Row(_L + "mlp.linear_fc1.weight", _L + "mlp.linear_fc1.weight",
-        (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"), "fc1"),
+        (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"), _FC1),
     Row(_L + "mlp.linear_fc2.weight", _L + "mlp.linear_fc2.weight",
-        (_H + "mlp.down_proj.weight",), "row"),
+        (_H + "mlp.down_proj.weight",), _ROW),
     Row("decoder.final_layernorm.weight", "decoder.final_layernorm.weight",
-        ("model.norm.weight",), "replicate"),
-    Row("output_layer.weight", "output_layer.weight", ("lm_head.weight",), "vocab"),
+        ("model.norm.weight",), _REPLICATED),
+    Row("output_layer.weight", "output_layer.weight", (OUTPUT_HF_NAME,), _VOCAB),
 )
-
-
-class ConversionError(ValueError):
-    pass
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -77,81 +175,36 @@ def match_mcore_name(name: str) -> tuple[Row, Optional[int]]:
 
 
 def hf_names(row: Row, layer: Optional[int]) -> list[str]:
+    """The HF tensor names of ``row`` at ``layer`` (what an untied checkpoint stores)."""
     return [n.format(i=layer) for n in row.hf]
+
+
+def is_tied_output(row: Row, shape: ModelShape) -> bool:
+    """The tied-``lm_head`` rule: with tied embeddings the output layer is the embedding, so it
+    is read from ``model.embed_tokens.weight`` and never written as ``lm_head.weight``."""
+    return shape.tie_word_embeddings and row.hf == (OUTPUT_HF_NAME,)
+
+
+def hf_source_names(row: Row, layer: Optional[int], shape: ModelShape) -> list[str]:
+    """The HF tensors a Megatron parameter is *read* from (import, gradient references)."""
+    return [EMBEDDING_HF_NAME] if is_tied_output(row, shape) else hf_names(row, layer)
+
+
+def hf_stored_names(row: Row, layer: Optional[int], shape: ModelShape) -> list[str]:
+    """The HF tensors a checkpoint of this shape *stores* for ``row`` (export, name checks)."""
+    if is_tied_output(row, shape) or (row.optional and not shape.add_qkv_bias):
+        return []
+    return hf_names(row, layer)
 
 
 def expected_hf_names(shape: ModelShape) -> set[str]:
     """Every tensor name an HF checkpoint of this shape must hold (and no other)."""
     names = set()
     for row in TABLE:
-        if row.kind == "qkv_bias" and not shape.add_qkv_bias:
-            continue
-        if row.hf[0] == "lm_head.weight" and shape.tie_word_embeddings:
-            continue
         layers = range(shape.num_layers) if "{i}" in row.local else [None]
         for layer in layers:
-            names.update(hf_names(row, layer))
+            names.update(hf_stored_names(row, layer, shape))
     return names
-
-
-# --- kinds: HF tensors -> one TP shard, and all TP shards -> HF tensors -----------------------
-
-def _qkv_groups(shape: ModelShape, q, k, v):
-    g = shape.num_query_groups
-    per = shape.num_attention_heads // g
-    d = shape.kv_channels
-    rest = q.shape[1:]
-    return torch.cat([q.reshape(g, per * d, *rest), k.reshape(g, d, *rest),
-                      v.reshape(g, d, *rest)], dim=1)  # [g, (per+2) d, ...]
-
-
-def to_shard(row: Row, tensors: list, shape: ModelShape, tp: int, rank: int,
-             padded_vocab: int) -> torch.Tensor:
-    kind = row.kind
-    if kind == "replicate":
-        return tensors[0]
-    if kind == "row":
-        return tensors[0].chunk(tp, dim=1)[rank]
-    if kind == "column":
-        return tensors[0].chunk(tp, dim=0)[rank]
-    if kind == "vocab":
-        full = tensors[0]
-        if padded_vocab > full.shape[0]:
-            pad = full.new_zeros(padded_vocab - full.shape[0], *full.shape[1:])
-            full = torch.cat([full, pad])
-        return full.chunk(tp, dim=0)[rank]
-    if kind in ("qkv", "qkv_bias"):
-        grouped = _qkv_groups(shape, *tensors)
-        part = grouped.chunk(tp, dim=0)[rank]
-        return part.reshape(-1, *part.shape[2:])
-    if kind == "fc1":
-        gate, up = tensors
-        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]])
-    raise ConversionError(f"unknown mapping kind {kind!r}")
-
-
-def from_shards(row: Row, shards: list, shape: ModelShape) -> list:
-    kind = row.kind
-    if kind == "replicate":
-        return [shards[0]]
-    if kind == "row":
-        return [torch.cat(shards, dim=1)]
-    if kind == "column":
-        return [torch.cat(shards, dim=0)]
-    if kind == "vocab":
-        return [torch.cat(shards, dim=0)[: shape.vocab_size]]
-    if kind in ("qkv", "qkv_bias"):
-        g = shape.num_query_groups
-        per = shape.num_attention_heads // g
-        d = shape.kv_channels
-        full = torch.cat(shards, dim=0)
-        grouped = full.reshape(g, (per + 2) * d, *full.shape[1:])
-        q, k, v = grouped.split([per * d, d, d], dim=1)
-        return [t.reshape(-1, *full.shape[1:]).contiguous() for t in (q, k, v)]
-    if kind == "fc1":
-        halves = [s.chunk(2, dim=0) for s in shards]
-        return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
-    raise ConversionError(f"unknown mapping kind {kind!r}")
 
 
 def global_param_names(chunk: torch.nn.Module) -> dict:
@@ -165,29 +218,37 @@ def global_param_names(chunk: torch.nn.Module) -> dict:
     return out
 
 
+def shard_for_param(param: torch.Tensor, global_name: str, get_tensor: Callable[[str], torch.Tensor],
+                    shape: ModelShape, tp: int, rank: int) -> torch.Tensor:
+    """The value of one (TP-sharded) Megatron parameter, built from HF tensors fetched by name.
+    Refuses a shape mismatch naming both sides."""
+    row, layer = match_mcore_name(global_name)
+    sources = hf_source_names(row, layer, shape)
+    padded_rows = param.shape[0] * tp if isinstance(row.mapping, VocabParallel) else 0
+    shard = row.mapping.to_shard([get_tensor(n) for n in sources], shape, tp, rank, padded_rows)
+    if shard.shape != param.shape:
+        raise ConversionError(f"{', '.join(sources)} -> {global_name}: shape "
+                              f"{tuple(shard.shape)} does not fit the model's {tuple(param.shape)}")
+    return shard
+
+
 def load_hf_tensors_into_chunks(chunks: list, get_tensor: Callable[[str], torch.Tensor],
                                 shape: ModelShape, tp_group) -> None:
     """Copy HF tensors (fetched one at a time by name) into this rank's TP/PP shard, in place."""
     tp = tp_group.size() if tp_group is not None else 1
     rank = tp_group.rank() if tp_group is not None else 0
     for chunk in chunks:
-        names = global_param_names(chunk)
         params = dict(chunk.named_parameters())
-        for local, global_name in names.items():
-            row, layer = match_mcore_name(global_name)
-            if row.hf[0] == "lm_head.weight" and shape.tie_word_embeddings:
-                tensors = [get_tensor("model.embed_tokens.weight")]
-            else:
-                tensors = [get_tensor(n) for n in hf_names(row, layer)]
+        for local, global_name in global_param_names(chunk).items():
             param = params[local]
-            shard = to_shard(row, tensors, shape, tp, rank, _padded_rows(param, row, tp))
-            if shard.shape != param.shape:
-                raise ConversionError(
-                    f"{', '.join(hf_names(row, layer))} -> {global_name}: shape "
-                    f"{tuple(shard.shape)} does not fit the model's {tuple(param.shape)}")
+            shard = shard_for_param(param, global_name, get_tensor, shape, tp, rank)
             with torch.no_grad():
                 param.copy_(shard.to(param.dtype))
 
 
-def _padded_rows(param: torch.Tensor, row: Row, tp: int) -> int:
-    return param.shape[0] * tp if row.kind == "vocab" else 0
+def hf_tensors_from_shards(global_name: str, shards: list, shape: ModelShape) -> dict:
+    """``{HF name: full tensor}`` for one Megatron parameter from all its TP shards (empty for a
+    tied output layer, which the embedding already stores)."""
+    row, layer = match_mcore_name(global_name)
+    names = hf_stored_names(row, layer, shape)
+    return dict(zip(names, row.mapping.from_shards(shards, shape))) if names else {}

@@ -26,7 +26,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from solopo_mcore.config import ModelConfig, ParallelConfig
 from solopo_mcore.models.attention import TorchCoreAttention
-from solopo_mcore.models.hf_config import ModelShape
+from solopo_mcore.models.hf_config import ModelShape, padded_vocab_size
 from solopo_mcore.platform import transformer_config_overrides
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,11 +43,6 @@ def use_te_spec(model_cfg: ModelConfig) -> bool:
                                "(or no CUDA device); use model.layer_spec=local or auto")
         return True
     return model_cfg.layer_spec == "auto" and transformer_engine_available()
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
-    multiple = divisible_by * tp_size
-    return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
 def build_transformer_config(shape: ModelShape, model_cfg: ModelConfig,

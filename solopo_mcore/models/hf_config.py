@@ -130,3 +130,11 @@ def shape_from_dict(cfg: dict, source: str = "config") -> ModelShape:
         max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
         raw=cfg,
     )
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
+    """Megatron's padded vocabulary: ``vocab_size`` rounded up to a multiple of
+    ``divisible_by x tp_size``, so every TP rank holds an equal slice (the one definition the
+    builder, the converter and the memory estimator share)."""
+    multiple = divisible_by * tp_size
+    return -(-vocab_size // multiple) * multiple

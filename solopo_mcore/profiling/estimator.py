@@ -55,7 +55,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from solopo_mcore.models.hf_config import ModelShape
+from solopo_mcore.models.hf_config import ModelShape, padded_vocab_size
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -93,11 +93,6 @@ class EstimateInputs:
     vocab_divisible_by: int = 128
     workspace_gib: float = 3.0
     """CUDA context, NCCL buffers, allocator fragmentation: outside the tensor figures."""
-
-
-def padded_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
 
 
 def parameter_counts(shape: ModelShape) -> dict:
@@ -205,7 +200,7 @@ def estimate_memory(shape: ModelShape, x: EstimateInputs) -> dict:
     ``logits_gib`` each at their own peak), the tensor total at the step's peak (what
     ``torch.cuda.max_memory_allocated`` measures) and the total with the workspace."""
     counts = parameter_counts(shape)
-    vocab = padded_vocab(shape.vocab_size, x.vocab_divisible_by, x.tp)
+    vocab = padded_vocab_size(shape.vocab_size, x.vocab_divisible_by, x.tp)
     embedding = vocab * shape.hidden_size
     output = 0 if shape.tie_word_embeddings else embedding
     layers_per_stage = shape.num_layers / x.pp
