@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["solopo_mcore", "solopo_mcore.*", "data_tools",
                                     "data_tools.*"]),
-    package_data={"data_tools": ["resources/*"]},
+    package_data={"solopo_mcore": ["recipes/*.yaml"]},
     install_requires=[
         # torch is a range, never a pin: a user's CUDA build must not be replaced.
         "torch>=2.6",
@@ -38,5 +38,4 @@ setup(
         # vLLM speeds up `python -m data_tools.sample_pairs` when installed.
         "sampling": ["vllm"],
     },
-    entry_points={"console_scripts": []},
 )

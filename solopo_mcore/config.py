@@ -265,11 +265,13 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "examples" / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+"""Named recipes ship inside the package (``solopo_mcore/recipes/*.yaml``, package data), so a
+wheel install finds them too; ``examples/recipes`` in a checkout is a link to the same folder."""
 
 
 def resolve_recipe(name_or_path: str) -> Path:
-    """A recipe file path, or the name of one in examples/recipes (with or without .yaml)."""
+    """A recipe file path, or the name of a shipped recipe (with or without .yaml)."""
     path = Path(name_or_path)
     if path.is_file():
         return path

@@ -7,10 +7,10 @@ Megatron's ``Attention`` gives a core attention: ``[s, b, h, d]`` tensors, or ``
 * Packed segments never attend to each other: SDPA runs once per segment, causally.
 * Context parallelism: K/V are all-gathered over the CP group (cheap with GQA's few KV heads) and
   each local zigzag chunk attends to the global prefix it needs, with a lower-right causal mask.
-* Backend: cuDNN > flash > efficient > math on CUDA (cuDNN measured 1.7-4x flash on Hopper);
-  on CPU torch's flash kernel, then math (flash measured 1.3-2.2x faster than math at 1K-4K
-  tokens with less than half the memory, benchmarks/RESULTS.md), unless
-  ``ModelConfig.attention_backend`` names one.
+* Backend: cuDNN > flash > efficient > math on CUDA (not yet measured by this repo; the GPU run
+  in benchmarks/device_run.sh reports it); on CPU torch's flash kernel, then math (measured
+  faster, with less memory, in benchmarks/RESULTS.md), unless ``ModelConfig.attention_backend``
+  names one.
 """
 
 from __future__ import annotations
