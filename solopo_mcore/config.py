@@ -14,7 +14,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -27,17 +27,17 @@ class ConfigError(ValueError):
 class ModelConfig:
     hf_config_path: Optional[str] = None
     """Directory (or config.json) of a Hugging Face model whose architecture is built."""
-    params_dtype: str = "bf16"
-    """Parameter/compute dtype: "fp32", "bf16" or "fp16". Tests and CPU runs use fp32."""
-    layer_spec: str = "auto"
+    params_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Parameter/compute dtype. Tests and CPU runs use fp32."""
+    layer_spec: Literal["auto", "te", "local"] = "auto"
     """"auto" (Transformer Engine when importable, else local), "te" or "local"."""
-    attention_backend: str = "auto"
-    """SDPA backend order for the torch core attention: "auto" (cuDNN>flash>efficient>math on
-    CUDA, flash>math on CPU), "cudnn", "flash", "efficient" or "math"."""
-    recompute_granularity: Optional[str] = None
-    """Activation recompute: None, "selective" (core attention) or "full"."""
-    recompute_method: str = "uniform"
-    """With full recompute: "uniform" or "block" (Megatron's meaning)."""
+    attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
+    """SDPA backend order for the torch core attention: "auto" is cuDNN>flash>efficient>math on
+    CUDA, flash>math on CPU; any other value puts that backend first."""
+    recompute_granularity: Optional[Literal["selective", "full"]] = None
+    """Activation recompute: none (null), core attention only ("selective") or whole layers."""
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """With full recompute: Megatron's meaning of "uniform" and "block"."""
     recompute_num_layers: int = 1
     """With full recompute: layers per recompute unit (uniform) or recomputed layers (block)."""
     make_vocab_size_divisible_by: int = 128
@@ -86,14 +86,15 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    algorithm: str = "orpo"
-    """Preference algorithm: "dpo", "simpo" or "orpo"."""
-    mode: str = "solo"
-    """"solo" (SoLoPO, chosen-only alignment), "solo_both", "short" or "long"."""
+    algorithm: Literal["dpo", "simpo", "orpo"] = "orpo"
+    """Preference algorithm (L_PO and its reward r)."""
+    mode: Literal["solo", "solo_both", "short", "long"] = "solo"
+    """"solo": SoLoPO (PO on the short pair, alignment of the chosen answer); "solo_both":
+    alignment of both answers; "short": short-only PO; "long": PO on the long pair."""
     alpha: float = 1.0
     """Weight of the short-to-long reward alignment term (SoLo-RA)."""
-    distance: str = "abs"
-    """Reward distance d(r_short, r_long): "abs" or "squared"."""
+    distance: Literal["abs", "squared"] = "abs"
+    """Reward distance d(r_short, r_long)."""
     beta: float = 0.1
     """Reward scale (DPO, SimPO)."""
     gamma: float = 0.5
@@ -210,6 +211,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         hint = options[0]
     if value is None:
         raise ConfigError(f"{key}: null is not allowed (expected {getattr(hint, '__name__', hint)})")
+    if origin is Literal or typing.get_origin(hint) is Literal:
+        options = typing.get_args(hint)
+        if value in options:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, options))}")
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -307,9 +313,21 @@ def to_dict(config: RunConfig) -> dict:
     return dataclasses.asdict(config)
 
 
-def _choice(key: str, value: Any, options) -> None:
-    if value not in options:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, options))}")
+def _check_choices(section, prefix: str) -> None:
+    """Every ``Literal[...]`` field holds one of its values (the annotation is the only list of
+    allowed values; this also covers configs built in code rather than loaded)."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+            continue
+        hint = hints[f.name]
+        options = [a for a in typing.get_args(hint) if a is not type(None)] \
+            if typing.get_origin(hint) is typing.Union else [hint]
+        for option in options:
+            if typing.get_origin(option) is Literal:
+                _coerce(value, hint, prefix + f.name)
 
 
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
@@ -320,14 +338,9 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 def validate(config: RunConfig) -> None:
     """Checks that need no process group or model file. Layout checks against the model's shape
     and the world size are in :func:`solopo_mcore.parallel.layout.validate_layout`."""
-    m, p, d, o, opt, t = (config.model, config.parallel, config.data, config.objective,
-                          config.optimizer, config.training)
-    _choice("model.params_dtype", m.params_dtype, ("fp32", "bf16", "fp16"))
-    _choice("model.layer_spec", m.layer_spec, ("auto", "te", "local"))
-    _choice("model.attention_backend", m.attention_backend,
-            ("auto", "cudnn", "flash", "efficient", "math"))
-    _choice("model.recompute_granularity", m.recompute_granularity, (None, "selective", "full"))
-    _choice("model.recompute_method", m.recompute_method, ("uniform", "block"))
+    p, d, o, opt, t = (config.parallel, config.data, config.objective, config.optimizer,
+                       config.training)
+    _check_choices(config, "")
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                 "context_parallel_size"):
         _positive(f"parallel.{key}", getattr(p, key))
@@ -340,9 +353,6 @@ def validate(config: RunConfig) -> None:
     _positive("data.micro_batch_size", d.micro_batch_size)
     _positive("data.global_batch_size", d.global_batch_size)
     _positive("data.num_eval_examples", d.num_eval_examples, allow_zero=True)
-    _choice("objective.algorithm", o.algorithm, ("dpo", "simpo", "orpo"))
-    _choice("objective.mode", o.mode, ("solo", "solo_both", "short", "long"))
-    _choice("objective.distance", o.distance, ("abs", "squared"))
     _positive("objective.alpha", o.alpha, allow_zero=True)
     _positive("objective.beta", o.beta)
     if not 0.0 <= o.label_smoothing < 0.5:
