@@ -21,8 +21,10 @@ def main():
     parser.add_argument("--output", help="sidecar path (default: data.ref_logprobs_path)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    config = load_config(args.config, args.overrides + ["objective.algorithm=simpo"])
-    output = args.output or config.data.ref_logprobs_path
+    # The sidecar is what this run writes: --output stands for data.ref_logprobs_path.
+    extra = [f"data.ref_logprobs_path={args.output}"] if args.output else []
+    config = load_config(args.config, args.overrides + extra)
+    output = config.data.ref_logprobs_path
     if not output:
         parser.error("--output or data.ref_logprobs_path is required")
     try:

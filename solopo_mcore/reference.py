@@ -21,16 +21,7 @@ from solopo_mcore.losses.objective import EVAL_ROLES
 from solopo_mcore.training import build
 from solopo_mcore.training.checkpoint import CheckpointManager, find_checkpoint
 from solopo_mcore.training.engine import run_global_batch
-from solopo_mcore.training.forward_step import make_forward_step
-
-
-def collect_segment_sums(outputs: list, table: np.ndarray) -> None:
-    """Scatter the loss function's per-segment sums into ``table[example_index, role]``."""
-    for out in outputs:
-        seg = out["_segments"]
-        examples = seg["example_index"][seg["segment_example"]].cpu().numpy()
-        roles = seg["segment_role"].cpu().numpy()
-        table[examples, roles] = seg["segment_sums"].float().cpu().numpy()
+from solopo_mcore.training.forward_step import make_logprob_forward_step
 
 
 def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) -> np.ndarray:
@@ -49,9 +40,7 @@ def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) 
         raise ValueError("set checkpoint.hf_init_dir or checkpoint.load_dir: the reference "
                          "model is the policy's starting point")
     dataset = build.open_dataset(config, shape, need_reference=False)
-    objective = config.objective
-    objective_cfg = type(objective)(**{**objective.__dict__, "algorithm": "simpo"})  # no ref yet
-    forward_step = make_forward_step(objective_cfg, "solo_both", pgs.cp)
+    forward_step = make_logprob_forward_step(pgs.cp)
     dp_rank, dp_size = pgs.dp.rank(), pgs.dp.size()
     # forward-only: DP replicas never communicate, so each simply takes every dp_size-th example
     index_lists = build.chunk_list(list(range(dp_rank, len(dataset), dp_size)),
@@ -66,9 +55,11 @@ def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) 
         with torch.no_grad():
             mbs = build.make_microbatches(dataset, index_lists[first:first + per_call],
                                           EVAL_ROLES, pgs, multiple)
-            outputs = run_global_batch(stack.model, forward_step, mbs, pgs, forward_only=True)
+            outputs = run_global_batch(stack.model, forward_step, mbs, pgs, forward_only=True,
+                                       collect_non_loss_data=True)
         if is_pp_last_stage(pgs.pp):
-            collect_segment_sums(outputs, table)
+            for segment_logps in outputs:
+                segment_logps.scatter_into(table)
         if dist.get_rank() == 0 and call % log_every == 0:
             print(f"[reference] {min(first + per_call, len(index_lists))}/{len(index_lists)} "
                   f"microbatches on rank 0, {time.time() - start:.0f}s", flush=True)

@@ -54,14 +54,13 @@ def _microbatches(examples, pgs, mode, num_microbatches, pad_multiple=None, equa
     return [p.for_cp_rank(cp_size, cp_rank) for p in packed]
 
 
-def _check_segment_sums(outputs, S_ref, rel):
+def _check_segment_sums(segment_logps, S_ref, rel):
     from tests.reference import assert_close
 
     worst = 0.0
-    for out in outputs:
-        seg = out["_segments"]
-        expected = S_ref[seg["example_index"][seg["segment_example"]], seg["segment_role"]]
-        worst = max(worst, assert_close(seg["segment_sums"], expected, rel,
+    for seg in segment_logps:
+        expected = S_ref[seg.example_index, seg.role]
+        worst = max(worst, assert_close(seg.sums, expected, rel,
                                         "per-sequence response log-prob sums"))
     return worst
 
@@ -88,11 +87,13 @@ def _compare_one(model, shape, pgs, hf, algorithm, mode, num_microbatches, num_e
     ref_loss, S_ref, hf_grads = reference_loss_and_grads(hf, examples, objective, mode)
 
     mbs = _microbatches(examples, pgs, mode, num_microbatches)
-    outputs = run_global_batch(model, make_forward_step(objective, mode, pgs.cp), mbs, pgs)
+    segment_logps = []
+    outputs = run_global_batch(model, make_forward_step(objective, mode, pgs.cp, segment_logps),
+                               mbs, pgs)
     report = {"rank": dist.get_rank()}
     where = f"[{algorithm}/{mode}]"
     if outputs:  # last pipeline stage
-        report["sums_rel_err"] = _check_segment_sums(outputs, S_ref, rel)
+        report["sums_rel_err"] = _check_segment_sums(segment_logps, S_ref, rel)
         metrics = reduce_metrics(outputs, pgs.dp)
         report["loss_rel_err"] = assert_close(torch.tensor(metrics["loss/total"]), ref_loss, rel,
                                               f"{where} global-batch mean loss")

@@ -1,6 +1,7 @@
 """A non-editable install (what `pip install solopo-mcore` gives) finds the named recipes."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +10,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_wheel_install_ships_named_recipes(tmp_path):
-    target = tmp_path / "site"
+    source, target = tmp_path / "src", tmp_path / "site"
+    source.mkdir()
+    for name in ("setup.py", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("solopo_mcore", "data_tools"):  # a copy: pip builds in the source tree
+        shutil.copytree(REPO / name, source / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "--no-build-isolation", "--target", str(target), str(REPO)],
+                    "--no-build-isolation", "--target", str(target), str(source)],
                    check=True, capture_output=True, text=True, timeout=300)
     probe = ("import solopo_mcore, solopo_mcore.config as c; "
              "print(solopo_mcore.__file__); "

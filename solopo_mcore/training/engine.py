@@ -45,11 +45,14 @@ def wrap_ddp(chunks: list, config: TransformerConfig, parallel: ParallelConfig,
 
 
 def run_global_batch(model: list, forward_step, microbatches: Sequence[PackedMicrobatch],
-                     pg_collection, forward_only: bool = False) -> list:
+                     pg_collection, forward_only: bool = False,
+                     collect_non_loss_data: bool = False) -> list:
     """Forward (and backward unless ``forward_only``) over this rank's microbatches.
 
     ``microbatches`` are already cut for this rank's CP slice. Returns the loss function's
-    outputs on the last pipeline stage (one per microbatch), [] elsewhere."""
+    outputs on the last pipeline stage (one per microbatch), [] elsewhere. With
+    ``collect_non_loss_data`` (forward-only) the loss function is called with
+    ``non_loss_data=True`` and whatever it returns is collected as is."""
     device = default_device()
     if len(model) > 1:
         # Interleaved pipeline: ranks exchange activations in both directions with the same peer
@@ -77,6 +80,7 @@ def run_global_batch(model: list, forward_step, microbatches: Sequence[PackedMic
         seq_length=seq_length,
         micro_batch_size=1,
         forward_only=forward_only,
+        collect_non_loss_data=collect_non_loss_data,
         pg_collection=pg_collection,
         **extra,
     )

@@ -20,8 +20,11 @@ Per-segment log-prob sums are first summed over the CP group with an identity ba
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
@@ -41,6 +44,28 @@ def segment_logp_sums(token_logps: torch.Tensor, batch: PackedMicrobatch, cp_gro
     return sum_over_group(local, cp_group)
 
 
+@dataclass
+class SegmentLogps:
+    """Complete (TP- and CP-reduced) response log-prob sums of one microbatch's segments."""
+
+    sums: torch.Tensor
+    """[S] sum of log p(response token) per segment."""
+    example_index: torch.Tensor
+    """[S] dataset index of each segment's example."""
+    role: torch.Tensor
+    """[S] Role of each segment."""
+
+    @classmethod
+    def of(cls, segment_sums: torch.Tensor, batch: PackedMicrobatch) -> "SegmentLogps":
+        return cls(segment_sums.detach(), batch.example_index[batch.segment_example],
+                   batch.segment_role)
+
+    def scatter_into(self, table: np.ndarray) -> None:
+        """``table[example_index, role] = sums`` (a dataset-wide ``[N, 4]`` table)."""
+        table[self.example_index.cpu().numpy(), self.role.cpu().numpy()] = \
+            self.sums.float().cpu().numpy()
+
+
 def sequence_stats(segment_sums: torch.Tensor, batch: PackedMicrobatch) -> SequenceStats:
     """Arrange per-segment sums into ``[num_examples, 4]`` role tables."""
     shape = (batch.num_examples, 4)
@@ -54,9 +79,12 @@ def sequence_stats(segment_sums: torch.Tensor, batch: PackedMicrobatch) -> Seque
 
 
 def loss_func(batch: PackedMicrobatch, objective: ObjectiveConfig, mode: str, cp_group,
-              token_logps: torch.Tensor):
-    """Megatron loss function: returns ``(loss_sum, num_examples, metrics)`` (see module doc)."""
+              segment_sink: Optional[list], token_logps: torch.Tensor):
+    """Megatron loss function: returns ``(loss_sum, num_examples, metrics)`` (see module doc).
+    With a ``segment_sink`` list, the microbatch's :class:`SegmentLogps` is appended to it."""
     segment_sums = segment_logp_sums(token_logps.float(), batch, cp_group)
+    if segment_sink is not None:
+        segment_sink.append(SegmentLogps.of(segment_sums, batch))
     stats = sequence_stats(segment_sums, batch)
     per_example, metrics = solopo_objective(stats, objective, mode)
     cp_rank = cp_group.rank() if cp_group is not None else 0
@@ -65,24 +93,44 @@ def loss_func(batch: PackedMicrobatch, objective: ObjectiveConfig, mode: str, cp
     count = torch.tensor(float(batch.num_examples), device=per_example.device)
     reported = {key: torch.stack([value.detach().float().sum(), count])
                 for key, value in metrics.items()}
-    reported["_segments"] = {"segment_sums": segment_sums.detach(),
-                             "example_index": batch.example_index,
-                             "segment_example": batch.segment_example,
-                             "segment_role": batch.segment_role}
     return per_example.sum(), num_examples, reported
 
 
-def make_forward_step(objective: ObjectiveConfig, mode: str, cp_group) -> Callable:
+def _forward(model, batch: PackedMicrobatch, cp_group) -> torch.Tensor:
+    return model(batch.tokens, None, None, labels=batch.labels, loss_mask=batch.loss_mask,
+                 packed_seq_params=batch.packed_seq_params(cp_group))
+
+
+def make_forward_step(objective: ObjectiveConfig, mode: str, cp_group,
+                      segment_sink: Optional[list] = None) -> Callable:
     """A ``forward_step_func(data_iterator, model)`` for ``get_forward_backward_func``.
 
     The iterator yields :class:`PackedMicrobatch` objects already cut for this CP rank and on the
-    right device."""
+    right device. ``segment_sink``: a list that collects each microbatch's :class:`SegmentLogps`
+    (last pipeline stage), for callers that need the sums themselves."""
 
     def forward_step(data_iterator: Iterator[PackedMicrobatch], model):
         batch = next(data_iterator)
-        output = model(batch.tokens, None, None, labels=batch.labels, loss_mask=batch.loss_mask,
-                       packed_seq_params=batch.packed_seq_params(cp_group))
-        return output, partial(loss_func, batch, objective, mode, cp_group)
+        return (_forward(model, batch, cp_group),
+                partial(loss_func, batch, objective, mode, cp_group, segment_sink))
+
+    return forward_step
+
+
+def _segment_logps_output(batch: PackedMicrobatch, cp_group, token_logps: torch.Tensor,
+                          non_loss_data: bool = True) -> SegmentLogps:
+    """Forward-only "loss" function: the microbatch's segment sums, no loss at all. Megatron's
+    schedule calls it with ``non_loss_data=True`` under ``collect_non_loss_data``."""
+    return SegmentLogps.of(segment_logp_sums(token_logps.float(), batch, cp_group), batch)
+
+
+def make_logprob_forward_step(cp_group) -> Callable:
+    """A forward-only step whose outputs (``run_global_batch(..., collect_non_loss_data=True)``)
+    are one :class:`SegmentLogps` per microbatch: what the reference pre-pass records."""
+
+    def forward_step(data_iterator: Iterator[PackedMicrobatch], model):
+        batch = next(data_iterator)
+        return _forward(model, batch, cp_group), partial(_segment_logps_output, batch, cp_group)
 
     return forward_step
 
@@ -95,8 +143,6 @@ def reduce_metrics(microbatch_outputs: list, dp_group) -> dict:
     totals: dict = {}
     for output in microbatch_outputs:
         for key, value in output.items():
-            if key.startswith("_"):
-                continue
             totals[key] = totals.get(key, 0) + value
     if not totals:
         return {}
