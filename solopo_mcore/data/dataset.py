@@ -65,10 +65,6 @@ class TripletDataset:
         ref = None if self.ref_logp is None else self.ref_logp[index].tolist()
         return TripletTokens(short, long_, chosen, rejected, index=index, ref_logp_sum=ref)
 
-    def segment_lengths(self, index: int) -> tuple[int, int, int, int]:
-        lengths = self.indexed.sequence_lengths[4 * index: 4 * index + 4]
-        return tuple(int(x) for x in lengths)
-
     def attach_reference(self, path: str) -> None:
         """Load a reference log-prob sidecar, refusing one made for another dataset."""
         ref, meta = load_reference_sidecar(path)
