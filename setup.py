@@ -15,7 +15,7 @@ setup(
     install_requires=[
         # torch is a range, never a pin: a user's CUDA build must not be replaced.
         "torch>=2.6",
-        "megatron-core==0.16.1",
+        "megatron-core>=0.16.1,<0.20",
         "transformers>=4.45",
         "datasets>=2.19",
         "safetensors>=0.4",
