@@ -30,7 +30,10 @@ class ModelConfig:
     params_dtype: str = "bf16"
     """Parameter/compute dtype: "fp32", "bf16" or "fp16". Tests and CPU runs use fp32."""
     layer_spec: str = "auto"
-    """"auto" (Transformer Engine when importable, else local), "te" or "local"."""
+    """"auto" (= "local": Megatron's local spec with our torch SDPA attention, the path CI tests,
+    on every device and whether or not Transformer Engine is importable), "local", or "te"
+    (Transformer Engine's spec; needs TE and CUDA; its THD + context-parallel attention on packed
+    triplets and fused RoPE are not validated, and it says so at start-up)."""
     attention_backend: str = "auto"
     """SDPA backend order for the torch core attention: "auto" (cuDNN>flash>efficient>math on
     CUDA, flash>math on CPU), "cudnn", "flash", "efficient" or "math"."""

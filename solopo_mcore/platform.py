@@ -41,7 +41,8 @@ def on_cuda() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def default_device() -> torch.device:
-    """The device a rank computes on: its local CUDA device, or CPU."""
+    """The device a rank computes on: its local CUDA device, or CPU. Cached: call it after
+    :func:`set_local_device` (``parallel.layout.init_distributed``)."""
     if on_cuda():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
