@@ -130,11 +130,11 @@ class Checks:
 
     # -- checks ---------------------------------------------------------------------------------
     def environment(self):
-        import megatron.core
+        from solopo_mcore.compat import MEGATRON_CORE_VERSION
         from solopo_mcore.profiling.flops import device_peak_tflops
         p = self.platform
         figures = {"python": sys.version.split()[0], "torch": torch.__version__,
-                   "megatron_core": megatron.core.__version__, "device": p.device_name(),
+                   "megatron_core": MEGATRON_CORE_VERSION, "device": p.device_name(),
                    "backend": torch.distributed.get_backend(), "dtype": self.dtype_name,
                    "peak_tflops": device_peak_tflops(),
                    "transformer_engine": p.transformer_engine_available(),

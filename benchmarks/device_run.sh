@@ -19,8 +19,8 @@ else
   SHAPE=qwen2.5-7b; SEQS=8192,32768,131072; LONGS=8192,16384,32768; SHORT=1024
   MAXSTART=16384; MAXLIM=262144; DT=bf16; OFFLOAD=true; CHECKS_FLAGS=
 fi
-$PY -c 'import sys, torch, megatron.core as m
-print(f"python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m.__version__}")'
+$PY -c 'import sys, torch; from solopo_mcore.compat import MEGATRON_CORE_VERSION as m
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m}")'
 $PY - "$OUT" "$SHAPE" <<'PYEOF'
 import json, sys
 from solopo_mcore.models.reference_configs import QWEN25_7B_INSTRUCT

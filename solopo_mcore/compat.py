@@ -24,13 +24,16 @@ versions"):
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import logging
 
-import megatron.core
 from megatron.core.models.gpt import GPTModel
 
-MEGATRON_CORE_VERSION: str = megatron.core.__version__
+#: The installed release, from the package metadata. (``megatron.core.__version__`` from 0.19 on
+#: appends the short git hash of whatever repository the package sits in, e.g. ours when the
+#: virtual environment is inside the checkout.)
+MEGATRON_CORE_VERSION: str = importlib.metadata.version("megatron-core")
 
 #: megatron-core >= 0.18: ``GPTModel.forward(..., output_processor=...)`` exists.
 GPT_HAS_OUTPUT_PROCESSOR: bool = "output_processor" in inspect.signature(GPTModel.forward).parameters
