@@ -24,23 +24,20 @@ SMALL = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_s
          "tie_word_embeddings": False}
 
 
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def peak_gib(sampler=None):
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 1024 ** 3
+    from solopo_mcore.platform import device_memory_stats
+    stats = device_memory_stats()
+    if stats:
+        return stats["memory/max_allocated_gib"]
     return sampler.peak_gib if sampler else float("nan")
 
 
 def measure(step, iters):
+    from solopo_mcore.platform import reset_peak_memory, synchronize as sync
     from solopo_mcore.profiling.memory import PeakRSSSampler
     step()  # warm-up
     sync()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory()
     times = []
     with PeakRSSSampler() as sampler:
         for _ in range(iters):
@@ -72,6 +69,7 @@ def main():
     from solopo_mcore.models.hf_config import shape_from_dict
     from solopo_mcore.models.reference_configs import QWEN25_7B_INSTRUCT
     from solopo_mcore.parallel.layout import initialize_parallel
+    from solopo_mcore.platform import default_device, empty_cache
     from solopo_mcore.profiling.flops import training_step_flops
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -79,8 +77,8 @@ def main():
     raw["num_hidden_layers"] = args.layers
     shape = shape_from_dict(raw)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     pgs = initialize_parallel(ParallelConfig(), seed=0)
+    device = default_device()  # after initialize_parallel, which binds the process to its GPU
     model = build_model_chunks(shape, ModelConfig(params_dtype=args.dtype,
                                                   attention_backend=args.attention_backend),
                                ParallelConfig(), pgs)[0].to(device)
@@ -121,12 +119,11 @@ def main():
                 print(f"{name:52s} seq {seq:7d}: out of memory", flush=True)
                 continue
             finally:
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                empty_cache()
             flops = training_step_flops(shape, [(seq, logit_tokens)])
             row = {"impl": name, "seq": seq, "attention_backend": args.attention_backend, "layers": args.layers, "shape": args.shape,
                    "dtype": args.dtype, "step_sec": seconds, "tokens_per_sec": seq / seconds,
-                   "model_tflops": flops / seconds / 1e12, "peak_gib": peak, "device": device}
+                   "model_tflops": flops / seconds / 1e12, "peak_gib": peak, "device": str(device)}
             rows.append(row)
             print(f"{name:52s} seq {seq:7d}: {seconds:8.3f} s  {seq / seconds:9.0f} tok/s  "
                   f"{flops / seconds / 1e12:7.2f} TFLOP/s  peak {peak:6.2f} GiB", flush=True)

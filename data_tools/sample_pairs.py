@@ -81,8 +81,10 @@ class HFSampler:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        from solopo_mcore.platform import default_device, on_cuda
+
+        device = default_device()
+        dtype = torch.bfloat16 if on_cuda() else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
         self.model.eval()
         self.kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p,

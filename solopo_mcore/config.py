@@ -30,7 +30,10 @@ class ModelConfig:
     params_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     """Parameter/compute dtype. Tests and CPU runs use fp32."""
     layer_spec: Literal["auto", "te", "local"] = "auto"
-    """"auto" (Transformer Engine when importable, else local), "te" or "local"."""
+    """"auto" (= "local": Megatron's local spec with our torch SDPA attention, the path CI tests,
+    on every device and whether or not Transformer Engine is importable), "local", or "te"
+    (Transformer Engine's spec; needs TE and CUDA; its THD + context-parallel attention on packed
+    triplets and fused RoPE are not validated, and it says so at start-up)."""
     attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
     """SDPA backend order for the torch core attention: "auto" is cuDNN>flash>efficient>math on
     CUDA, flash>math on CPU; any other value puts that backend first."""

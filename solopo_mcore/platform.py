@@ -1,18 +1,210 @@
-"""CPU compatibility for megatron-core 0.16.1: every CUDA assumption we work around, in one place.
+"""The device boundary: everything that differs between CPU/gloo and CUDA/NCCL, in one place.
 
-megatron-core assumes a CUDA device in a handful of places (see docs/design.md, "CPU").
-:func:`apply_cpu_patches` makes those places work on a CPU-only torch with the gloo backend.
-It is a no-op when CUDA is available, and nothing else in the package knows about it.
+No other module of the package asks ``torch.cuda`` anything or names a backend; they call the
+functions below. Three parts:
 
-Each patch below names the upstream call it works around.
+* **Device queries and actions** (:func:`on_cuda`, :func:`default_device`,
+  :func:`distributed_backend`, :func:`is_gloo`, :func:`synchronize`, memory statistics, RNG state,
+  device name, SDPA backend order, the ``TransformerConfig`` fields that depend on the device).
+  The CUDA side of each is listed in docs/design.md ("Runs only on GPU, untested here") and
+  exercised by ``benchmarks/device_run.sh``.
+* :func:`apply_cpu_patches`: megatron-core assumes a CUDA device in a handful of places; these
+  patches make them work on a CPU-only torch with gloo. A no-op when CUDA is available.
+* :func:`apply_megatron_fixes`: megatron-core paths that break without apex/Transformer Engine,
+  on CPU and GPU alike.
+
+megatron-core *version* differences live in :mod:`solopo_mcore.compat`.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+from typing import Optional
 
 import torch
+import torch.distributed as dist
+from torch.nn.attention import SDPBackend
 from torch.overrides import TorchFunctionMode
+
+GIB = 1024 ** 3
+
+# ---------------------------------------------------------------------------------------------
+# Device queries
+# ---------------------------------------------------------------------------------------------
+
+
+def on_cuda() -> bool:
+    """True when this process computes on a CUDA device."""
+    return torch.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=None)
+def default_device() -> torch.device:
+    """The device a rank computes on: its local CUDA device, or CPU. Cached: call it after
+    :func:`set_local_device` (``parallel.layout.init_distributed``)."""
+    if on_cuda():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def distributed_backend() -> str:
+    """The torch.distributed backend for this machine: NCCL with CUDA, else gloo."""
+    return "nccl" if on_cuda() else "gloo"
+
+
+def is_gloo(group=None) -> bool:
+    """True when ``group`` (default: the world) communicates through gloo. gloo-only workarounds
+    ask this, not whether CUDA is present: a GPU run with NCCL must not pay for them."""
+    if dist.is_initialized():
+        return dist.get_backend(group) == "gloo"
+    return distributed_backend() == "gloo"
+
+
+def set_local_device() -> None:
+    """Bind this process to its ``LOCAL_RANK`` GPU (nothing on CPU)."""
+    if on_cuda():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def device_name() -> str:
+    """Human-readable name of the compute device (the GPU's, or the CPU with its thread count)."""
+    if on_cuda():
+        return torch.cuda.get_device_name()
+    import platform
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def transformer_engine_available() -> bool:
+    """Transformer Engine importable and a CUDA device present (TE has no CPU path)."""
+    import importlib.util
+    return importlib.util.find_spec("transformer_engine") is not None and on_cuda()
+
+
+def unsupported_on_cpu(feature: str) -> Optional[str]:
+    """Why ``feature`` cannot run on this machine, or None when it can.
+
+    ``feature``: "sequence_parallel" (needs TE/apex norms: torch's LayerNorm refuses it) or
+    "optimizer_cpu_offload" (on CPU the optimizer state is in host memory already)."""
+    if on_cuda():
+        return None
+    reasons = {
+        "sequence_parallel": "needs CUDA with Transformer Engine or apex norms",
+        "optimizer_cpu_offload": "needs a CUDA device (without one the optimizer state is in "
+                                 "host memory already)",
+    }
+    return reasons[feature]
+
+
+# ---------------------------------------------------------------------------------------------
+# Device actions: synchronisation, memory, RNG, profiler
+# ---------------------------------------------------------------------------------------------
+
+
+def synchronize() -> None:
+    """Wait for queued device work (timing); nothing to wait for on CPU."""
+    if on_cuda():
+        torch.cuda.synchronize()
+
+
+def empty_cache() -> None:
+    """Return cached allocator blocks to the device (between profiler settings)."""
+    if on_cuda():
+        torch.cuda.empty_cache()
+
+
+def reset_peak_memory() -> None:
+    """Restart the CUDA allocator's peak counters (CPU peaks are measured per block instead)."""
+    if on_cuda():
+        torch.cuda.reset_peak_memory_stats()
+
+
+@functools.lru_cache(maxsize=1)
+def _nvml_handle():
+    try:
+        import pynvml  # nvidia-ml-py
+
+        pynvml.nvmlInit()
+        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    except Exception:  # noqa: BLE001 - NVML is optional
+        return None
+
+
+def device_memory_stats() -> dict:
+    """The CUDA allocator's figures and NVML's used memory, in GiB, namespaced ``memory/...``;
+    empty on CPU (the caller adds host figures)."""
+    if not on_cuda():
+        return {}
+    out = {"memory/max_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+           "memory/max_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+           "memory/allocated_gib": torch.cuda.memory_allocated() / GIB}
+    nvml = _nvml_handle()
+    if nvml is not None:
+        lib, handle = nvml
+        out["memory/nvml_used_gib"] = lib.nvmlDeviceGetMemoryInfo(handle).used / GIB
+    return out
+
+
+def device_rng_state() -> Optional[torch.Tensor]:
+    """The CUDA generator's state to checkpoint (None on CPU: the CPU generator is saved apart)."""
+    return torch.cuda.get_rng_state() if on_cuda() else None
+
+
+def set_device_rng_state(state: Optional[torch.Tensor]) -> None:
+    """Restore :func:`device_rng_state`'s value (ignored on CPU or when saved without CUDA)."""
+    if on_cuda() and state is not None:
+        torch.cuda.set_rng_state(state)
+
+
+def profiler_activities() -> list:
+    """torch.profiler activities for a trace: CPU, plus CUDA kernels on a GPU."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if on_cuda():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return activities
+
+
+def sdpa_backend_order(name: str, device: torch.device) -> list:
+    """SDPA backends to allow, in priority order, for ``ModelConfig.attention_backend``.
+
+    "auto": cuDNN > flash > efficient > math on CUDA (cuDNN measured 1.7-4x flash on Hopper);
+    on CPU torch's flash kernel, then math (benchmarks/RESULTS.md)."""
+    named = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    if name != "auto":
+        return [named[name]]
+    if torch.device(device).type != "cuda":
+        return [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def transformer_config_overrides(transformer_engine: bool) -> dict:
+    """Megatron ``TransformerConfig`` fields that depend on the device and backend.
+
+    ``transformer_engine``: whether the TE layer spec is used (RoPE / grad-accumulation fusions
+    need TE or apex)."""
+    cuda = on_cuda()
+    out = dict(
+        use_cpu_initialization=not cuda,
+        # Megatron's torch.compile'd bias_swiglu keeps only FC1's output for backward (3 f instead
+        # of 5 f activations per token, profiling/estimator.py); bias_dropout_add is compiled too.
+        # On CPU the eager path measured faster.
+        bias_activation_fusion=cuda,
+        bias_dropout_fusion=cuda,
+        apply_rope_fusion=transformer_engine and cuda,
+        gradient_accumulation_fusion=transformer_engine and cuda,
+    )
+    if distributed_backend() == "gloo":
+        # p2p_communication.py ``_batched_p2p_ops``: gloo matches batched isend/irecv out of order
+        # in the interleaved (virtual pipeline) schedule, swapping microbatches; send one by one.
+        out["batch_p2p_comm"] = False
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU patches (megatron-core 0.16.1 .. 0.19.x on a CPU-only torch with gloo)
+# ---------------------------------------------------------------------------------------------
 
 _APPLIED = False
 
@@ -35,7 +227,7 @@ def _is_cuda_device(device) -> bool:
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites ``device="cuda"`` to CPU and reports CUDA type names for CPU float tensors.
 
-    Works around, in megatron-core 0.16.1:
+    Works around, in megatron-core 0.16.1 (and still in 0.19):
       - ``pipeline_parallel/schedules.py``: ``torch.zeros([], device="cuda")`` (token counter);
       - ``distributed/param_and_grad_buffer.py``, ``optimizer/optimizer.py``,
         ``optimizer/clip_grads.py``, ``optimizer/grad_scaler.py``: ``torch.tensor(..., device='cuda')``;
@@ -69,7 +261,7 @@ def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
 def apply_cpu_patches() -> bool:
     """Apply the CPU patches once, if CUDA is absent. Returns True when they are active."""
     global _APPLIED
-    if torch.cuda.is_available():
+    if on_cuda():
         return False
     if _APPLIED:
         return True
@@ -79,6 +271,11 @@ def apply_cpu_patches() -> bool:
     torch.cuda.current_device = lambda: "cpu"
     # schedules.py p2p shape exchange, dist_checkpointing: ``torch.cuda.synchronize()``.
     torch.cuda.synchronize = lambda *a, **k: None
+    # megatron-core 0.19 ``distributed/param_and_grad_buffer.py`` ``start_grad_sync`` takes
+    # ``torch.cuda.current_stream()`` to wait on CUDA-graph events before every gradient
+    # reduce ("Found no NVIDIA driver" on CPU). torch's CPU stream has the same
+    # ``wait_event`` / ``wait_stream`` methods. Unused by 0.16.1 on this path, so harmless there.
+    torch.cuda.current_stream = lambda *a, **k: torch.cpu.current_stream()
     # tensor_parallel/random.py: ``torch.cuda.get_rng_state`` / ``manual_seed`` in the RNG tracker
     # (``CudaRNGStatesTracker.add``) and ``model_parallel_cuda_manual_seed``.
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
@@ -95,12 +292,16 @@ def apply_cpu_patches() -> bool:
     return True
 
 
+# ---------------------------------------------------------------------------------------------
+# Fixes for megatron-core without apex / Transformer Engine (CPU and GPU)
+# ---------------------------------------------------------------------------------------------
+
 _FIXED = False
 
 
 def apply_megatron_fixes() -> None:
-    """Fixes for megatron-core 0.16.1 paths that break without apex/Transformer Engine (on CPU
-    and on GPUs alike). Idempotent."""
+    """Fixes for megatron-core paths that break without apex/Transformer Engine (on CPU and on
+    GPUs alike). Idempotent. Checked unchanged from 0.16.1 through 0.19.2."""
     global _FIXED
     if _FIXED:
         return
@@ -126,20 +327,3 @@ def apply_megatron_fixes() -> None:
 
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
     _FIXED = True
-
-
-def transformer_config_overrides() -> dict:
-    """Megatron ``TransformerConfig`` fields that must differ on CPU/gloo (empty on GPU)."""
-    if torch.cuda.is_available():
-        return {}
-    # p2p_communication.py ``_batched_p2p_ops``: gloo matches batched isend/irecv out of order in
-    # the interleaved (virtual pipeline) schedule, swapping microbatches; send them one by one.
-    return {"batch_p2p_comm": False}
-
-
-@functools.lru_cache(maxsize=None)
-def default_device() -> torch.device:
-    """The device a rank computes on: its local CUDA device, or CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

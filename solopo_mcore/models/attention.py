@@ -10,7 +10,7 @@ Megatron's ``Attention`` gives a core attention: ``[s, b, h, d]`` tensors, or ``
 * Backend: cuDNN > flash > efficient > math on CUDA (not yet measured by this repo; the GPU run
   in benchmarks/device_run.sh reports it); on CPU torch's flash kernel, then math (measured
   faster, with less memory, in benchmarks/RESULTS.md), unless ``ModelConfig.attention_backend``
-  names one.
+  names one (``platform.sdpa_backend_order``).
 """
 
 from __future__ import annotations
@@ -25,27 +25,11 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from solopo_mcore.parallel.context import all_gather_first_dim, gathered_to_global_index
-
-_BACKENDS = {
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "math": SDPBackend.MATH,
-}
-
-
-def sdpa_backend_order(name: str, on_cuda: bool) -> list:
-    """SDPA backends to allow, in priority order, for ``ModelConfig.attention_backend``."""
-    if name == "auto":
-        if not on_cuda:
-            return [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
-        return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    return [_BACKENDS[name]]
+from solopo_mcore.platform import sdpa_backend_order
 
 
 class TorchCoreAttention(MegatronModule):
@@ -87,7 +71,7 @@ class TorchCoreAttention(MegatronModule):
         return F.scaled_dot_product_attention(q[None], k[None], v[None], **kwargs)[0]
 
     def _backend_scope(self, device: torch.device):
-        order = sdpa_backend_order(self.backend_name, device.type == "cuda")
+        order = sdpa_backend_order(self.backend_name, device)
         try:
             return sdpa_kernel(order, set_priority=True)
         except TypeError:  # torch without set_priority

@@ -8,10 +8,10 @@ therefore never materialises 128K x vocab logits.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
@@ -24,25 +24,45 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from solopo_mcore.compat import LabelledOutputGPTModel
 from solopo_mcore.config import ModelConfig, ParallelConfig
 from solopo_mcore.models.attention import TorchCoreAttention
 from solopo_mcore.models.hf_config import ModelShape, padded_vocab_size
-from solopo_mcore.platform import transformer_config_overrides
+from solopo_mcore.platform import transformer_config_overrides, transformer_engine_available
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-
-def transformer_engine_available() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
+#: Printed once per process when ``model.layer_spec=te``: what no test or CI run has exercised.
+TE_UNVALIDATED = (
+    "[model] model.layer_spec=te is NOT the tested path: Transformer Engine's THD + context-"
+    "parallel attention on our packed triplets (segment boundaries, zigzag CP split, response-only "
+    "log-probs) and TE's fused RoPE have not been validated against the transformers reference; "
+    "CI tests model.layer_spec=auto/local (local spec + torch SDPA attention). Check the "
+    "log-probs with `python examples/convert_checkpoint.py hf-to-mcore ... --verify` and "
+    "benchmarks/device_run.sh before relying on it.")
+_TE_NOTICE_SHOWN = False
 
 
 def use_te_spec(model_cfg: ModelConfig) -> bool:
-    if model_cfg.layer_spec == "te":
-        if not transformer_engine_available():
-            raise RuntimeError("model.layer_spec=te but Transformer Engine is not importable "
-                               "(or no CUDA device); use model.layer_spec=local or auto")
-        return True
-    return model_cfg.layer_spec == "auto" and transformer_engine_available()
+    """Whether the Transformer Engine layer spec is used: only when asked for by name.
+
+    ``auto`` is the tested path (local spec + our torch attention) on every device, whether or not
+    Transformer Engine is importable."""
+    if model_cfg.layer_spec != "te":
+        return False
+    if not transformer_engine_available():
+        raise RuntimeError("model.layer_spec=te but Transformer Engine is not importable "
+                           "(or no CUDA device); use model.layer_spec=auto (the tested path)")
+    return True
+
+
+def _announce_te_once() -> None:
+    global _TE_NOTICE_SHOWN
+    if _TE_NOTICE_SHOWN:
+        return
+    _TE_NOTICE_SHOWN = True
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(TE_UNVALIDATED, flush=True)
 
 
 def build_transformer_config(shape: ModelShape, model_cfg: ModelConfig,
@@ -50,7 +70,6 @@ def build_transformer_config(shape: ModelShape, model_cfg: ModelConfig,
     """Megatron ``TransformerConfig`` for ``shape`` at the given layout and numerics."""
     dtype = _DTYPES[model_cfg.params_dtype]
     te = use_te_spec(model_cfg)
-    on_cuda = torch.cuda.is_available()
     kwargs = dict(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -88,28 +107,23 @@ def build_transformer_config(shape: ModelShape, model_cfg: ModelConfig,
         else None,
         recompute_num_layers=model_cfg.recompute_num_layers
         if model_cfg.recompute_granularity == "full" else None,
-        use_cpu_initialization=not on_cuda,
-        # RoPE / grad-accumulation fusions need Transformer Engine or apex. Megatron's
-        # torch.compile'd bias_swiglu and bias_dropout_add run with CUDA: the fused SwiGLU keeps
-        # only FC1's output for backward (3 f instead of 5 f activations per token, see
-        # profiling/estimator.py); on CPU the eager path measured faster.
+        # Device-dependent fusions (fused SwiGLU / bias-dropout-add on CUDA, RoPE and
+        # grad-accumulation fusions with TE) and CPU initialisation: platform.py.
         masked_softmax_fusion=False,
-        bias_activation_fusion=on_cuda,  # Megatron's bias_swiglu: keeps only FC1's output
-        bias_dropout_fusion=on_cuda,
-        apply_rope_fusion=te and on_cuda,
-        gradient_accumulation_fusion=te and on_cuda,
         persist_layer_norm=False,
     )
     if model_cfg.recompute_granularity == "selective":
         kwargs["recompute_modules"] = ["core_attn"]
-    kwargs.update(transformer_config_overrides())
+    kwargs.update(transformer_config_overrides(transformer_engine=te))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
 
 def build_layer_spec(model_cfg: ModelConfig):
-    """TE spec when Transformer Engine is used, else the local spec with torch core attention."""
+    """The local spec with our torch core attention (``auto``/``local``: the tested path), or TE's
+    spec when ``model.layer_spec=te`` (announced once as unvalidated)."""
     if use_te_spec(model_cfg):
+        _announce_te_once()
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     attention_cls = type("TorchCoreAttention", (TorchCoreAttention,),
@@ -118,7 +132,7 @@ def build_layer_spec(model_cfg: ModelConfig):
     return spec
 
 
-class ResponseLogprobGPTModel(GPTModel):
+class ResponseLogprobGPTModel(LabelledOutputGPTModel):
     """``GPTModel`` that, given labels, returns log-probs at loss-mask positions only.
 
     ``forward(input_ids, None, None, labels=..., loss_mask=..., packed_seq_params=...)`` returns
@@ -130,11 +144,9 @@ class ResponseLogprobGPTModel(GPTModel):
 
     real_vocab_size: Optional[int] = None
 
-    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args,
-                     loss_mask=None, **kwargs):
-        if not self.post_process or labels is None:
-            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args,
-                                        loss_mask=loss_mask, **kwargs)
+    def labelled_output(self, hidden_states, labels, loss_mask, output_weight):
+        """Log-probs of ``labels`` at ``loss_mask`` positions from the last decoder hidden states
+        (called by the megatron-core version's output hook, see compat.py)."""
         if loss_mask is None:
             raise ValueError("ResponseLogprobGPTModel needs loss_mask with labels")
         if self.config.sequence_parallel:
@@ -145,12 +157,11 @@ class ResponseLogprobGPTModel(GPTModel):
         index = loss_mask.reshape(-1).nonzero(as_tuple=True)[0]
         selected = flat_hidden.index_select(0, index).unsqueeze(1)
         targets = labels.reshape(-1).index_select(0, index).unsqueeze(1)
-        weight = self.shared_embedding_or_output_weight() \
-            if self.share_embeddings_and_output_weights else None
         sp = self.output_layer.sequence_parallel
         self.output_layer.sequence_parallel = False
         try:
-            logits, _ = self.output_layer(selected, weight=weight, runtime_gather_output=False)
+            logits, _ = self.output_layer(selected, weight=output_weight,
+                                          runtime_gather_output=False)
         finally:
             self.output_layer.sequence_parallel = sp
         logits = logits.float()

@@ -13,6 +13,8 @@ import functools
 import torch
 import torch.distributed as dist
 
+from solopo_mcore.platform import is_gloo
+
 
 def zigzag_local_index(padded_seqlens: list[int], cp_size: int, cp_rank: int) -> torch.Tensor:
     """Indices into the packed global sequence of the tokens CP rank ``cp_rank`` holds."""
@@ -75,7 +77,7 @@ class _AllGatherFirstDim(torch.autograd.Function):
         tensor = tensor.contiguous()
         out = torch.empty((world * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype,
                           device=tensor.device)
-        if dist.get_backend(group) == "gloo":
+        if is_gloo(group):  # gloo has no all_gather_into_tensor
             dist.all_gather(list(out.chunk(world)), tensor, group=group)
         else:
             dist.all_gather_into_tensor(out, tensor, group=group)
@@ -87,7 +89,7 @@ class _AllGatherFirstDim(torch.autograd.Function):
         world = dist.get_world_size(group)
         rank = dist.get_rank(group)
         grad = grad.contiguous()
-        if dist.get_backend(group) == "gloo":
+        if is_gloo(group):  # gloo has no reduce_scatter_tensor
             dist.all_reduce(grad, group=group)
             return grad.chunk(world)[rank].contiguous(), None
         out = torch.empty((grad.shape[0] // world, *grad.shape[1:]), dtype=grad.dtype,

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from solopo_mcore.config import ParallelConfig
 from solopo_mcore.models.hf_config import ModelShape
-from solopo_mcore.platform import apply_cpu_patches, apply_megatron_fixes
+from solopo_mcore.platform import (apply_cpu_patches, apply_megatron_fixes, distributed_backend,
+                                   set_local_device, unsupported_on_cpu)
 
 
 class LayoutError(ValueError):
@@ -48,9 +49,10 @@ def validate_layout(shape: ModelShape, parallel: ParallelConfig, world_size: int
         raise LayoutError(
             f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = "
             f"{tp * pp * cp}; launch a multiple of {tp * pp * cp} processes or change the sizes")
-    if parallel.sequence_parallel and tp > 1 and not torch.cuda.is_available():
-        raise LayoutError("parallel.sequence_parallel needs CUDA with Transformer Engine or apex "
-                          "norms; set parallel.sequence_parallel=false")
+    reason = unsupported_on_cpu("sequence_parallel")
+    if parallel.sequence_parallel and tp > 1 and reason:
+        raise LayoutError(f"parallel.sequence_parallel {reason}; set "
+                          "parallel.sequence_parallel=false")
     return world_size // (tp * pp * cp)
 
 
@@ -64,10 +66,8 @@ def init_distributed(timeout_minutes: int = 30) -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend,
+    set_local_device()
+    dist.init_process_group(backend=distributed_backend(),
                             timeout=datetime.timedelta(minutes=timeout_minutes))
 
 

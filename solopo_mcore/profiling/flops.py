@@ -50,11 +50,11 @@ def device_peak_tflops(override: Optional[float] = None) -> Optional[float]:
     """The dense bf16 peak of this rank's device, ``override`` if given, None on CPU/unknown."""
     if override is not None:
         return override
-    import torch
+    from solopo_mcore.platform import device_name, on_cuda
 
-    if not torch.cuda.is_available():
+    if not on_cuda():
         return None
-    name = torch.cuda.get_device_name()
+    name = device_name()
     for key, value in PEAK_TFLOPS.items():
         if key in name:
             return value

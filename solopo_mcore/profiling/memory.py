@@ -1,9 +1,8 @@
-"""Memory figures: the torch allocator and NVML on GPU; on CPU the allocator's peak (profiler
-memory events) plus the live tensors, and resident set size."""
+"""Memory figures: the torch allocator and NVML on GPU (``platform.device_memory_stats``); on CPU
+the allocator's peak (profiler memory events) plus the live tensors, and resident set size."""
 
 from __future__ import annotations
 
-import functools
 import gc
 import resource
 import sys
@@ -11,31 +10,13 @@ import sys
 import psutil
 import torch
 
-GIB = 1024 ** 3
-
-
-@functools.lru_cache(maxsize=1)
-def _nvml_handle():
-    try:
-        import pynvml  # nvidia-ml-py
-
-        pynvml.nvmlInit()
-        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-    except Exception:  # noqa: BLE001 - NVML is optional
-        return None
+from solopo_mcore.platform import GIB, device_memory_stats, reset_peak_memory
 
 
 def memory_stats() -> dict:
-    """Namespaced memory metrics for this rank, in GiB."""
-    out = {}
-    if torch.cuda.is_available():
-        out["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
-        out["memory/max_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
-        out["memory/allocated_gib"] = torch.cuda.memory_allocated() / GIB
-        nvml = _nvml_handle()
-        if nvml is not None:
-            lib, handle = nvml
-            out["memory/nvml_used_gib"] = lib.nvmlDeviceGetMemoryInfo(handle).used / GIB
+    """Namespaced memory metrics for this rank, in GiB: the device allocator's and NVML's on a
+    GPU, and the process's resident set everywhere."""
+    out = device_memory_stats()
     out["memory/rss_gib"] = psutil.Process().memory_info().rss / GIB
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     out["memory/max_rss_gib"] = max_rss / (GIB if sys.platform == "darwin" else 1024 ** 2)
@@ -43,8 +24,8 @@ def memory_stats() -> dict:
 
 
 def reset_peak() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    """Restart the device allocator's peak counters (a no-op on CPU)."""
+    reset_peak_memory()
 
 
 class PeakRSSSampler:

@@ -6,7 +6,9 @@ import argparse
 import torch
 import torch.distributed as dist
 
+from solopo_mcore.compat import MEGATRON_CORE_VERSION
 from solopo_mcore.config import load_config
+from solopo_mcore.platform import device_name, on_cuda
 from solopo_mcore.profiling.estimator import EstimateInputs, estimate_memory
 from solopo_mcore.profiling.flops import device_peak_tflops
 from solopo_mcore.profiling.report import write_report
@@ -85,11 +87,12 @@ def run(args) -> dict:
                 print(f"[profile] longest trainable long context for {mode}: {best} tokens "
                       f"({len(trials)} trials)", flush=True)
     context = {"model": shape.architecture, "layers": shape.num_layers,
-               "hidden": shape.hidden_size, "device": _device(),
+               "hidden": shape.hidden_size, "device": device_name(),
                "layout": f"TP{pgs.tp.size()} PP{pgs.pp.size()} CP{pgs.cp.size()} "
                          f"DP{pgs.dp.size()}",
                "short_tokens": args.short_tokens, "response_tokens": args.response_tokens,
                "peak_tflops": target.peak_tflops, "torch": torch.__version__,
+               "megatron_core": MEGATRON_CORE_VERSION,
                "recompute": config.model.recompute_granularity,
                "params_dtype": config.model.params_dtype}
     payload = {}
@@ -99,16 +102,9 @@ def run(args) -> dict:
     return payload
 
 
-def _device() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    import platform
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def _estimate(config, stack, pgs, mode, args, length, result) -> dict:
     """The estimator's figure for this setting next to the measured tensor peak, and its error."""
-    on_gpu = torch.cuda.is_available()
+    on_gpu = on_cuda()
     model = config.model
     est = estimate_memory(stack.shape, EstimateInputs(
         tp=pgs.tp.size(), pp=pgs.pp.size(), cp=pgs.cp.size(), dp=pgs.dp.size(),

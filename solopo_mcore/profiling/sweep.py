@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from solopo_mcore.data.packing import TripletTokens, pack_triplets
 from solopo_mcore.losses.objective import MODE_ROLES, Role
+from solopo_mcore.platform import empty_cache, on_cuda, profiler_activities, synchronize
 from solopo_mcore.profiling.flops import mfu, training_step_flops
 from solopo_mcore.profiling.memory import (GIB, AllocatorPeakTracker, PeakRSSSampler,
                                            live_storages, memory_stats, reset_peak)
@@ -70,7 +71,7 @@ def synthetic_example(short_tokens: int, long_tokens: int, response_tokens: int,
 def _tensor_peak_gib(target: "ProfileTarget", example: TripletTokens, roles, mode: str) -> float:
     """Peak tensor memory of one (untimed) training step: the CUDA allocator's maximum, or on CPU
     the tensors alive before the step plus the CPU allocator's peak during it."""
-    if torch.cuda.is_available():
+    if on_cuda():
         reset_peak()
         _timed_pass(target, example, roles, mode, with_optimizer=True)
         return memory_stats()["memory/max_allocated_gib"]
@@ -80,23 +81,18 @@ def _tensor_peak_gib(target: "ProfileTarget", example: TripletTokens, roles, mod
     return (static_bytes + tracker.peak_bytes) / GIB
 
 
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _timed_pass(target: ProfileTarget, example: TripletTokens, roles, mode: str,
                 with_optimizer: bool) -> float:
     pgs = target.stack.pg_collection
     batch = pack_triplets([example], roles, pad_multiple=target.pad_multiple).for_cp_rank(
         pgs.cp.size(), pgs.cp.rank())
     forward_step = make_forward_step(target.objective, mode, pgs.cp)
-    _sync()
+    synchronize()
     start = time.time()
     run_global_batch(target.stack.model, forward_step, [batch], pgs)
     if with_optimizer:
         target.optimizer.step()
-    _sync()
+    synchronize()
     return time.time() - start
 
 
@@ -201,8 +197,7 @@ def _result(target, example, mode, short_tokens, long_tokens, step, peak, peak_r
 
 def _release_memory() -> None:
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    empty_cache()
 
 
 def trace_step(target: ProfileTarget, mode: str, short_tokens: int, long_tokens: int,
@@ -210,9 +205,7 @@ def trace_step(target: ProfileTarget, mode: str, short_tokens: int, long_tokens:
     """A torch profiler trace (Chrome JSON) of one training step of this setting."""
     example = synthetic_example(short_tokens, long_tokens, target.response_tokens,
                                 target.stack.shape.vocab_size, target.seed)
-    activities = [torch.profiler.ProfilerActivity.CPU] + (
-        [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+    with torch.profiler.profile(activities=profiler_activities(), record_shapes=True) as prof:
         _timed_pass(target, example, MODE_ROLES[mode], mode, with_optimizer=True)
     if dist.get_rank() == 0:
         prof.export_chrome_trace(path)

@@ -27,6 +27,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from solopo_mcore.platform import device_rng_state, set_device_rng_state
+
 COMPLETE_MARKER = "solopo_state.json"
 _ITER = re.compile(r"^iter_(\d{7})$")
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -76,7 +78,7 @@ def _model_state(model: list) -> dict:
 
 def _rng_object(rank: int, world: int) -> ShardedObject:
     state = {"python_rng_state": None, "torch_rng_state": torch.get_rng_state(),
-             "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+             "cuda_rng_state": device_rng_state(),
              "tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()}
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
 
@@ -174,8 +176,7 @@ class CheckpointManager:
         if "rng_state" in state:
             rng = state["rng_state"]
             torch.set_rng_state(rng["torch_rng_state"])
-            if torch.cuda.is_available() and rng["cuda_rng_state"] is not None:
-                torch.cuda.set_rng_state(rng["cuda_rng_state"])
+            set_device_rng_state(rng["cuda_rng_state"])
             tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker_states"])
         return marker
 

@@ -16,7 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from solopo_mcore.config import ParallelConfig
 from solopo_mcore.data.packing import PackedMicrobatch, pad_to_length
-from solopo_mcore.platform import default_device
+from solopo_mcore.platform import default_device, is_gloo
 
 
 def wrap_ddp(chunks: list, config: TransformerConfig, parallel: ParallelConfig,
@@ -54,10 +54,11 @@ def run_global_batch(model: list, forward_step, microbatches: Sequence[PackedMic
     ``collect_non_loss_data`` (forward-only) the loss function is called with
     ``non_loss_data=True`` and whatever it returns is collected as is."""
     device = default_device()
-    if len(model) > 1:
-        # Interleaved pipeline: ranks exchange activations in both directions with the same peer
-        # and tag; gloo then matches messages by order, which needs equal sizes. Pad microbatches
-        # to one length (every rank of a pipeline holds the same microbatches, so the same max).
+    if len(model) > 1 and is_gloo(pg_collection.pp):
+        # Interleaved pipeline on gloo: ranks exchange activations in both directions with the
+        # same peer and tag; gloo then matches messages by order, which needs equal sizes. Pad
+        # microbatches to one length (every rank of a pipeline holds the same microbatches, so the
+        # same max). NCCL needs no padding.
         longest = max(int(mb.tokens.shape[1]) for mb in microbatches)
         microbatches = [pad_to_length(mb, longest) for mb in microbatches]
     batches = [mb.to(device) for mb in microbatches]

@@ -8,15 +8,15 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from solopo_mcore.config import OptimizerConfig, ParallelConfig
-from solopo_mcore.models.builder import transformer_engine_available
+from solopo_mcore.platform import transformer_engine_available, unsupported_on_cpu
 
 
 def build_optimizer(model: list, opt: OptimizerConfig, parallel: ParallelConfig,
                     params_dtype: torch.dtype, pg_collection):
     """``get_megatron_optimizer`` for the DDP-wrapped chunks."""
-    if opt.optimizer_cpu_offload and not torch.cuda.is_available():
-        raise ValueError("optimizer.optimizer_cpu_offload needs a CUDA device (without one the "
-                         "optimizer state is in host memory already); set it to false")
+    reason = unsupported_on_cpu("optimizer_cpu_offload")
+    if opt.optimizer_cpu_offload and reason:
+        raise ValueError(f"optimizer.optimizer_cpu_offload {reason}; set it to false")
     config = McoreOptimizerConfig(
         optimizer="adam",
         lr=opt.lr,

@@ -15,6 +15,7 @@ from solopo_mcore.data.sampler import SamplerState, TripletSampler
 from solopo_mcore.losses.objective import EVAL_ROLES, MODE_ROLES
 from solopo_mcore.models.builder import use_te_spec
 from solopo_mcore.parallel.layout import destroy_parallel
+from solopo_mcore.platform import default_device
 from solopo_mcore.profiling.flops import device_peak_tflops, mfu, training_step_flops
 from solopo_mcore.profiling.memory import memory_stats, reset_peak
 from solopo_mcore.training import build
@@ -126,9 +127,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _all_ranks(self, value: float, op) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
-        if torch.cuda.is_available():
-            t = t.cuda()
+        t = torch.tensor([value], dtype=torch.float64, device=default_device())
         dist.all_reduce(t, op=op)
         return float(t.item())
 
