@@ -16,6 +16,7 @@ Two sources, both from held-out ``data_tools.build_triplets`` rows:
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -104,30 +105,51 @@ def triplet_items(rows: list[dict]) -> list[EvalItem]:
     return items
 
 
+@functools.lru_cache(maxsize=None)
+def _normalized(text: str) -> str:
+    return normalize_answer(text)
+
+
 def _haystack(evidence_titles: set, answers: list, budget: int, counter: TokenCounter,
-              pool: list, rng: random.Random, max_misses: int = 64) -> list[tuple[str, int]]:
-    """Random pool passages ``(text, tokens incl. separator)`` filling at most ``budget``."""
+              pool: list, rng: random.Random, max_misses: int = 64, max_scan: int = 2000
+              ) -> list[tuple[str, int]]:
+    """Random pool passages ``(text, tokens incl. separator)`` filling at most ``budget``:
+    random draws until ``max_misses`` in a row do not fit, then the first passages that fit
+    in a scan of up to ``max_scan`` passages from a random start."""
     from data_tools.common import render_passage
 
     golds = [g for g in (normalize_answer(a) for a in answers) if g]
-    chosen, misses, tries = [], 0, 0
-    while budget >= counter.separator + 8 and misses < max_misses:
-        tries += 1
-        if tries > 100 * max_misses + 10 * len(pool):
-            break
-        title, text = pool[rng.randrange(len(pool))]
-        if title in evidence_titles:
-            continue
-        if golds and any(g in normalize_answer(text) for g in golds):
-            continue
+    floor = counter.separator + 8
+
+    def usable(index: int):
+        title, text = pool[index]
+        if title in evidence_titles or (golds and any(g in _normalized(text) for g in golds)):
+            return None
         passage = render_passage(title, text)
-        cost = counter.count(passage) + counter.separator
-        if cost <= budget:
-            chosen.append((passage, cost))
-            budget -= cost
+        # the passage with its separator, counted together: a final '.' and the '\n\n' after
+        # it are one token, so this is exactly what the passage adds to the joined prompt
+        return passage, counter.count(passage + PASSAGE_SEPARATOR)
+
+    chosen, misses, draws = [], 0, 0
+    while budget >= floor and misses < max_misses and draws < 100 * max_misses + len(pool):
+        draws += 1
+        candidate = usable(rng.randrange(len(pool)))
+        if candidate is None:
+            continue
+        if candidate[1] <= budget:
+            chosen.append(candidate)
+            budget -= candidate[1]
             misses = 0
         else:
             misses += 1
+    start = rng.randrange(len(pool))
+    for offset in range(min(len(pool), max_scan)):
+        if budget < floor:
+            break
+        candidate = usable((start + offset) % len(pool))
+        if candidate is not None and candidate[1] <= budget:
+            chosen.append(candidate)
+            budget -= candidate[1]
     return chosen
 
 
@@ -148,7 +170,7 @@ def _split_for_depth(haystack: list[tuple[str, int]], target: float, counter: To
         best_k, best_gap = 0, abs(target - before)
         for k in range(1, len(sentences) + 1):
             head = (title + "\n" if title else "") + " ".join(sentences[:k])
-            pos = before + counter.count(head) + counter.separator
+            pos = before + counter.count(head + PASSAGE_SEPARATOR)
             if abs(target - pos) < best_gap:
                 best_k, best_gap = k, abs(target - pos)
         if best_k == 0:

@@ -28,6 +28,9 @@ def init_run(project: str, entity: Optional[str] = None, name: Optional[str] = N
              directory: Optional[str] = None, config: Optional[dict] = None):
     """A wandb run; with ``run_id`` an existing run is resumed (or created with that id)."""
     wandb = _wandb()
+    if directory:
+        import os
+        os.makedirs(directory, exist_ok=True)
     kwargs = dict(project=project, entity=entity, name=name, tags=list(tags or []) or None,
                   config=config, dir=directory)
     if run_id:
