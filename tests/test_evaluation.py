@@ -134,6 +134,11 @@ def test_end_to_end_oracle_one_wrong_zero(demo_data, tmp_path):
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "| oracle | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | +0.000" in md
     assert "| wrong | 0.000 [0.000, 0.000] | 0.000 [0.000, 0.000] | +0.000" in md
+    # a later run adding a checkpoint to the folder: the comparison covers all three
+    cfg.models = [("third", str(demo_data["model"]))]
+    run_evaluation(cfg, lambda name, path: wrong)
+    combined = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [s["name"] for s in combined["checkpoints"]] == ["third", "oracle", "wrong"]
 
 
 class _Interrupt(Exception):

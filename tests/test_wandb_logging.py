@@ -79,9 +79,10 @@ def test_eval_summary_is_logged_to_the_named_run(offline):
     metric = {"value": 0.5, "ci95": [0.25, 0.75], "n": 8}
     summaries = [{"name": "solo", "accuracy_short": metric, "accuracy_long": metric,
                   "gap": {"value": 0.0, "ci95": [-0.25, 0.25], "n": 8}}]
-    run_id = log_eval_summaries(summaries, str(offline), "solopo-test", run_id="trainrun01")
+    run_id = log_eval_summaries(summaries, str(offline), "solopo-test", run_id="trainrun01",
+                                directory=str(offline / "eval_wandb"))
     assert run_id == "trainrun01"
-    run_dir = next(Path(offline / "wandb_default" / "wandb").glob("offline-run-*-trainrun01"))
+    run_dir = next(Path(offline / "eval_wandb" / "wandb").glob("offline-run-*-trainrun01"))
     summary = {}
     for r in _records(run_dir):
         if r["type"] == "summary":

@@ -5,7 +5,8 @@ Layout of ``output_dir``::
     <name>/settings.json    what produced the results (a resumed run must match it)
     <name>/results.jsonl    one line per generation, appended batch by batch
     <name>/summary.json|md  metrics with 95 % bootstrap intervals; heatmap.png for grids
-    summary.json|md         all checkpoints; comparison.png: short vs long accuracy bars
+    summary.json|md         every checkpoint in the folder evaluated on the same data settings
+                            (this run's and earlier runs'); comparison.png: short vs long bars
 
 A rerun skips the ids already in ``results.jsonl`` (an interrupted last line is cut off and
 generated again); a folder written with other settings is refused, naming the difference.
@@ -237,8 +238,24 @@ def run_evaluation(cfg: EvalConfig, generator_factory: Optional[Callable] = None
         (folder / "summary.md").write_text(summary_mod.summary_markdown([summary], name))
         plots.heatmap(summary, str(folder / "heatmap.png"))
         summaries.append(summary)
-    write_json(str(out_dir / "summary.json"), {"checkpoints": summaries})
-    (out_dir / "summary.md").write_text(summary_mod.summary_markdown(summaries))
-    plots.comparison_bars(summaries, str(out_dir / "comparison.png"))
+    every = summaries + earlier_summaries(out_dir, names, next(iter(settings.values())))
+    write_json(str(out_dir / "summary.json"), {"checkpoints": every})
+    (out_dir / "summary.md").write_text(summary_mod.summary_markdown(every))
+    plots.comparison_bars(every, str(out_dir / "comparison.png"))
     return summaries
+
+
+def earlier_summaries(out_dir: Path, names: list, settings: dict) -> list:
+    """Summaries of checkpoints evaluated into ``out_dir`` by earlier runs with the same data
+    settings (everything but the weights and backend), so the folder's comparison covers them."""
+    shared = {k: v for k, v in settings.items() if k not in ("model", "backend")}
+    found = []
+    for path in sorted(out_dir.glob(f"*/{SETTINGS_FILE}")):
+        folder = path.parent
+        if folder.name in names or not (folder / "summary.json").is_file():
+            continue
+        other = json.loads(path.read_text(encoding="utf-8"))
+        if {k: other.get(k) for k in shared} == shared:
+            found.append(json.loads((folder / "summary.json").read_text(encoding="utf-8")))
+    return found
 

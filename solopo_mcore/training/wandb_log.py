@@ -62,13 +62,13 @@ def eval_metrics(summaries: list) -> dict:
 
 def log_eval_summaries(summaries: list, output_dir: str, project: str,
                        entity: Optional[str] = None, run_id: Optional[str] = None,
-                       name: Optional[str] = None) -> str:
+                       name: Optional[str] = None, directory: Optional[str] = None) -> str:
     """Put the evaluation metrics in the run summary, the figures as images and
     ``summary.json`` / ``results.jsonl`` folders as files; returns the run id."""
     import os
 
     wandb = _wandb()
-    run = init_run(project, entity, name, ["eval_qa"], run_id, None, None)
+    run = init_run(project, entity, name, ["eval_qa"], run_id, directory, None)
     try:
         metrics = eval_metrics(summaries)
         for key, value in metrics.items():
