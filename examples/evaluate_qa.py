@@ -64,6 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--wandb-run-id", help="W&B run to add the summary to (e.g. the training "
                                           "run's id); default: a new run")
     p.add_argument("--wandb-run-name", help="W&B display name of a new run")
+    p.add_argument("--wandb-dir", help="folder for W&B's local files (default: ./wandb)")
     return p.parse_args(argv)
 
 
@@ -86,7 +87,7 @@ def main(argv=None):
     print(open(os.path.join(args.output, "summary.md"), encoding="utf-8").read())
     if args.wandb_project:
         run_id = log_eval_summaries(summaries, args.output, args.wandb_project, args.wandb_entity,
-                                    args.wandb_run_id, args.wandb_run_name)
+                                    args.wandb_run_id, args.wandb_run_name, args.wandb_dir)
         print(f"evaluate_qa: summary logged to W&B run {run_id}")
     print(json.dumps({"output": args.output, "checkpoints": [s["name"] for s in summaries]}))
 
