@@ -31,7 +31,10 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        # wandb: the W&B test reads offline runs back with `wandb leet inspect` (0.31+)
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "wandb>=0.31"],
+        # Weights & Biases logging (logging.wandb_project, evaluate_qa.py --wandb-project)
+        "wandb": ["wandb>=0.17"],
         # Optional accelerators, never required:
         #   transformer-engine[pytorch]  TE layer spec (only with model.layer_spec=te: not
         #                                validated here, see README), fused kernels, ring CP

@@ -3,6 +3,7 @@
 Backends:
   hf    transformers ``generate`` (built in), batched, sampling at --temperature / --top-p;
   vllm  vLLM, used when installed (``--backend auto`` picks it first);
+        (both from :mod:`data_tools.generation`, shared with ``examples/evaluate_qa.py``)
   rule  a rule-based answerer for the offline demo: from MuSiQue's ``question_decomposition`` it
         writes the correct hop chain and broken chains ("wrong bridge entity") or evasive answers
         ("the passages do not say"). It stands in for sampling when no model can be run.
@@ -18,7 +19,6 @@ reason (``none_correct``, ``all_correct``) and reported. The paper: 32 samples a
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import re
@@ -26,6 +26,7 @@ from typing import Optional
 
 from data_tools.common import RowError, RunReport, atomic_output, progress, read_jsonl, require
 from data_tools.common import write_json
+from data_tools.generation import make_generator
 from data_tools.scoring import select_pair
 
 _TITLE = re.compile(r"^Title: (.+)$", re.MULTILINE)
@@ -68,70 +69,16 @@ def rule_samples(row: dict, num_samples: int, rng: random.Random) -> list[str]:
 
 
 # --------------------------------------------------------------------------- model backends
-class HFSampler:
-    def __init__(self, model_path: str, tokenizer_path: Optional[str], num_samples: int,
-                 temperature: float, top_p: float, max_new_tokens: int, seed: int):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from data_tools.tokenizer import load_tokenizer
-
-        self.torch = torch
-        self.tokenizer = load_tokenizer(tokenizer_path or model_path)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        from solopo_mcore.platform import default_device, on_cuda
-
-        device = default_device()
-        dtype = torch.bfloat16 if on_cuda() else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
-        self.model.eval()
-        self.kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p,
-                           max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                           pad_token_id=self.tokenizer.pad_token_id)
-        self.num_samples = num_samples
-        torch.manual_seed(seed)
-
-    def __call__(self, prompts: list[str]) -> list[list[str]]:
-        texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                                    add_generation_prompt=True, tokenize=False)
-                 for p in prompts]
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True,
-                               add_special_tokens=False).to(self.model.device)
-        with self.torch.no_grad():
-            out = self.model.generate(**batch, **self.kwargs)
-        new = out[:, batch["input_ids"].shape[1]:]
-        decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        n = self.num_samples
-        return [decoded[i * n:(i + 1) * n] for i in range(len(prompts))]
-
-
-class VLLMSampler:
-    def __init__(self, model_path, tokenizer_path, num_samples, temperature, top_p,
-                 max_new_tokens, seed):
-        from vllm import LLM, SamplingParams
-
-        self.llm = LLM(model=model_path, tokenizer=tokenizer_path or model_path, seed=seed)
-        self.params = SamplingParams(n=num_samples, temperature=temperature, top_p=top_p,
-                                     max_tokens=max_new_tokens, seed=seed)
-
-    def __call__(self, prompts):
-        messages = [[{"role": "user", "content": p}] for p in prompts]
-        outputs = self.llm.chat(messages, self.params, use_tqdm=False)
-        return [[c.text for c in o.outputs] for o in outputs]
-
-
 def make_sampler(backend: str, args) -> Optional[object]:
-    if backend == "auto":
-        backend = "vllm" if importlib.util.find_spec("vllm") else "hf"
+    """None for the rule backend, else a sampling generator from :mod:`data_tools.generation`."""
     if backend == "rule":
         return None
     if not args.model:
         raise SystemExit(f"sample_pairs: --backend {backend} needs --model DIR")
-    cls = VLLMSampler if backend == "vllm" else HFSampler
-    return cls(args.model, args.tokenizer, args.num_samples, args.temperature, args.top_p,
-               args.max_new_tokens, args.seed)
+    return make_generator(backend, args.model, args.tokenizer,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, num_return_sequences=args.num_samples,
+                          seed=args.seed)
 
 
 # --------------------------------------------------------------------------- driver

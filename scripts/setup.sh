@@ -11,6 +11,7 @@ VENV="${VENV:-.venv}"
 PIP="$VENV/bin/python -m pip"
 $PIP --version >/dev/null
 "$VENV/bin/python" -c "import torch" 2>/dev/null || $PIP install -q "${TORCH_SPEC:-torch==2.13.0}"
+# .[test] includes wandb (~11 s, ~62 MB), so the optional W&B logging is tested offline
 $PIP install -q -e ".[test]"
 # Offline demo assets shipped in registry packages (data only; their code is not imported):
 # the Qwen BPE (dashscope/resources/qwen.tiktoken) and 10k Wikipedia lead paragraphs.

@@ -178,6 +178,19 @@ class LoggingConfig:
     """Show a progress bar when stdout is a terminal."""
     peak_tflops: Optional[float] = None
     """Per-device dense peak TFLOP/s for MFU; None: looked up from the device name."""
+    wandb_project: Optional[str] = None
+    """Weights & Biases project (None: no W&B). Needs ``pip install solopo-mcore[wandb]``;
+    logs the same keys as metrics.jsonl, from the logging rank; ``WANDB_MODE=offline`` works."""
+    wandb_entity: Optional[str] = None
+    """W&B entity (team or user); None: the account's default."""
+    wandb_run_name: Optional[str] = None
+    """W&B display name; None: W&B picks one."""
+    wandb_tags: list = field(default_factory=list)
+    """W&B tags, a list of strings."""
+    wandb_run_id: Optional[str] = None
+    """Resume (or create) the W&B run with this id, e.g. after a restart; None: a new run."""
+    wandb_dir: Optional[str] = None
+    """Folder for W&B's local files; None: W&B's default (./wandb or $WANDB_DIR)."""
 
 
 @dataclass
@@ -368,6 +381,9 @@ def validate(config: RunConfig) -> None:
     _positive("training.max_consecutive_nonfinite_steps", t.max_consecutive_nonfinite_steps)
     _positive("checkpoint.keep_last", config.checkpoint.keep_last)
     _positive("logging.log_interval", config.logging.log_interval)
+    tags = config.logging.wandb_tags
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise ConfigError(f"logging.wandb_tags: expected a list of strings, got {tags!r}")
     if o.algorithm == "dpo" and d.data_path and not d.ref_logprobs_path:
         raise ConfigError("objective.algorithm=dpo needs data.ref_logprobs_path (run "
                           "examples/precompute_ref_logprobs.py first)")

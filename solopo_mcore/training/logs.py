@@ -1,5 +1,6 @@
 """Run logs: a console line per interval (with ETA and a progress bar on a terminal),
-``metrics.jsonl`` for scripts, and TensorBoard. Only the logging rank writes."""
+``metrics.jsonl`` for scripts, TensorBoard, and optionally Weights & Biases (the same keys;
+see :mod:`solopo_mcore.training.wandb_log`). Only the logging rank writes."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def _fmt_seconds(seconds: float) -> str:
 
 
 class RunLogger:
-    def __init__(self, cfg: LoggingConfig, total_steps: int, enabled: bool):
+    def __init__(self, cfg: LoggingConfig, total_steps: int, enabled: bool,
+                 run_config: Optional[dict] = None):
         self.cfg = cfg
         self.total_steps = total_steps
         self.enabled = enabled
@@ -38,8 +40,13 @@ class RunLogger:
         self.writer = None
         self.metrics_file = None
         self.bar = None
+        self.wandb_run = None
         if not enabled:
             return
+        if cfg.wandb_project:
+            from solopo_mcore.training.wandb_log import init_run
+            self.wandb_run = init_run(cfg.wandb_project, cfg.wandb_entity, cfg.wandb_run_name,
+                                      cfg.wandb_tags, cfg.wandb_run_id, cfg.wandb_dir, run_config)
         if cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(cfg.tensorboard_dir)
@@ -71,6 +78,11 @@ class RunLogger:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(key, value, step)
             self.writer.flush()
+        if self.wandb_run is not None:
+            from solopo_mcore.training.wandb_log import finite_scalars
+            scalars = finite_scalars(record)
+            scalars.pop("step")
+            self.wandb_run.log(scalars, step=step)
         if self.bar is not None and not prefix:
             self.bar.update(step - self.bar.n)
         self._print(step, metrics, prefix)
@@ -105,3 +117,6 @@ class RunLogger:
             self.writer.close()
         if self.metrics_file is not None:
             self.metrics_file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None

@@ -73,7 +73,8 @@ class Trainer:
         self.is_last_stage = is_pp_last_stage(self.pgs.pp)
         self.is_logging_rank = (self.is_last_stage and self.pgs.tp.rank() == 0
                                 and self.pgs.cp.rank() == 0 and self.pgs.dp.rank() == 0)
-        self.logger = RunLogger(config.logging, config.training.train_steps, self.is_logging_rank)
+        self.logger = RunLogger(config.logging, config.training.train_steps, self.is_logging_rank,
+                                run_config=to_dict(config))
         self.peak_tflops = device_peak_tflops(config.logging.peak_tflops)
         self._stop_requested = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
