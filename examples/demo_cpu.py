@@ -30,6 +30,11 @@ def sh(*args, **env):
                         "HF_DATASETS_OFFLINE": "1", **env})
 
 
+def default_out(algorithm: str, cp: bool) -> str:
+    """One folder per variant, so a variant never resumes another's checkpoints."""
+    return f"runs/demo/{algorithm}{'-cp' if cp else ''}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,7 +47,7 @@ def main():
     parser.add_argument("--cp", action="store_true", help="CP=2 instead of TP=2")
     args = parser.parse_args()
     variant = args.algorithm + ("-cp" if args.cp else "")
-    out = (REPO / (args.out or f"runs/demo/{variant}")).resolve()
+    out = (REPO / (args.out or default_out(args.algorithm, args.cp))).resolve()
     print(f"demo variant {variant}: outputs go to {out}"
           + ("" if args.out else " (its own folder; --out chooses another)"), flush=True)
     py = sys.executable

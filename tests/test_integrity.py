@@ -181,7 +181,36 @@ def test_corrupt_or_truncated_shard_is_named_and_the_previous_checkpoint_used(ti
     assert out["truncated_fallback"] == "iter_0000002"
 
 
-# ------------------------------------------------------------------ item 1: resume (torchrun)
+# ------------------------------------------------------------------ item 1: resume
+
+def test_demo_variants_get_their_own_output_folders():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("demo_cpu", REPO / "examples" / "demo_cpu.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    folders = {demo.default_out(a, cp) for a in ("orpo", "dpo", "simpo") for cp in (False, True)}
+    assert len(folders) == 6
+
+
+def test_run_fingerprint_names_each_difference(demo_data):
+    from solopo_mcore.config import load_config
+    from solopo_mcore.models.hf_config import read_hf_config
+    from solopo_mcore.training.integrity import compare_run_fingerprints, run_fingerprint
+
+    shape = read_hf_config(demo_data["model"])
+    base = load_config("tiny_cpu")
+    same_run = load_config("tiny_cpu", ["training.train_steps=99", "parallel."
+                                        "tensor_model_parallel_size=1", "logging.log_interval=5",
+                                        "data.global_batch_size=8", "checkpoint.save_interval=1"])
+    other = load_config("tiny_cpu", ["objective.algorithm=simpo", "objective.alpha=3.0",
+                                     "training.seed=1"])
+    saved = run_fingerprint(base, shape, "data-a", None)
+    assert compare_run_fingerprints(saved, run_fingerprint(same_run, shape, "data-a", None)) == []
+    assert compare_run_fingerprints(saved, run_fingerprint(other, shape, "data-b", "ref")) == [
+        ("data.fingerprint", "data-a", "data-b"), ("data.reference_fingerprint", None, "ref"),
+        ("objective.algorithm", "orpo", "simpo"), ("objective.alpha", 1.0, 3.0),
+        ("training.seed", 1234, 1)]
+
 
 @pytest.mark.e2e
 def test_resume_refuses_other_settings_and_a_finished_run_rewrites_nothing(demo_data, tmp_path):
