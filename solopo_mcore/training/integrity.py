@@ -6,7 +6,7 @@
   (the file list is split round-robin over the ranks) before ``dist_checkpointing`` reads a byte.
 * **Run fingerprint**: the settings that decide what is being optimised (model shape, objective,
   optimizer, data order, the dataset's and the reference sidecar's fingerprints), recorded in
-  the checkpoint and compared on resume. :data:`RESUME_CHANGEABLE` lists what may differ.
+  the checkpoint and compared on resume. docs/design.md lists the keys that may differ.
 * **Weights fingerprint**: a cheap, layout-independent identity of a set of weight files (HF or
   Megatron): the names and sizes of the weight files plus a sample of their bytes.
 """
@@ -140,15 +140,7 @@ RESUME_CHECKED_SECTIONS = ("objective", "optimizer")
 """Config sections compared in full on resume (besides the keys listed below)."""
 RESUME_CHECKED_KEYS = ("model.params_dtype", "data.num_eval_examples", "data.shuffle",
                        "training.seed")
-RESUME_CHANGEABLE = (
-    "training.train_steps", "training.eval_interval", "training.exit_interval",
-    "training.deterministic", "training.max_consecutive_nonfinite_steps",
-    "parallel.* (TP/PP/VPP/CP/DP layout, distributed optimizer, overlap flags)",
-    "data.micro_batch_size", "data.global_batch_size (the data position is counted in examples)",
-    "data.data_path / data.ref_logprobs_path (the files may move; their fingerprints are checked)",
-    "model.layer_spec", "model.attention_backend", "model.recompute_*",
-    "optimizer.optimizer_cpu_offload", "checkpoint.*", "logging.*")
-"""Keys that may differ between a checkpoint and the run resuming it (listed in docs/design.md)."""
+"""Single keys compared on resume: numerics and what decides the training order."""
 
 
 def run_fingerprint(config, shape, dataset_fingerprint: str,
