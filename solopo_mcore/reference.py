@@ -20,7 +20,7 @@ from solopo_mcore.config import RunConfig, require_training_data, to_dict
 from solopo_mcore.data.dataset import save_reference_sidecar
 from solopo_mcore.losses.objective import EVAL_ROLES
 from solopo_mcore.training import build
-from solopo_mcore.training.checkpoint import CheckpointManager, find_checkpoint
+from solopo_mcore.training.checkpoint import CheckpointManager, find_verified_checkpoint
 from solopo_mcore.training.engine import run_global_batch
 from solopo_mcore.training.forward_step import make_forward_step
 from solopo_mcore.training.integrity import weights_fingerprint
@@ -40,8 +40,9 @@ def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) 
     shape, pgs = build.setup_parallel(config)
     stack = build.build_model_stack(config, shape, pgs)
     source = {}
-    checkpoint = find_checkpoint(config.checkpoint.load_dir) if config.checkpoint.load_dir \
-        else None
+    # the reference must be exactly the start weights: a corrupt checkpoint is an error here
+    checkpoint = find_verified_checkpoint(config.checkpoint.load_dir, strict=True) \
+        if config.checkpoint.load_dir else None
     if checkpoint is not None:
         CheckpointManager.load(checkpoint, stack.model, load_rng=False)
         source = {"megatron_checkpoint": str(checkpoint)}
