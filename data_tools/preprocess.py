@@ -8,7 +8,9 @@ counts, length histograms, the tokenizer, a fingerprint of the token data, and t
 it is written last, so a dataset without it is incomplete and is refused by the trainer.
 
 Examples whose longest segment (a prompt plus a response) exceeds ``--max-seq-length`` are
-skipped and counted, never truncated.
+skipped and counted, never truncated. With ``--model-config``, a tokenizer larger than the model's
+vocabulary and a ``--max-seq-length`` above its ``max_position_embeddings`` are refused. Zero
+examples written is an error (with the skip counts), and nothing is written.
 
     python -m data_tools.preprocess --input pairs.jsonl --output-prefix data/solopo \\
         --tokenizer builtin:qwen2.5 --max-seq-length 32768 --num-proc 8
@@ -26,6 +28,7 @@ import numpy as np
 
 from data_tools.common import RowError, RunReport, read_jsonl, require, write_json
 from data_tools.tokenizer import BUILTIN_QWEN, load_tokenizer
+from solopo_mcore.data.dataset import file_checks
 
 FIELDS = ("prompt_short", "prompt_long", "chosen", "rejected")
 
@@ -67,18 +70,23 @@ def _sha256(paths) -> str:
     return digest.hexdigest()
 
 
-def check_vocab(tokenizer, model_config: Optional[str]) -> Optional[int]:
-    """Refuse a tokenizer whose ids do not fit the model's embedding."""
+def check_model(tokenizer, model_config: Optional[str], max_seq_length: int) -> None:
+    """Refuse a tokenizer whose ids do not fit the model's embedding, and a --max-seq-length
+    that would let through segments longer than the model's max_position_embeddings."""
     if model_config is None:
-        return None
+        return
     from solopo_mcore.models.hf_config import read_hf_config
 
-    vocab = read_hf_config(model_config).vocab_size
-    if len(tokenizer) > vocab:
+    shape = read_hf_config(model_config)
+    if len(tokenizer) > shape.vocab_size:
         raise SystemExit(f"preprocess: the tokenizer has {len(tokenizer)} tokens but the model "
-                         f"({model_config}) has vocab_size={vocab}: ids would not fit its "
-                         f"embedding. Use the model's own tokenizer.")
-    return vocab
+                         f"({model_config}) has vocab_size={shape.vocab_size}: ids would not "
+                         f"fit its embedding. Use the model's own tokenizer.")
+    if max_seq_length > shape.max_position_embeddings:
+        raise SystemExit(f"preprocess: --max-seq-length {max_seq_length} is longer than the "
+                         f"model's max_position_embeddings {shape.max_position_embeddings} "
+                         f"({model_config}): longer segments cannot be trained. Pass "
+                         f"--max-seq-length {shape.max_position_embeddings} or less.")
 
 
 def run(input_path: str, output_prefix: str, tokenizer_name: str, max_seq_length: int,
@@ -89,7 +97,7 @@ def run(input_path: str, output_prefix: str, tokenizer_name: str, max_seq_length
 
     report = RunReport("preprocess", strict=strict)
     tokenizer = load_tokenizer(tokenizer_name)
-    check_vocab(tokenizer, model_config)
+    check_model(tokenizer, model_config, max_seq_length)
     rows = []
     for line_number, row in read_jsonl(input_path, report):
         try:
@@ -130,6 +138,16 @@ def run(input_path: str, output_prefix: str, tokenizer_name: str, max_seq_length
         ids.append(r["id"])
         report.written += 1
     builder.finalize(str(tmp_prefix) + ".idx")
+    if report.written == 0:
+        for ext in (".bin", ".idx"):
+            os.remove(str(tmp_prefix) + ext)
+        report.print_summary()
+        d = report.as_dict()
+        reasons = ", ".join(f"{k}={v}" for k, v in d["skipped"].items()) or "none"
+        raise SystemExit(f"preprocess: 0 examples written from {input_path} (read {d['read']}, "
+                         f"skipped {d['skipped_total']}: {reasons}); nothing was written to "
+                         f"{prefix}.*. Fix the input, or raise --max-seq-length if rows were "
+                         f"too_long.")
     for ext in (".bin", ".idx"):
         os.replace(str(tmp_prefix) + ext, str(prefix) + ext)
     meta = {
@@ -143,6 +161,7 @@ def run(input_path: str, output_prefix: str, tokenizer_name: str, max_seq_length
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         "max_seq_length": max_seq_length,
         "fingerprint": _sha256([str(prefix) + ".bin", str(prefix) + ".idx"]),
+        "file_checks": file_checks(str(prefix)),
         "source": str(input_path),
         "source_sha256": _sha256([input_path]),
         "lengths": {k: _histogram(v) for k, v in lengths.items()},
@@ -165,7 +184,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-seq-length", type=int, default=32768,
                         help="longest allowed segment (prompt + response), in tokens")
     parser.add_argument("--num-proc", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    parser.add_argument("--model-config", help="HF model dir: refuse a larger tokenizer vocab")
+    parser.add_argument("--model-config", help="HF model dir: refuse a larger tokenizer vocab "
+                        "and a --max-seq-length above its max_position_embeddings")
     parser.add_argument("--strict", action="store_true")
     args = parser.parse_args(argv)
     run(args.input, args.output_prefix, args.tokenizer, args.max_seq_length, args.num_proc,

@@ -9,7 +9,9 @@
    pre-pass, --cp for context parallelism instead of TP);
 7. export HF, and print where everything went.
 
-    python examples/demo_cpu.py [--out runs/demo] [--steps 30] [--algorithm orpo|dpo|simpo] [--cp]
+    python examples/demo_cpu.py [--out DIR] [--steps 30] [--algorithm orpo|dpo|simpo] [--cp]
+
+Each variant (algorithm, --cp) writes to its own folder, runs/demo/ALGORITHM[-cp] by default.
 """
 
 import argparse
@@ -28,17 +30,26 @@ def sh(*args, **env):
                         "HF_DATASETS_OFFLINE": "1", **env})
 
 
+def default_out(algorithm: str, cp: bool) -> str:
+    """One folder per variant, so a variant never resumes another's checkpoints."""
+    return f"runs/demo/{algorithm}{'-cp' if cp else ''}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--out", help="output folder (default: runs/demo/ALGORITHM[-cp], one per "
+                        "variant, so a variant never resumes another's checkpoints)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--examples", type=int, default=72)
     parser.add_argument("--long-tokens", type=int, default=1024)
     parser.add_argument("--algorithm", default="orpo", choices=["orpo", "dpo", "simpo"])
     parser.add_argument("--cp", action="store_true", help="CP=2 instead of TP=2")
     args = parser.parse_args()
-    out = (REPO / args.out).resolve()
+    variant = args.algorithm + ("-cp" if args.cp else "")
+    out = (REPO / (args.out or default_out(args.algorithm, args.cp))).resolve()
+    print(f"demo variant {variant}: outputs go to {out}"
+          + ("" if args.out else " (its own folder; --out chooses another)"), flush=True)
     py = sys.executable
     data, model, run = out / "data", out / "model", out / "run"
     torchrun = [py, "-m", "torch.distributed.run", "--nproc-per-node=2"]

@@ -159,7 +159,11 @@ class CheckpointConfig:
     """Start from this Megatron checkpoint dir (its ``latest``) unless save_dir already holds a
     checkpoint, which is then resumed."""
     finetune: bool = False
-    """With load_dir: load weights only and start at step 0 (no optimizer, data position)."""
+    """With load_dir: load its weights only and start a new run at step 0 (fresh optimizer, LR
+    schedule and data position). A checkpoint in save_dir is always resumed, never finetuned."""
+    strict_load: bool = False
+    """A checkpoint whose files fail their checksums is an error, instead of a warning and a
+    fallback to the previous intact checkpoint."""
     hf_init_dir: Optional[str] = None
     """Initialise weights from this Hugging Face model directory (converted on the fly)."""
     export_hf_dir: Optional[str] = None
@@ -387,3 +391,28 @@ def validate(config: RunConfig) -> None:
     if o.algorithm == "dpo" and d.data_path and not d.ref_logprobs_path:
         raise ConfigError("objective.algorithm=dpo needs data.ref_logprobs_path (run "
                           "examples/precompute_ref_logprobs.py first)")
+
+
+def require_training_data(config: RunConfig, need_reference: bool = True) -> None:
+    """Training and the reference pre-pass need a dataset: check ``data.data_path`` names one
+    whose files exist, before any process group or model is built; and, for DPO training
+    (``need_reference``; not the pre-pass that writes it), the reference sidecar."""
+    prefix = config.data.data_path
+    if not prefix:
+        raise ConfigError("data.data_path is not set: pass data.data_path=PREFIX, the "
+                          "--output-prefix given to python -m data_tools.preprocess")
+    missing = [prefix + ext for ext in (".bin", ".idx", ".meta.json")
+               if not Path(prefix + ext).is_file()]
+    if missing:
+        raise ConfigError(f"data.data_path={prefix}: {', '.join(missing)} "
+                          f"{'does' if len(missing) == 1 else 'do'} not exist; build the dataset "
+                          f"with python -m data_tools.preprocess --output-prefix {prefix}")
+    ref = config.data.ref_logprobs_path
+    if need_reference and config.objective.algorithm == "dpo" and ref:
+        base = ref
+        for suffix in (".npy", ".json"):
+            base = base[:-len(suffix)] if base.endswith(suffix) else base
+        gone = [base + ext for ext in (".npy", ".json") if not Path(base + ext).is_file()]
+        if gone:
+            raise ConfigError(f"data.ref_logprobs_path={ref}: {', '.join(gone)} missing; run "
+                              f"examples/precompute_ref_logprobs.py --output {base}")

@@ -2,8 +2,9 @@
 
 Every example's four segments (short/long x chosen/rejected) are run, at any parallel layout,
 and their response log-prob sums are written to a sidecar aligned with the dataset by example
-index (``PATH.npy`` [N, 4] by Role + ``PATH.json`` provenance). Training refuses a sidecar whose
-dataset fingerprint or example count differs from its dataset.
+index (``PATH.npy`` [N, 4] by Role + ``PATH.json`` provenance, including a fingerprint of the
+reference weights). Training refuses a sidecar whose dataset fingerprint or example count differs
+from its dataset, or whose weights fingerprint differs from the run's starting weights.
 """
 
 from __future__ import annotations
@@ -15,27 +16,32 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 
-from solopo_mcore.config import RunConfig, to_dict
+from solopo_mcore.config import RunConfig, require_training_data, to_dict
 from solopo_mcore.data.dataset import save_reference_sidecar
 from solopo_mcore.losses.objective import EVAL_ROLES
 from solopo_mcore.training import build
-from solopo_mcore.training.checkpoint import CheckpointManager, find_checkpoint
+from solopo_mcore.training.checkpoint import CheckpointManager, find_verified_checkpoint
 from solopo_mcore.training.engine import run_global_batch
 from solopo_mcore.training.forward_step import make_logprob_forward_step
+from solopo_mcore.training.integrity import weights_fingerprint
 
 
 def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) -> np.ndarray:
+    require_training_data(config, need_reference=False)  # the sidecar is what this writes
     shape, pgs = build.setup_parallel(config)
     stack = build.build_model_stack(config, shape, pgs)
     source = {}
-    checkpoint = find_checkpoint(config.checkpoint.load_dir) if config.checkpoint.load_dir \
-        else None
+    # the reference must be exactly the start weights: a corrupt checkpoint is an error here
+    checkpoint = find_verified_checkpoint(config.checkpoint.load_dir, strict=True) \
+        if config.checkpoint.load_dir else None
     if checkpoint is not None:
         CheckpointManager.load(checkpoint, stack.model, load_rng=False)
         source = {"megatron_checkpoint": str(checkpoint)}
+        start_weights = str(checkpoint)
     elif config.checkpoint.hf_init_dir:
         build.load_hf_weights(stack, config.checkpoint.hf_init_dir)
         source = {"hf_checkpoint": config.checkpoint.hf_init_dir}
+        start_weights = config.checkpoint.hf_init_dir
     else:
         raise ValueError("set checkpoint.hf_init_dir or checkpoint.load_dir: the reference "
                          "model is the policy's starting point")
@@ -78,7 +84,8 @@ def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) 
             "dataset": config.data.data_path, "dataset_fingerprint": dataset.fingerprint,
             "num_examples": len(dataset), "roles": ["short_chosen", "short_rejected",
                                                    "long_chosen", "long_rejected"],
-            "model": source, "layout": {"tp": pgs.tp.size(), "pp": pgs.pp.size(),
+            "model": source, "model_fingerprint": weights_fingerprint(start_weights),
+            "layout": {"tp": pgs.tp.size(), "pp": pgs.pp.size(),
                                         "cp": pgs.cp.size(), "dp": dp_size},
             "config": to_dict(config), "created_at": time.time(),
         })

@@ -163,8 +163,13 @@ def test_bad_rows_are_reported_with_line_and_reason(tmp_path, demo_data):
 
 
 def test_preprocess_skips_too_long_and_refuses_large_vocab(tmp_path, demo_data):
+    from solopo_mcore.data.dataset import TripletDataset
+    full = TripletDataset(demo_data["prefix"])
+    longest = sorted(max(s, lg) + max(c, r) for s, lg, c, r in
+                     (full.segment_lengths(i) for i in range(len(full))))
+    limit = longest[len(longest) // 2]  # about half the examples are too long
     result = _run_tool("data_tools.preprocess", "--input", demo_data["pairs"], "--output-prefix",
-                       tmp_path / "short", "--max-seq-length", 300, "--num-proc", 1)
+                       tmp_path / "short", "--max-seq-length", limit, "--num-proc", 1)
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "short.meta.json").read_text())
     assert meta["report"]["skipped"].get("too_long", 0) > 0

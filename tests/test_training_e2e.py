@@ -174,6 +174,8 @@ def test_dpo_reference_sidecar_matches_on_the_fly_and_is_checked(demo_data, tmp_
     from solopo_mcore.data.dataset import TripletDataset
     dataset = TripletDataset(demo_data["prefix"])
     assert meta["dataset_fingerprint"] == dataset.fingerprint
+    from solopo_mcore.training.integrity import weights_fingerprint
+    assert meta["model_fingerprint"] == weights_fingerprint(demo_data["model"])
     _torchrun(1, _base(demo_data, tmp_path, 1, extra=[
         "objective.algorithm=dpo", f"data.ref_logprobs_path={ref}", "checkpoint.save_dir=null",
         "data.num_eval_examples=0"]))

@@ -3,18 +3,49 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from solopo_mcore.data.packing import TripletTokens
+from solopo_mcore.training.integrity import sampled_sha256, sha256_file
 
 FORMAT = "solopo-triplets-v1"
 
 
 class DatasetError(ValueError):
     pass
+
+
+def file_checks(prefix: str) -> dict:
+    """What ``.meta.json`` records to tie itself to its ``.bin``/``.idx``: the ``.bin`` size, a
+    sampled hash of it, and the (small) ``.idx``'s full SHA-256."""
+    return {"bin_num_bytes": os.path.getsize(prefix + ".bin"),
+            "bin_sampled_sha256": sampled_sha256(prefix + ".bin"),
+            "idx_sha256": sha256_file(prefix + ".idx")}
+
+
+def check_files_against_meta(prefix: str, meta: dict) -> None:
+    """Refuse a ``.bin``/``.idx`` that is not the one its ``.meta.json`` was written for."""
+    recorded = meta.get("file_checks")
+    if recorded is None:
+        print(f"[data] WARNING: {prefix}.meta.json has no file_checks (written by an older "
+              f"preprocess): .bin/.idx identity not verified", flush=True)
+        return
+    fix = "Copy the three files of one preprocess run together, or preprocess again."
+    size = os.path.getsize(prefix + ".bin")
+    if size != recorded["bin_num_bytes"]:
+        raise DatasetError(f"{prefix}.bin holds {size} bytes, but {prefix}.meta.json records "
+                           f"{recorded['bin_num_bytes']}: the .bin is truncated or from another "
+                           f"dataset. {fix}")
+    if sha256_file(prefix + ".idx") != recorded["idx_sha256"]:
+        raise DatasetError(f"{prefix}.idx is not the index {prefix}.meta.json was written with "
+                           f"(SHA-256 differs): it belongs to another dataset. {fix}")
+    if sampled_sha256(prefix + ".bin") != recorded["bin_sampled_sha256"]:
+        raise DatasetError(f"{prefix}.bin does not match {prefix}.meta.json (sampled SHA-256 "
+                           f"differs): it was modified or belongs to another dataset. {fix}")
 
 
 class TripletDataset:
@@ -37,6 +68,14 @@ class TripletDataset:
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT:
             raise DatasetError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FORMAT}")
+        if not self.meta.get("num_examples") or not os.path.getsize(self.prefix + ".bin"):
+            report = self.meta.get("report", {})
+            raise DatasetError(
+                f"dataset {self.prefix!r} is empty: 0 examples (built by data_tools.preprocess "
+                f"from {self.meta.get('source', '?')}, which read {report.get('read', '?')} rows "
+                f"and skipped {report.get('skipped', '?')}). Fix the input or preprocess's "
+                f"--max-seq-length, and preprocess again.")
+        check_files_against_meta(self.prefix, self.meta)
         self.indexed = IndexedDataset(self.prefix, multimodal=False, mmap=True)
         documents = self.indexed.document_indices
         if len(documents) - 1 != self.meta["num_examples"]:
@@ -44,7 +83,33 @@ class TripletDataset:
                                f"says {self.meta['num_examples']} examples")
         if not np.all(np.diff(documents) == 4):
             raise DatasetError(f"dataset {self.prefix!r}: every document must hold 4 sequences")
+        index = self.indexed.index
+        expected = int(index.sequence_pointers[-1]) + \
+            int(index.sequence_lengths[-1]) * index.dtype_size
+        actual = os.path.getsize(self.prefix + ".bin")
+        if actual != expected:
+            raise DatasetError(f"{self.prefix}.bin holds {actual} bytes but {self.prefix}.idx "
+                               f"describes {expected}: the .bin is truncated or from another "
+                               f"dataset. Preprocess again.")
         self.ref_logp: Optional[np.ndarray] = None
+        self.reference_fingerprint: Optional[str] = None
+
+    def check_max_length(self, max_position_embeddings: int) -> None:
+        """Refuse an example whose longest segment (prompt + response) the model cannot
+        position, naming the first such example."""
+        lengths = np.asarray(self.indexed.sequence_lengths, dtype=np.int64).reshape(-1, 4)
+        longest = np.maximum(lengths[:, 0], lengths[:, 1]) + np.maximum(lengths[:, 2],
+                                                                         lengths[:, 3])
+        over = np.flatnonzero(longest > max_position_embeddings)
+        if len(over):
+            i = int(over[0])
+            ids = self.meta.get("example_ids") or []
+            name = f"example {i}" + (f" (id {ids[i]!r})" if i < len(ids) else "")
+            raise DatasetError(
+                f"dataset {self.prefix!r}: {name} has a {int(longest[i])}-token segment, longer "
+                f"than the model's max_position_embeddings {max_position_embeddings} "
+                f"({len(over)} examples are). Preprocess with --model-config and "
+                f"--max-seq-length <= {max_position_embeddings}.")
 
     @property
     def fingerprint(self) -> str:
@@ -65,9 +130,24 @@ class TripletDataset:
         ref = None if self.ref_logp is None else self.ref_logp[index].tolist()
         return TripletTokens(short, long_, chosen, rejected, index=index, ref_logp_sum=ref)
 
-    def attach_reference(self, path: str) -> None:
-        """Load a reference log-prob sidecar, refusing one made for another dataset."""
+    def attach_reference(self, path: str, start_weights: Optional[str] = None,
+                         start_fingerprint: Optional[str] = None) -> None:
+        """Load a reference log-prob sidecar, refusing one made for another dataset, or (when
+        ``start_fingerprint`` is given: a run starting from ``start_weights``) one computed with
+        other reference weights."""
         ref, meta = load_reference_sidecar(path)
+        if start_fingerprint is not None:
+            recorded = meta.get("model_fingerprint")
+            if recorded is None:
+                print(f"[data] WARNING: reference sidecar {path!r} records no model fingerprint "
+                      f"(older version): not checked against {start_weights}", flush=True)
+            elif recorded != start_fingerprint:
+                raise DatasetError(
+                    f"reference sidecar {path!r} was computed with the weights of "
+                    f"{meta.get('model', '?')} (fingerprint {recorded[:12]}...), but this run "
+                    f"starts from {start_weights} (fingerprint {start_fingerprint[:12]}...): DPO's "
+                    f"reference must be the policy's starting point. Recompute it with "
+                    f"examples/precompute_ref_logprobs.py from {start_weights}.")
         if meta.get("dataset_fingerprint") != self.fingerprint:
             raise DatasetError(
                 f"reference sidecar {path!r} was computed for dataset fingerprint "
@@ -77,6 +157,7 @@ class TripletDataset:
             raise DatasetError(f"reference sidecar {path!r} holds {ref.shape[0]} examples, the "
                                f"dataset {len(self)}")
         self.ref_logp = ref
+        self.reference_fingerprint = sha256_file(_sidecar_base(path) + ".npy")
 
 
 def save_reference_sidecar(path: str, ref_logp: np.ndarray, meta: dict) -> None:
@@ -93,10 +174,15 @@ def save_reference_sidecar(path: str, ref_logp: np.ndarray, meta: dict) -> None:
     os.replace(tmp_json, path + ".json")
 
 
-def load_reference_sidecar(path: str) -> tuple[np.ndarray, dict]:
+def _sidecar_base(path: str) -> str:
     path = str(path)
     if path.endswith(".npy") or path.endswith(".json"):
         path = path.rsplit(".", 1)[0]
+    return path
+
+
+def load_reference_sidecar(path: str) -> tuple[np.ndarray, dict]:
+    path = _sidecar_base(path)
     if not Path(path + ".json").is_file() or not Path(path + ".npy").is_file():
         raise DatasetError(f"reference sidecar {path!r}: {path}.npy and {path}.json are both "
                            f"needed (run examples/precompute_ref_logprobs.py)")

@@ -18,6 +18,7 @@ from solopo_mcore.data.packing import PackedMicrobatch, pack_triplets
 from solopo_mcore.models.builder import build_model_chunks, build_transformer_config
 from solopo_mcore.models.hf_config import ModelShape, read_hf_config
 from solopo_mcore.parallel.layout import initialize_parallel
+from solopo_mcore.training.integrity import weights_fingerprint
 from solopo_mcore.training.engine import wrap_ddp
 
 
@@ -72,14 +73,25 @@ def pad_multiple(config: RunConfig) -> int:
     return multiple
 
 
-def open_dataset(config: RunConfig, shape: ModelShape, need_reference: bool) -> TripletDataset:
+RANDOM_INIT = "random initialisation"
+
+
+def open_dataset(config: RunConfig, shape: ModelShape, need_reference: bool,
+                 start_weights: Optional[str] = None) -> TripletDataset:
+    """Open and check the dataset (files, vocabulary, segment lengths) and, for DPO, its
+    reference sidecar; ``start_weights`` (a new run's initial weights: an HF directory, a
+    checkpoint or :data:`RANDOM_INIT`; None on resume) must then be the weights the sidecar was
+    computed with."""
     dataset = TripletDataset(config.data.data_path)
     vocab = dataset.meta.get("vocab_size", 0)
     if vocab > shape.vocab_size:
         raise ValueError(f"dataset {config.data.data_path} was tokenized with {vocab} tokens, more "
                          f"than the model's vocab_size {shape.vocab_size}")
+    dataset.check_max_length(shape.max_position_embeddings)
     if need_reference:
-        dataset.attach_reference(config.data.ref_logprobs_path)
+        fingerprint = None if start_weights is None else (
+            RANDOM_INIT if start_weights == RANDOM_INIT else weights_fingerprint(start_weights))
+        dataset.attach_reference(config.data.ref_logprobs_path, start_weights, fingerprint)
     return dataset
 
 

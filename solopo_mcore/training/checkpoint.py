@@ -2,12 +2,17 @@
 
 Layout of ``save_dir``::
 
-    iter_0000040/          a complete checkpoint (dist_checkpointing files + solopo_state.json)
+    iter_0000040/          a complete checkpoint (dist_checkpointing files + checksums.json
+                           + solopo_state.json)
     latest                 "40": written (atomically) only after iter_0000040 is complete
+    iter_0000030.corrupt/  a checkpoint whose checksums failed on load, moved aside (never deleted)
 
-A save goes to ``iter_N.partial`` first and is renamed when every rank has finished, so a crash
+A save goes to ``iter_N.partial`` first; when every rank has finished, each rank hashes the shard
+files it wrote (``checksums.json``), then the marker is written and the folder renamed, so a crash
 mid-save never touches the previous checkpoint. On load, ``latest`` is followed if it names a
 complete checkpoint; otherwise the newest complete one is used, with a warning naming the bad one.
+:func:`find_verified_checkpoint` also verifies the checksums and falls back to the previous
+checkpoint (with a warning naming the bad file) unless ``checkpoint.strict_load`` is set.
 The model and optimizer are sharded tensors (loadable at another TP/PP layout); the step, the data
 position, the LR schedule, the config and each rank's RNG state are in the checkpoint as well.
 """
@@ -28,6 +33,9 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from solopo_mcore.platform import device_rng_state, set_device_rng_state
+from solopo_mcore.training.integrity import (CHECKSUMS, complete_checksums, files_written_by,
+                                             hash_files, read_checksums, verify_files,
+                                             write_checksums)
 
 COMPLETE_MARKER = "solopo_state.json"
 _ITER = re.compile(r"^iter_(\d{7})$")
@@ -64,6 +72,73 @@ def find_checkpoint(root: str) -> Optional[Path]:
     for bad in (p for p in root_path.iterdir() if _ITER.match(p.name) and not is_complete(p)):
         print(f"[checkpoint] WARNING: ignoring incomplete checkpoint {bad}", flush=True)
     return complete[-1] if complete else None
+
+
+def _complete_newest_first(root: str) -> list[Path]:
+    """Complete checkpoints under ``root``: the one ``latest`` names first, then newest first."""
+    first = find_checkpoint(root)
+    if first is None:
+        return []
+    others = sorted((p for p in Path(root).iterdir()
+                     if _ITER.match(p.name) and is_complete(p) and p != first),
+                    key=lambda p: p.name, reverse=True)
+    return [first] + others
+
+
+def verify_checkpoint(path: Path) -> Optional[list[str]]:
+    """Collective: every rank checks its round-robin share of ``checksums.json``. Returns the
+    problems found (empty: intact), or None for a checkpoint saved without checksums."""
+    table = read_checksums(path)
+    if table is None:
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = verify_files(path, table, rank, world)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return sorted(p for part in gathered for p in part)
+
+
+def _move_aside(path: Path) -> Path:
+    target = path.with_name(path.name + ".corrupt")
+    k = 1
+    while target.exists():
+        k += 1
+        target = path.with_name(f"{path.name}.corrupt{k}")
+    os.replace(path, target)
+    return target
+
+
+def find_verified_checkpoint(root: str, strict: bool) -> Optional[Path]:
+    """Collective. The newest complete checkpoint under ``root`` whose files match their
+    checksums. A corrupt one is named; with ``strict`` that is an error, otherwise it is moved
+    aside to ``iter_N.corrupt`` (so pruning never counts it) and the previous one is tried."""
+    candidates = _complete_newest_first(root)
+    for path in candidates:
+        problems = verify_checkpoint(path)
+        if problems is None:
+            if dist.get_rank() == 0:
+                print(f"[checkpoint] WARNING: {path} has no {CHECKSUMS} (saved by an older "
+                      f"version): loading it unverified", flush=True)
+            return path
+        if not problems:
+            return path
+        what = f"checkpoint {path} is corrupt:\n  " + "\n  ".join(problems)
+        if strict:
+            raise CheckpointError(f"{what}\ncheckpoint.strict_load=true, so there is no "
+                                  f"fallback. Restore the files, or set "
+                                  f"checkpoint.strict_load=false to resume from the previous "
+                                  f"intact checkpoint.")
+        dist.barrier()  # every rank has read the listing before rank 0 renames
+        if dist.get_rank() == 0:
+            moved = _move_aside(path)
+            print(f"[checkpoint] WARNING: {what}\n[checkpoint] moved it aside to {moved}; "
+                  f"falling back to the previous checkpoint", flush=True)
+        dist.barrier()
+    if candidates:
+        raise CheckpointError(f"{root}: every checkpoint failed its checksums (moved aside as "
+                              f"*.corrupt); nothing intact to resume. Restore one, or start a "
+                              f"new run with a new checkpoint.save_dir.")
+    return None
 
 
 def read_marker(path: Path) -> dict:
@@ -126,7 +201,13 @@ class CheckpointManager:
         sharded["scheduler"] = scheduler.state_dict() if scheduler is not None else None
         dist_checkpointing.save(sharded, str(partial))
         dist.barrier()
+        exclude = (COMPLETE_MARKER, CHECKSUMS)
+        mine = hash_files(partial, files_written_by(partial, rank, exclude))
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
         if rank == 0:
+            merged = {name: entry for part in gathered for name, entry in part.items()}
+            write_checksums(partial, complete_checksums(partial, merged, exclude))
             marker = {"step": step, "world_size": world, "saved_at": time.time(), **state}
             (partial / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True))
             if final.exists():
@@ -141,6 +222,9 @@ class CheckpointManager:
         return final
 
     def _prune(self) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints. The newest is the one just saved
+        (its checksums were computed from the files on disk); checkpoints found corrupt on load
+        were moved aside, so they never take the place of an intact one."""
         complete = sorted(p for p in Path(self.save_dir).iterdir()
                           if _ITER.match(p.name) and is_complete(p))
         for old in complete[:-self.keep_last]:

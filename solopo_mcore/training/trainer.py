@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 import signal
 import time
+from pathlib import Path
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 
-from solopo_mcore.config import RunConfig, to_dict
+from solopo_mcore.config import RunConfig, require_training_data, to_dict
 from solopo_mcore.data.sampler import SamplerState, TripletSampler
 from solopo_mcore.losses.objective import EVAL_ROLES, MODE_ROLES
 from solopo_mcore.models.builder import use_te_spec
@@ -19,9 +22,11 @@ from solopo_mcore.platform import default_device
 from solopo_mcore.profiling.flops import device_peak_tflops, mfu, training_step_flops
 from solopo_mcore.profiling.memory import memory_stats, reset_peak
 from solopo_mcore.training import build
-from solopo_mcore.training.checkpoint import CheckpointManager, find_checkpoint, read_marker
+from solopo_mcore.training.checkpoint import (CheckpointManager, find_verified_checkpoint,
+                                              read_marker)
 from solopo_mcore.training.engine import run_global_batch
 from solopo_mcore.training.forward_step import make_forward_step, reduce_metrics
+from solopo_mcore.training.integrity import compare_run_fingerprints, run_fingerprint
 from solopo_mcore.training.logs import RunLogger
 from solopo_mcore.training.optim import build_optimizer, build_scheduler
 
@@ -30,16 +35,30 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class ResumeMismatchError(RuntimeError):
+    """The checkpoint in save_dir was made by a run with other optimisation settings."""
+
+
 class Trainer:
     """Builds a run from its config; :meth:`train` runs it to ``training.train_steps``."""
 
     def __init__(self, config: RunConfig):
+        require_training_data(config)  # before any process group or model
         self.config = config
         self.shape, self.pgs = build.setup_parallel(config)
+        obj = config.objective
+        checkpoint, resuming = self._checkpoint_to_load()
+        start_weights = None if resuming else (
+            str(checkpoint) if checkpoint is not None
+            else config.checkpoint.hf_init_dir or build.RANDOM_INIT)
+        self.dataset = build.open_dataset(config, self.shape, need_reference=obj.algorithm == "dpo",
+                                          start_weights=start_weights)
+        self.run_fingerprint = run_fingerprint(config, self.shape, self.dataset.fingerprint,
+                                               self.dataset.reference_fingerprint)
+        if resuming:
+            self._check_resumable(checkpoint)
         self.stack = build.build_model_stack(config, self.shape, self.pgs)
         self.model = self.stack.model
-        obj = config.objective
-        self.dataset = build.open_dataset(config, self.shape, need_reference=obj.algorithm == "dpo")
         train_idx, self.eval_idx = build.split_indices(len(self.dataset),
                                                        config.data.num_eval_examples)
         self.pad_multiple = build.pad_multiple(config)
@@ -47,9 +66,7 @@ class Trainer:
         self.num_nonfinite_in_row = 0
         self.num_skipped_steps = 0
         sampler_state = SamplerState()
-        checkpoint = self._checkpoint_to_load()
-        weights_only = checkpoint is not None and (
-            config.checkpoint.finetune or read_marker(checkpoint).get("weights_only", False))
+        weights_only = checkpoint is not None and not resuming
         if checkpoint is None and config.checkpoint.hf_init_dir:
             build.load_hf_weights(self.stack, config.checkpoint.hf_init_dir)
         if weights_only:  # before the optimizer copies the weights into its main params
@@ -62,7 +79,7 @@ class Trainer:
                                          config.training.train_steps)
         self.checkpoints = CheckpointManager(config.checkpoint.save_dir,
                                              config.checkpoint.keep_last)
-        if checkpoint is not None and not weights_only:
+        if resuming:
             sampler_state = self._resume(checkpoint)
         self.sampler = TripletSampler(
             np.asarray(train_idx), config.data.global_batch_size, config.data.micro_batch_size,
@@ -88,21 +105,48 @@ class Trainer:
             f"{self.step}")
 
     # ------------------------------------------------------------------ checkpoints
-    def _checkpoint_to_load(self):
-        """Resume from save_dir when it holds a checkpoint (a restarted run), else start from
-        load_dir (a converted or earlier run's checkpoint), else from scratch / hf_init_dir."""
+    def _checkpoint_to_load(self) -> tuple[Optional[Path], bool]:
+        """``(checkpoint, resuming)``. A checkpoint in save_dir is resumed (a restarted run);
+        else load_dir's is resumed, or with checkpoint.finetune (or a weights-only checkpoint)
+        its weights start a new run; else the run starts from hf_init_dir or from scratch.
+        Checkpoints are verified against their checksums (collective)."""
         ck = self.config.checkpoint
         if ck.save_dir:
-            found = find_checkpoint(ck.save_dir)
+            found = find_verified_checkpoint(ck.save_dir, ck.strict_load)
             if found is not None:
-                return found
+                if ck.finetune and dist.get_rank() == 0:
+                    print(f"[solopo] checkpoint.finetune applies to checkpoint.load_dir; "
+                          f"checkpoint.save_dir already holds {found}, which is resumed",
+                          flush=True)
+                return found, not read_marker(found).get("weights_only", False)
         if ck.load_dir:
-            found = find_checkpoint(ck.load_dir)
+            found = find_verified_checkpoint(ck.load_dir, ck.strict_load)
             if found is None:
                 raise FileNotFoundError(f"checkpoint.load_dir={ck.load_dir}: no complete "
                                         f"checkpoint")
-            return found
-        return None
+            return found, not (ck.finetune or read_marker(found).get("weights_only", False))
+        return None, False
+
+    def _check_resumable(self, path: Path) -> None:
+        """Refuse to resume a checkpoint made by a run that optimised something else."""
+        saved = read_marker(path).get("run_fingerprint")
+        if saved is None:
+            print(f"[solopo] WARNING: {path} records no run fingerprint (saved by an older "
+                  f"version): resuming without checking its settings", flush=True)
+            return
+        differences = compare_run_fingerprints(saved, self.run_fingerprint)
+        if not differences:
+            return
+        lines = "\n".join(f"  {key}: checkpoint {old!r}, this run {new!r}"
+                          for key, old, new in differences)
+        source = path.parent
+        raise ResumeMismatchError(
+            f"refusing to resume {path}: it was trained with different settings:\n{lines}\n"
+            f"To keep both runs, give this one a new checkpoint.save_dir. To start a new run "
+            f"from that checkpoint's weights (fresh optimizer, step 0, data from the start): "
+            f"checkpoint.load_dir={source} checkpoint.finetune=true and a new "
+            f"checkpoint.save_dir. Keys that may change on a resume are listed in "
+            f"docs/design.md (Failure behaviour).")
 
     def _resume(self, path) -> SamplerState:
         marker = CheckpointManager.load(path, self.model, self.optimizer, self.scheduler)
@@ -119,6 +163,7 @@ class Trainer:
             "num_skipped_steps": self.num_skipped_steps,
             "config": to_dict(self.config),
             "dataset_fingerprint": self.dataset.fingerprint,
+            "run_fingerprint": self.run_fingerprint,
             "hf_config": self.shape.raw,
             "source_hf_dir": self.config.checkpoint.hf_init_dir or self.config.model.hf_config_path,
         })
@@ -220,6 +265,13 @@ class Trainer:
         cfg = self.config
         total = cfg.training.train_steps
         first_step = self.step
+        if self.step >= total:
+            self.logger.message(
+                f"[solopo] nothing to train: the checkpoint is at step {self.step} and "
+                f"training.train_steps={total}. Checkpoints and exports are left as they are. "
+                f"Raise training.train_steps to train further, or use a new "
+                f"checkpoint.save_dir for a new run.")
+            return
         while self.step < total:
             metrics = self.train_step()
             if self.step % cfg.logging.log_interval == 0 or self.step == total:

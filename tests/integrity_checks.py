@@ -1,0 +1,67 @@
+"""Per-rank body of the checkpoint checksum test (run through tests/dist_harness.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+def check_checksums_and_fallback(hf_dir: str, root: str) -> dict:
+    import torch
+
+    from solopo_mcore.training.checkpoint import (CheckpointError, CheckpointManager,
+                                                  find_verified_checkpoint)
+    from tests.layout_checks import _setup
+
+    root = Path(root)
+    _, _, _, model, _, _ = _setup(hf_dir)
+    weights = [p.detach().clone() for p in model[0].parameters()]
+    manager = CheckpointManager(str(root), keep_last=2)
+    manager.save(2, model, None, None, {})
+    with torch.no_grad():
+        for p in model[0].parameters():
+            p.add_(1.0)
+    manager.save(4, model, None, None, {})
+    out = {"saved": _names(root / "iter_0000004")}
+
+    # random bytes written into the latest shard (same size): strict -> error naming the file
+    shard = sorted((root / "iter_0000004").glob("*.distcp"))[0]
+    with open(shard, "r+b") as f:
+        f.seek(os.path.getsize(shard) // 2)
+        f.write(os.urandom(64))
+    try:
+        find_verified_checkpoint(str(root), strict=True)
+        out["strict_error"] = None
+    except CheckpointError as exc:
+        out["strict_error"] = str(exc)
+    out["shard"] = str(shard)
+    out["after_strict"] = _names(root)
+
+    # not strict: moved aside, the previous checkpoint is used, and loads the right weights
+    found = find_verified_checkpoint(str(root), strict=False)
+    out["fallback"] = found.name
+    out["after_fallback"] = _names(root)
+    CheckpointManager.load(found, model, load_rng=False)
+    out["loaded_step2_weights"] = all(torch.equal(a, b.detach())
+                                      for a, b in zip(weights, model[0].parameters()))
+
+    # the next saves prune: the corrupt one never counts, the newest intact ones are kept
+    manager.save(6, model, None, None, {})
+    out["after_save6"] = _names(root)
+
+    # a truncated latest shard: named (size), fallback to iter_2
+    shard6 = sorted((root / "iter_0000006").glob("*.distcp"))[-1]
+    with open(shard6, "r+b") as f:
+        f.truncate(os.path.getsize(shard6) - 100)
+    try:
+        find_verified_checkpoint(str(root), strict=True)
+        out["truncated_error"] = None
+    except CheckpointError as exc:
+        out["truncated_error"] = str(exc)
+    out["shard6"] = str(shard6)
+    out["truncated_fallback"] = find_verified_checkpoint(str(root), strict=False).name
+    return out

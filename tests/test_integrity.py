@@ -1,0 +1,246 @@
+"""Nothing lost, nothing silent: datasets, checkpoints, reference sidecars and resumes are checked
+for being what they claim to be, and each refusal names the file or key and the fix."""
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.dist_harness import run_distributed
+from tests.test_training_e2e import _base, _metrics, _torchrun
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _copy_dataset(prefix: str, dst: Path) -> str:
+    dst.mkdir(parents=True, exist_ok=True)
+    for ext in (".bin", ".idx", ".meta.json"):
+        shutil.copy(prefix + ext, str(dst / "data") + ext)
+    return str(dst / "data")
+
+
+# ------------------------------------------------------------------ items 2, 9: dataset files
+
+def test_idx_from_another_dataset_of_the_same_size_is_refused(demo_data, tmp_path):
+    from data_tools import preprocess
+    from solopo_mcore.data.dataset import DatasetError, TripletDataset
+
+    rows = (Path(demo_data["pairs"])).read_text().splitlines()
+    (tmp_path / "reversed.jsonl").write_text("\n".join(reversed(rows)) + "\n")
+    preprocess.run(str(tmp_path / "reversed.jsonl"), str(tmp_path / "other"), "builtin:qwen2.5",
+                   1024, num_proc=1)
+    mine = _copy_dataset(demo_data["prefix"], tmp_path / "mine")
+    other = TripletDataset(str(tmp_path / "other"))
+    assert len(other) == len(TripletDataset(mine))  # same example count, same .bin size
+    assert os.path.getsize(str(tmp_path / "other.bin")) == os.path.getsize(mine + ".bin")
+    shutil.copy(str(tmp_path / "other.idx"), mine + ".idx")
+    with pytest.raises(DatasetError, match=f"{mine}.idx is not the index {mine}.meta.json"):
+        TripletDataset(mine)
+
+
+@pytest.mark.parametrize("old_meta", [False, True], ids=["meta", "meta-without-file-checks"])
+def test_short_bin_is_refused_at_load_naming_the_file(demo_data, tmp_path, old_meta):
+    from solopo_mcore.data.dataset import DatasetError, TripletDataset
+
+    prefix = _copy_dataset(demo_data["prefix"], tmp_path)
+    size = os.path.getsize(prefix + ".bin")
+    with open(prefix + ".bin", "r+b") as f:
+        f.truncate(size - 100)
+    if old_meta:  # written before file_checks existed: the .idx still gives the size
+        meta = json.loads(Path(prefix + ".meta.json").read_text())
+        del meta["file_checks"]
+        Path(prefix + ".meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match=f"{prefix}.bin holds {size - 100} bytes"):
+        TripletDataset(prefix)
+
+
+# ------------------------------------------------------------------ item 6: max positions
+
+def test_segment_longer_than_max_position_embeddings_is_refused(demo_data, tmp_path):
+    from data_tools import preprocess
+    from solopo_mcore.config import RunConfig
+    from solopo_mcore.data.dataset import DatasetError
+    from solopo_mcore.models.hf_config import read_hf_config
+    from solopo_mcore.training import build
+
+    model = tmp_path / "short_model"
+    model.mkdir()
+    config = json.loads((Path(demo_data["model"]) / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=300)))
+    with pytest.raises(SystemExit, match="--max-seq-length 1024 is longer than the model's "
+                                         "max_position_embeddings 300"):
+        preprocess.run(str(demo_data["pairs"]), str(tmp_path / "out"), "builtin:qwen2.5", 1024,
+                       num_proc=1, model_config=str(model))
+    assert not list(tmp_path.glob("out*"))
+    # a dataset preprocessed for a longer model, loaded for this one
+    shape = dataclasses.replace(read_hf_config(demo_data["model"]), max_position_embeddings=300)
+    cfg = RunConfig()
+    cfg.data.data_path = demo_data["prefix"]
+    meta = json.loads(Path(demo_data["prefix"] + ".meta.json").read_text())
+    longest = max(meta["lengths"]["long_prompt"]["max"], 0)
+    assert longest > 300
+    with pytest.raises(DatasetError, match=r"example \d+ \(id '.+'\) has a \d+-token segment, "
+                                           r"longer than the model's max_position_embeddings 300"):
+        build.open_dataset(cfg, shape, need_reference=False)
+
+
+# ------------------------------------------------------------------ item 11: empty dataset
+
+def test_empty_dataset_fails_preprocess_and_is_named_by_the_trainer(demo_data, tmp_path, capsys):
+    import numpy as np_
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from data_tools import preprocess
+    from solopo_mcore.data.dataset import DatasetError, TripletDataset
+
+    with pytest.raises(SystemExit, match=r"0 examples written from .*skipped \d+: too_long=\d+"):
+        preprocess.run(str(demo_data["pairs"]), str(tmp_path / "none"), "builtin:qwen2.5", 10,
+                       num_proc=1)
+    assert not list(tmp_path.glob("none*"))  # nothing half-written
+    # an empty dataset (as older versions wrote it) is named, with how it was built
+    prefix = str(tmp_path / "empty")
+    IndexedDatasetBuilder(prefix + ".bin", dtype=np_.int32).finalize(prefix + ".idx")
+    meta = json.loads(Path(demo_data["prefix"] + ".meta.json").read_text())
+    meta.update(num_examples=0, report={"read": 5, "skipped": {"too_long": 5}}, source="x.jsonl")
+    meta.pop("file_checks")
+    Path(prefix + ".meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match=rf"dataset '{prefix}' is empty: 0 examples \(built by "
+                                           r"data_tools.preprocess from x.jsonl, which read 5"):
+        TripletDataset(prefix)
+
+
+# ------------------------------------------------------------------ item 12: data_path
+
+def test_missing_data_path_fails_before_any_process_group(demo_data, tmp_path):
+    from solopo_mcore.config import ConfigError, load_config
+    from solopo_mcore.training.trainer import Trainer
+
+    base = [f"model.hf_config_path={demo_data['model']}"]
+    with pytest.raises(ConfigError, match="data.data_path is not set"):
+        Trainer(load_config("tiny_cpu", base))
+    with pytest.raises(ConfigError, match=f"data.data_path={tmp_path}/nope: "
+                                          f"{tmp_path}/nope.bin, .*nope.meta.json do not exist"):
+        Trainer(load_config("tiny_cpu", base + [f"data.data_path={tmp_path}/nope"]))
+    import torch.distributed as dist
+    assert not dist.is_initialized()
+
+
+# ------------------------------------------------------------------ item 4: reference weights
+
+def test_reference_sidecar_from_other_weights_is_refused(demo_data, tiny_qwen2, tmp_path):
+    from solopo_mcore.config import RunConfig
+    from solopo_mcore.data.dataset import DatasetError, TripletDataset, save_reference_sidecar
+    from solopo_mcore.models.hf_config import read_hf_config
+    from solopo_mcore.training import build
+    from solopo_mcore.training.integrity import weights_fingerprint
+
+    dataset = TripletDataset(demo_data["prefix"])
+    sidecar = str(tmp_path / "ref")
+    save_reference_sidecar(sidecar, np.zeros((len(dataset), 4)), {
+        "dataset_fingerprint": dataset.fingerprint, "model": {"hf_checkpoint": tiny_qwen2},
+        "model_fingerprint": weights_fingerprint(tiny_qwen2)})
+    cfg = RunConfig()
+    cfg.data.data_path, cfg.data.ref_logprobs_path = demo_data["prefix"], sidecar
+    shape = read_hf_config(demo_data["model"])
+    other, mine = weights_fingerprint(demo_data["model"]), weights_fingerprint(tiny_qwen2)
+    assert other != mine
+    with pytest.raises(DatasetError, match=rf"computed with the weights of .*{tiny_qwen2}.* "
+                                           rf"\(fingerprint {mine[:12]}\.\.\.\), but this run "
+                                           rf"starts from {demo_data['model']} \(fingerprint "
+                                           rf"{other[:12]}"):
+        build.open_dataset(cfg, shape, True, start_weights=str(demo_data["model"]))
+    with pytest.raises(DatasetError, match="starts from random initialisation"):
+        build.open_dataset(cfg, shape, True, start_weights=build.RANDOM_INIT)
+    # the matching weights pass, and the sidecar's own fingerprint is recorded for resumes
+    ok = build.open_dataset(cfg, shape, True, start_weights=tiny_qwen2)
+    assert ok.reference_fingerprint and ok.ref_logp.shape == (len(dataset), 4)
+
+
+# ------------------------------------------------------------------ items 3, 10: checksums
+
+def test_corrupt_or_truncated_shard_is_named_and_the_previous_checkpoint_used(tiny_qwen2,
+                                                                             tmp_path):
+    root = tmp_path / "ckpt"
+    out = run_distributed(1, "tests.integrity_checks:check_checksums_and_fallback",
+                          hf_dir=tiny_qwen2, root=str(root))[0]
+    assert "checksums.json" in out["saved"] and "solopo_state.json" in out["saved"]
+    assert f"{out['shard']}: SHA-256 differs from the one recorded at save time" in \
+        out["strict_error"] and "checkpoint.strict_load=true" in out["strict_error"]
+    assert "iter_0000004" in out["after_strict"]  # strict: nothing moved
+    assert out["fallback"] == "iter_0000002" and out["loaded_step2_weights"]
+    assert "iter_0000004.corrupt" in out["after_fallback"]  # moved aside, never deleted
+    # the next save prunes with keep_last=2: the intact step 2 survives, the corrupt one is kept
+    assert out["after_save6"] == ["iter_0000002", "iter_0000004.corrupt", "iter_0000006",
+                                  "latest"]
+    assert f"{out['shard6']}: " in out["truncated_error"] and "(truncated or overwritten)" in \
+        out["truncated_error"]
+    assert out["truncated_fallback"] == "iter_0000002"
+
+
+# ------------------------------------------------------------------ item 1: resume
+
+def test_demo_variants_get_their_own_output_folders():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("demo_cpu", REPO / "examples" / "demo_cpu.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    folders = {demo.default_out(a, cp) for a in ("orpo", "dpo", "simpo") for cp in (False, True)}
+    assert len(folders) == 6
+
+
+def test_run_fingerprint_names_each_difference(demo_data):
+    from solopo_mcore.config import load_config
+    from solopo_mcore.models.hf_config import read_hf_config
+    from solopo_mcore.training.integrity import compare_run_fingerprints, run_fingerprint
+
+    shape = read_hf_config(demo_data["model"])
+    base = load_config("tiny_cpu")
+    same_run = load_config("tiny_cpu", ["training.train_steps=99", "parallel."
+                                        "tensor_model_parallel_size=1", "logging.log_interval=5",
+                                        "data.global_batch_size=8", "checkpoint.save_interval=1"])
+    other = load_config("tiny_cpu", ["objective.algorithm=simpo", "objective.alpha=3.0",
+                                     "training.seed=1"])
+    saved = run_fingerprint(base, shape, "data-a", None)
+    assert compare_run_fingerprints(saved, run_fingerprint(same_run, shape, "data-a", None)) == []
+    assert compare_run_fingerprints(saved, run_fingerprint(other, shape, "data-b", "ref")) == [
+        ("data.fingerprint", "data-a", "data-b"), ("data.reference_fingerprint", None, "ref"),
+        ("objective.algorithm", "orpo", "simpo"), ("objective.alpha", 1.0, 3.0),
+        ("training.seed", 1234, 1)]
+
+
+@pytest.mark.e2e
+def test_resume_refuses_other_settings_and_a_finished_run_rewrites_nothing(demo_data, tmp_path):
+    common = ["data.num_eval_examples=0", f"checkpoint.export_hf_dir={tmp_path / 'hf'}"]
+    _torchrun(1, _base(demo_data, tmp_path, 2, extra=common))
+    ckpt = tmp_path / "ckpt"
+    state = json.loads((ckpt / "iter_0000002" / "solopo_state.json").read_text())
+    assert state["run_fingerprint"]["objective.algorithm"] == "orpo"
+    # another algorithm into the same save_dir: refused, both values and the fix named
+    with pytest.raises(AssertionError) as info:
+        _torchrun(1, _base(demo_data, tmp_path, 4, extra=common + ["objective.algorithm=simpo"]))
+    text = str(info.value)
+    assert "refusing to resume" in text and \
+        "objective.algorithm: checkpoint 'orpo', this run 'simpo'" in text
+    assert f"checkpoint.load_dir={ckpt} checkpoint.finetune=true" in text
+    # the finished run again: says so, rewrites neither checkpoints nor the export
+    stamps = {p: p.stat().st_mtime_ns for p in [*(tmp_path / "hf").iterdir(),
+                                                 *(ckpt / "iter_0000002").iterdir()]}
+    result = _torchrun(1, _base(demo_data, tmp_path, 2, extra=common))
+    assert "nothing to train: the checkpoint is at step 2 and training.train_steps=2" in \
+        result.stdout
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000002", "latest"]
+    # finetune: a new run from those weights, in its own save_dir, at step 0
+    new = tmp_path / "finetune"
+    result = _torchrun(1, _base(demo_data, new, 1, extra=[
+        "data.num_eval_examples=0", "objective.algorithm=simpo", f"checkpoint.load_dir={ckpt}",
+        "checkpoint.finetune=true"]))
+    assert f"initialised weights from {ckpt / 'iter_0000002'}" in result.stdout
+    train, _ = _metrics(new / "metrics.jsonl")
+    assert [r["step"] for r in train] == [1]
+    assert json.loads((new / "ckpt" / "iter_0000001" / "solopo_state.json").read_text())[
+        "run_fingerprint"]["objective.algorithm"] == "simpo"
