@@ -28,6 +28,7 @@ from data_tools.common import (PASSAGE_SEPARATOR, RowError, RunReport, atomic_ou
                                render_passage, render_prompt, require, write_json)
 from data_tools.distractors import BUILTIN_WIKI, load_pool
 from data_tools.tokenizer import BUILTIN_QWEN, load_tokenizer
+from solopo_mcore.errors import entry_point
 
 
 def parse_musique(row: dict) -> dict:
@@ -230,8 +231,10 @@ def main(argv=None) -> None:
     parser.add_argument("--distractor-pool", default=BUILTIN_WIKI,
                         help=f"{BUILTIN_WIKI}, a .jsonl with 'text', or a .txt file; 'none' to "
                              f"use only each example's own distractors")
-    parser.add_argument("--format", default="auto", choices=["auto", "musique", "generic"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", default="auto", choices=["auto", "musique", "generic"],
+                        help="input format; auto: musique when a row has 'paragraphs'")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the per-example distractor choice and order")
     parser.add_argument("--limit", type=int, default=None, help="stop after N written examples")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad row")
     args = parser.parse_args(argv)
@@ -241,4 +244,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with entry_point("build_triplets"):
+        main()

@@ -31,11 +31,15 @@ def sh(*args, **env):
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--examples", type=int, default=72)
-    parser.add_argument("--long-tokens", type=int, default=1024)
-    parser.add_argument("--algorithm", default="orpo", choices=["orpo", "dpo", "simpo"])
+    parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    parser.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
+    parser.add_argument("--examples", type=int, default=72,
+                        help="synthetic QA examples to build (default: 72)")
+    parser.add_argument("--long-tokens", type=int, default=1024,
+                        help="long-context length in tokens (default: 1024)")
+    parser.add_argument("--algorithm", default="orpo", choices=["orpo", "dpo", "simpo"],
+                        help="SoLo-ORPO (default), SoLo-DPO (with a reference pre-pass) or "
+                             "SoLo-SimPO")
     parser.add_argument("--cp", action="store_true", help="CP=2 instead of TP=2")
     args = parser.parse_args()
     out = (REPO / args.out).resolve()
@@ -87,4 +91,5 @@ Done. Everything is under {out}:
 
 
 if __name__ == "__main__":
-    main()
+    with entry_point("demo_cpu"):
+        main()

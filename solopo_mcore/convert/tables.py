@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+from solopo_mcore.errors import UserError
 from solopo_mcore.models.hf_config import ModelShape
 
 
@@ -56,7 +57,7 @@ TABLE: tuple = (
 )
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     pass
 
 

@@ -9,11 +9,12 @@ from typing import Optional
 import numpy as np
 
 from solopo_mcore.data.packing import TripletTokens
+from solopo_mcore.errors import UserError
 
 FORMAT = "solopo-triplets-v1"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     pass
 
 

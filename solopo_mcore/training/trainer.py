@@ -12,6 +12,7 @@ from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 
 from solopo_mcore.config import RunConfig, to_dict
 from solopo_mcore.data.sampler import SamplerState, TripletSampler
+from solopo_mcore.errors import UserError
 from solopo_mcore.losses.objective import EVAL_ROLES, MODE_ROLES
 from solopo_mcore.models.builder import use_te_spec
 from solopo_mcore.parallel.layout import destroy_parallel
@@ -25,7 +26,7 @@ from solopo_mcore.training.logs import RunLogger
 from solopo_mcore.training.optim import build_optimizer, build_scheduler
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 
