@@ -25,6 +25,7 @@ import random
 from typing import Optional
 
 from data_tools.common import (PASSAGE_SEPARATOR, RowError, RunReport, atomic_output, read_jsonl,
+                               refuse_overwriting_inputs,
                                render_passage, render_prompt, require, write_json)
 from data_tools.distractors import BUILTIN_WIKI, load_pool
 from data_tools.tokenizer import BUILTIN_QWEN, load_tokenizer
@@ -186,6 +187,11 @@ def build_example(example: dict, target: int, counter: TokenCounter, pool: list,
 def run(input_path: str, output_path: str, tokenizer_name: str, target_long_tokens: int,
         distractor_pool: Optional[str], input_format: str = "auto", seed: int = 0,
         strict: bool = False, limit: Optional[int] = None) -> dict:
+    pool_file = distractor_pool if distractor_pool and distractor_pool != BUILTIN_WIKI else None
+    refuse_overwriting_inputs(
+        "build_triplets", {"--input": input_path, "--distractor-pool": pool_file},
+        {"--output": output_path, "--output (.summary.json)": output_path + ".summary.json",
+         "--output (.tmp)": output_path + ".tmp"})
     report = RunReport("build_triplets", strict=strict)
     counter = TokenCounter(load_tokenizer(tokenizer_name))
     pool = load_pool(distractor_pool) if distractor_pool else []

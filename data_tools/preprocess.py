@@ -24,7 +24,8 @@ from typing import Optional
 
 import numpy as np
 
-from data_tools.common import RowError, RunReport, read_jsonl, require, write_json
+from data_tools.common import (RowError, RunReport, read_jsonl, refuse_overwriting_inputs, require,
+                               write_json)
 from data_tools.tokenizer import BUILTIN_QWEN, load_tokenizer
 from solopo_mcore.errors import entry_point
 
@@ -88,6 +89,9 @@ def run(input_path: str, output_prefix: str, tokenizer_name: str, max_seq_length
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+    refuse_overwriting_inputs("preprocess", {"--input": input_path}, {
+        f"--output-prefix ({ext})": str(output_prefix) + ext
+        for ext in (".bin", ".idx", ".meta.json", ".tmp.bin", ".tmp.idx")})
     report = RunReport("preprocess", strict=strict)
     tokenizer = load_tokenizer(tokenizer_name)
     check_vocab(tokenizer, model_config)

@@ -25,7 +25,7 @@ import re
 from typing import Optional
 
 from data_tools.common import RowError, RunReport, atomic_output, progress, read_jsonl, require
-from data_tools.common import write_json
+from data_tools.common import refuse_overwriting_inputs, write_json
 from data_tools.scoring import select_pair
 from solopo_mcore.errors import entry_point
 
@@ -146,6 +146,10 @@ def _pair_row(row: dict, samples: list[str], rng: random.Random, report: RunRepo
 
 
 def run(args) -> dict:
+    refuse_overwriting_inputs(
+        "sample_pairs", {"--input": args.input},
+        {"--output": args.output, "--output (.summary.json)": args.output + ".summary.json",
+         "--output (.tmp)": args.output + ".tmp"})
     report = RunReport("sample_pairs", strict=args.strict)
     sampler = make_sampler(args.backend, args)
     rows = []
