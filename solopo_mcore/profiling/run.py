@@ -93,8 +93,11 @@ def run(args) -> dict:
                                            args.max_len_granularity)
             max_lengths[mode] = best
             if dist.get_rank() == 0:
-                print(f"[profile] longest trainable long context for {mode}: {best} tokens "
-                      f"({len(trials)} trials)", flush=True)
+                capped = best >= args.max_len_limit
+                print(f"[profile] longest trainable long context for {mode}: "
+                      f"{'>= ' if capped else ''}{best} tokens ({len(trials)} trials)"
+                      + (" - a lower bound: it reached --max-len-limit; raise it to search "
+                         "further" if capped else ""), flush=True)
     context = {"model": shape.architecture, "layers": shape.num_layers,
                "hidden": shape.hidden_size, "device": _device(),
                "layout": f"TP{pgs.tp.size()} PP{pgs.pp.size()} CP{pgs.cp.size()} "
@@ -105,7 +108,11 @@ def run(args) -> dict:
                "params_dtype": config.model.params_dtype}
     payload = {}
     if dist.get_rank() == 0:
-        payload = write_report(args.out, target.results, context, max_lengths, estimates)
+        payload = write_report(args.out, target.results, context, max_lengths, estimates,
+                               args.max_len_limit if args.find_max_len else None)
+        from pathlib import Path
+        written = sorted(p.name for p in Path(args.out).iterdir() if p.is_file())
+        print(f"[profile] wrote {', '.join(written)} to {Path(args.out).resolve()}", flush=True)
     dist.barrier()
     return payload
 

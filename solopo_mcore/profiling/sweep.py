@@ -23,7 +23,8 @@ from solopo_mcore.data.packing import TripletTokens, pack_triplets
 from solopo_mcore.losses.objective import MODE_ROLES, Role
 from solopo_mcore.profiling.flops import mfu, training_step_flops
 from solopo_mcore.profiling.memory import (GIB, AllocatorPeakTracker, PeakRSSSampler,
-                                           live_storages, memory_stats, reset_peak)
+                                           live_storages, memory_stats, reset_peak,
+                                           silenced_native_output)
 from solopo_mcore.training.engine import run_global_batch
 from solopo_mcore.training.forward_step import make_forward_step
 
@@ -212,8 +213,14 @@ def trace_step(target: ProfileTarget, mode: str, short_tokens: int, long_tokens:
                                 target.stack.shape.vocab_size, target.seed)
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+    prof = torch.profiler.profile(activities=activities, record_shapes=True)
+    with silenced_native_output():
+        prof.__enter__()
+    try:
         _timed_pass(target, example, MODE_ROLES[mode], mode, with_optimizer=True)
+    finally:
+        with silenced_native_output():
+            prof.__exit__(None, None, None)
     if dist.get_rank() == 0:
         prof.export_chrome_trace(path)
 
