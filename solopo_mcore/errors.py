@@ -33,6 +33,9 @@ from typing import Optional
 TRACEBACK_ENV = "SOLOPO_TRACEBACK"
 #: Directory for the traceback logs (default: the system temporary directory).
 LOG_DIR_ENV = "SOLOPO_ERROR_LOG_DIR"
+#: Messages of collectives whose peer has gone: a consequence of another rank's failure.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+             "NCCL communicator was aborted", "ProcessGroupNCCL is aborted")
 
 
 class UserError(Exception):
@@ -59,6 +62,8 @@ def short_line(exc: BaseException, tool: str, rank: Optional[int] = None) -> str
     """``[rank R] ErrorType: message`` on one line (the message's lines joined by " | ")."""
     message = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     prefix = f"[rank {rank}]" if rank is not None else f"{tool}:"
+    if rank is not None and any(text in message for text in PEER_GONE):
+        return f"{prefix} stopped: a peer rank failed (its error is above)"
     kind = type(exc).__name__ if isinstance(exc, UserError) else \
         f"unexpected {type(exc).__name__}"
     return f"{prefix} {kind}: {message}" if message else f"{prefix} {kind}"

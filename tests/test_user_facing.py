@@ -156,7 +156,7 @@ def test_overwrite_replaces_the_destination_only_when_complete_and_verified(tiny
 def test_entry_point_prints_one_line_once_and_logs_the_traceback(tmp_path, monkeypatch,
                                                                  capsys):
     from solopo_mcore.config import ConfigError
-    from solopo_mcore.errors import entry_point, error_log_path
+    from solopo_mcore.errors import entry_point, error_log_path, short_line
 
     monkeypatch.setenv("SOLOPO_ERROR_LOG_DIR", str(tmp_path))
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", f"test-{os.getpid()}-{time.time()}")
@@ -176,6 +176,10 @@ def test_entry_point_prints_one_line_once_and_logs_the_traceback(tmp_path, monke
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "[rank 1] ConfigError: data.data_path: /x does not exist; set it to a prefix"
     assert len(err) == 2 and str(error_log_path("tool", 1)) in err[1]
+    # a peer's collective failing because the first rank exited is labelled as a consequence
+    gone = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:9")
+    assert short_line(gone, "tool", 0) == "[rank 0] stopped: a peer rank failed (its error is " \
+        "above)"
 
 
 def test_a_failing_script_prints_a_short_error_and_the_traceback_on_request(tmp_path):
