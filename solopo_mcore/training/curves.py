@@ -43,6 +43,9 @@ def plot_curves(metrics_path: str, png_path: str) -> Path:
             if points:
                 ax.plot(*zip(*points), marker="o" if len(points) < 8 else None, markersize=3,
                         label=key[len(prefix):])
+        if prefix == "eval/accuracy/":
+            ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
+            ax.set_ylim(-0.05, 1.05)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
