@@ -25,9 +25,11 @@ import random
 from typing import Optional
 
 from data_tools.common import (PASSAGE_SEPARATOR, RowError, RunReport, atomic_output, read_jsonl,
+                               refuse_overwriting_inputs,
                                render_passage, render_prompt, require, write_json)
 from data_tools.distractors import BUILTIN_WIKI, load_pool
 from data_tools.tokenizer import BUILTIN_QWEN, load_tokenizer
+from solopo_mcore.errors import entry_point
 
 
 def parse_musique(row: dict) -> dict:
@@ -185,6 +187,11 @@ def build_example(example: dict, target: int, counter: TokenCounter, pool: list,
 def run(input_path: str, output_path: str, tokenizer_name: str, target_long_tokens: int,
         distractor_pool: Optional[str], input_format: str = "auto", seed: int = 0,
         strict: bool = False, limit: Optional[int] = None) -> dict:
+    pool_file = distractor_pool if distractor_pool and distractor_pool != BUILTIN_WIKI else None
+    refuse_overwriting_inputs(
+        "build_triplets", {"--input": input_path, "--distractor-pool": pool_file},
+        {"--output": output_path, "--output (.summary.json)": output_path + ".summary.json",
+         "--output (.tmp)": output_path + ".tmp"})
     report = RunReport("build_triplets", strict=strict)
     counter = TokenCounter(load_tokenizer(tokenizer_name))
     pool = load_pool(distractor_pool) if distractor_pool else []
@@ -230,8 +237,10 @@ def main(argv=None) -> None:
     parser.add_argument("--distractor-pool", default=BUILTIN_WIKI,
                         help=f"{BUILTIN_WIKI}, a .jsonl with 'text', or a .txt file; 'none' to "
                              f"use only each example's own distractors")
-    parser.add_argument("--format", default="auto", choices=["auto", "musique", "generic"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", default="auto", choices=["auto", "musique", "generic"],
+                        help="input format; auto: musique when a row has 'paragraphs'")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the per-example distractor choice and order")
     parser.add_argument("--limit", type=int, default=None, help="stop after N written examples")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad row")
     args = parser.parse_args(argv)
@@ -241,4 +250,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with entry_point("build_triplets"):
+        main()

@@ -13,6 +13,8 @@ from typing import Iterator, Optional
 
 from tqdm import tqdm
 
+from solopo_mcore.errors import UserError
+
 #: The instruction I that follows the context in x_short = [c_rel; I] and x_long = [c_rel, c_irr; I].
 INSTRUCTION = (
     "Answer the question based on the given passages. Only use the information in the passages. "
@@ -45,6 +47,32 @@ def package_data_file(package: str, relative: str, needed_for: str, pip_spec: st
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed {package} package")
     return path
+
+
+class OutputIsInputError(UserError, ValueError):
+    """An output path that is (or resolves to) one of the tool's inputs."""
+
+
+def _same_path(a: str, b: str) -> bool:
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return os.path.samefile(pa, pb)  # also hard links
+    return pa.resolve() == pb.resolve()  # relative paths, symlinks, ".."
+
+
+def refuse_overwriting_inputs(tool: str, inputs: dict, outputs: dict) -> None:
+    """Raise :class:`OutputIsInputError` when a file this tool writes is one it reads.
+
+    ``inputs`` / ``outputs`` map a name (the option, e.g. ``--input``) to a path; ``None`` paths
+    are ignored. Outputs include every derived file (``.summary.json``, ``.bin``, ``.tmp``)."""
+    for out_name, out_path in outputs.items():
+        for in_name, in_path in inputs.items():
+            if out_path is None or in_path is None:
+                continue
+            if _same_path(str(out_path), str(in_path)):
+                raise OutputIsInputError(
+                    f"{tool}: {out_name} {out_path} is the same file as {in_name} {in_path}; "
+                    f"writing it would destroy the input. Choose another output path.")
 
 
 class RowError(ValueError):

@@ -26,9 +26,11 @@ from typing import Optional
 
 import numpy as np
 
-from data_tools.common import RowError, RunReport, read_jsonl, require, write_json
+from data_tools.common import (RowError, RunReport, read_jsonl, refuse_overwriting_inputs, require,
+                               write_json)
 from data_tools.tokenizer import BUILTIN_QWEN, load_tokenizer
 from solopo_mcore.data.dataset import file_checks
+from solopo_mcore.errors import entry_point
 
 FIELDS = ("prompt_short", "prompt_long", "chosen", "rejected")
 
@@ -95,6 +97,9 @@ def run(input_path: str, output_prefix: str, tokenizer_name: str, max_seq_length
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+    refuse_overwriting_inputs("preprocess", {"--input": input_path}, {
+        f"--output-prefix ({ext})": str(output_prefix) + ext
+        for ext in (".bin", ".idx", ".meta.json", ".tmp.bin", ".tmp.idx")})
     report = RunReport("preprocess", strict=strict)
     tokenizer = load_tokenizer(tokenizer_name)
     check_model(tokenizer, model_config, max_seq_length)
@@ -178,19 +183,22 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="pairs JSONL (sample_pairs output)")
-    parser.add_argument("--output-prefix", required=True)
+    parser.add_argument("--output-prefix", required=True,
+                        help="writes PREFIX.bin, PREFIX.idx and PREFIX.meta.json")
     parser.add_argument("--tokenizer", default=BUILTIN_QWEN,
                         help=f"HF tokenizer/model directory or {BUILTIN_QWEN}")
     parser.add_argument("--max-seq-length", type=int, default=32768,
                         help="longest allowed segment (prompt + response), in tokens")
-    parser.add_argument("--num-proc", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--num-proc", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                        help="tokenizer processes (default: CPU count - 1)")
     parser.add_argument("--model-config", help="HF model dir: refuse a larger tokenizer vocab "
                         "and a --max-seq-length above its max_position_embeddings")
-    parser.add_argument("--strict", action="store_true")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad row")
     args = parser.parse_args(argv)
     run(args.input, args.output_prefix, args.tokenizer, args.max_seq_length, args.num_proc,
         args.model_config, args.strict)
 
 
 if __name__ == "__main__":
-    main()
+    with entry_point("preprocess"):
+        main()

@@ -25,9 +25,10 @@ import re
 from typing import Optional
 
 from data_tools.common import RowError, RunReport, atomic_output, progress, read_jsonl, require
-from data_tools.common import write_json
+from data_tools.common import refuse_overwriting_inputs, write_json
 from data_tools.generation import make_generator
 from data_tools.scoring import select_pair
+from solopo_mcore.errors import entry_point
 
 _TITLE = re.compile(r"^Title: (.+)$", re.MULTILINE)
 
@@ -94,6 +95,10 @@ def _pair_row(row: dict, samples: list[str], rng: random.Random, report: RunRepo
 
 
 def run(args) -> dict:
+    refuse_overwriting_inputs(
+        "sample_pairs", {"--input": args.input},
+        {"--output": args.output, "--output (.summary.json)": args.output + ".summary.json",
+         "--output (.tmp)": args.output + ".tmp"})
     report = RunReport("sample_pairs", strict=args.strict)
     sampler = make_sampler(args.backend, args)
     rows = []
@@ -137,18 +142,23 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="output of build_triplets")
     parser.add_argument("--output", required=True, help="pairs JSONL for preprocess")
-    parser.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm", "rule"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm", "rule"],
+                        help="sampler (see above); auto: vllm when installed, else hf")
     parser.add_argument("--model", help="HF model directory (hf / vllm backends)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
-    parser.add_argument("--num-samples", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.85)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--num-samples", type=int, default=32,
+                        help="answers sampled per question (the paper: 32)")
+    parser.add_argument("--temperature", type=float, default=0.85,
+                        help="sampling temperature (the paper: 0.85)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling top-p")
+    parser.add_argument("--max-new-tokens", type=int, default=512,
+                        help="longest sampled answer, in tokens")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--strict", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad row")
     run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    with entry_point("sample_pairs"):
+        main()

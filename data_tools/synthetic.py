@@ -16,6 +16,7 @@ import json
 import random
 
 from data_tools.common import atomic_output, progress
+from solopo_mcore.errors import entry_point
 
 _SYLLABLES = ["ka", "lo", "mer", "vin", "ta", "sol", "dra", "bel", "nor", "thi", "qua", "ren",
               "zu", "mal", "cor", "vex", "ari", "pel", "dun", "ish", "gor", "yel", "fen", "os"]
@@ -110,11 +111,12 @@ def generate(num_examples: int, seed: int, min_hops: int = 2, max_hops: int = 4,
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-examples", type=int, default=200)
+    parser.add_argument("--num-examples", type=int, default=200,
+                        help="examples to generate (default: 200)")
     parser.add_argument("--out", required=True, help="output JSONL (MuSiQue format)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-hops", type=int, default=2)
-    parser.add_argument("--max-hops", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--min-hops", type=int, default=2, help="fewest reasoning hops")
+    parser.add_argument("--max-hops", type=int, default=4, help="most reasoning hops")
     parser.add_argument("--num-distractors", type=int, default=6,
                         help="non-supporting paragraphs per example")
     args = parser.parse_args(argv)
@@ -127,4 +129,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with entry_point("synthetic"):
+        main()

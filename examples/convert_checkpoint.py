@@ -12,22 +12,33 @@ import json
 import os
 import sys
 
+from solopo_mcore.errors import entry_point
+
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"])
-    parser.add_argument("--src", required=True)
-    parser.add_argument("--dst", required=True)
+    parser.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"],
+                        help="hf-to-mcore: HF directory -> dist_checkpointing checkpoint; "
+                             "mcore-to-hf: the reverse")
+    parser.add_argument("--src", required=True,
+                        help="source: an HF model directory, or a Megatron checkpoint "
+                             "(iteration folder or save_dir with 'latest')")
+    parser.add_argument("--dst", required=True,
+                        help="destination directory (must not be, contain or lie inside --src)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to convert at")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to convert at")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                         help="parameter dtype (default: the HF config's torch_dtype)")
     parser.add_argument("--hf-config", help="mcore-to-hf: HF directory for the architecture and "
                                             "tokenizer files (default: recorded in the checkpoint)")
-    parser.add_argument("--verify", action="store_true")
-    parser.add_argument("--tolerance", type=float, default=1e-3)
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--verify", action="store_true",
+                        help="compare logits with transformers before the result replaces --dst")
+    parser.add_argument("--tolerance", type=float, default=1e-3,
+                        help="--verify: largest allowed |logit difference| (default: 1e-3)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --dst, once the new one is complete "
+                             "(and verified)")
     return parser.parse_args()
 
 
@@ -55,4 +66,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with entry_point("convert_checkpoint"):
+        main()

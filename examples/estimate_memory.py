@@ -10,28 +10,50 @@ weights. Formulas: solopo_mcore/profiling/estimator.py.
 import argparse
 import json
 
-from solopo_mcore.config import load_config
+from solopo_mcore.config import ConfigError, load_config
+from solopo_mcore.errors import entry_point
 from solopo_mcore.losses.objective import MODE_ROLES, Role
 from solopo_mcore.models.hf_config import read_hf_config, shape_from_dict
 from solopo_mcore.models.reference_configs import BY_NAME
+from solopo_mcore.parallel.layout import LayoutError
 from solopo_mcore.profiling.estimator import EstimateInputs, estimate_memory, suggest_layouts
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--model", choices=sorted(BY_NAME), help="use a known architecture")
-    parser.add_argument("--world-size", type=int, required=True)
-    parser.add_argument("--long-tokens", type=int, required=True)
-    parser.add_argument("--short-tokens", type=int, default=1024)
-    parser.add_argument("--response-tokens", type=int, default=256)
-    parser.add_argument("--device-gib", type=float, default=80.0)
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--config", required=True,
+                        help="recipe: a YAML file or a name from examples/recipes/")
+    parser.add_argument("--model", choices=sorted(BY_NAME),
+                        help="use a known architecture instead of the recipe's "
+                             "model.hf_config_path (no weights needed)")
+    parser.add_argument("--world-size", type=int, required=True,
+                        help="number of GPUs (ranks) of the run")
+    parser.add_argument("--long-tokens", type=int, required=True,
+                        help="tokens in the long context (prompt) of one example")
+    parser.add_argument("--short-tokens", type=int, default=1024,
+                        help="tokens in the short context of one example (default: 1024)")
+    parser.add_argument("--response-tokens", type=int, default=256,
+                        help="tokens per chosen/rejected response (default: 256)")
+    parser.add_argument("--device-gib", type=float, default=80.0,
+                        help="memory per GPU in GiB (default: 80)")
+    parser.add_argument("overrides", nargs="*",
+                        help="dotted recipe overrides, e.g. parallel.context_parallel_size=4")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    shape = shape_from_dict(BY_NAME[args.model]) if args.model else \
-        read_hf_config(cfg.model.hf_config_path)
+    known = "{" + ",".join(sorted(BY_NAME)) + "}"
+    if args.model:
+        shape = shape_from_dict(BY_NAME[args.model])
+    elif not cfg.model.hf_config_path:
+        raise ConfigError(f"recipe {args.config!r} names no architecture (model.hf_config_path "
+                          f"is unset); pass --model {known} or model.hf_config_path=HF_MODEL_DIR")
+    else:
+        try:
+            shape = read_hf_config(cfg.model.hf_config_path)
+        except FileNotFoundError:
+            raise ConfigError(f"model.hf_config_path={cfg.model.hf_config_path}: no config.json "
+                              f"there; pass --model {known} to estimate without the weights, or "
+                              f"model.hf_config_path=HF_MODEL_DIR") from None
     roles = MODE_ROLES[cfg.objective.mode]
     segments = tuple(
         (args.long_tokens if r in (Role.LONG_CHOSEN, Role.LONG_REJECTED) else args.short_tokens)
@@ -41,6 +63,14 @@ def main(argv=None):
     p = cfg.parallel
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * \
         p.context_parallel_size
+    if args.world_size <= 0 or args.world_size % model_parallel:
+        raise LayoutError(
+            f"--world-size {args.world_size} is not divisible by the recipe's TP x PP x CP = "
+            f"{p.tensor_model_parallel_size} x {p.pipeline_model_parallel_size} x "
+            f"{p.context_parallel_size} = {model_parallel}, so this layout cannot run on it; use "
+            f"a world size that is a multiple of {model_parallel}, or override "
+            f"parallel.tensor_model_parallel_size / pipeline_model_parallel_size / "
+            f"context_parallel_size so that their product divides {args.world_size}")
     common = dict(params_dtype=cfg.model.params_dtype,
                   distributed_optimizer=p.use_distributed_optimizer,
                   optimizer_cpu_offload=cfg.optimizer.optimizer_cpu_offload,
@@ -50,14 +80,14 @@ def main(argv=None):
                   vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
     estimate = estimate_memory(shape, EstimateInputs(
         tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
-        cp=p.context_parallel_size, dp=max(1, args.world_size // model_parallel),
+        cp=p.context_parallel_size, dp=args.world_size // model_parallel,
         microbatch_tokens=tokens, response_tokens=response, segment_tokens=segments, **common))
     fits = estimate["total_gib"] <= args.device_gib
     report = {"model": shape.architecture, "mode": cfg.objective.mode,
               "microbatch_tokens": tokens, "recipe_layout": {
                   "tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
                   "cp": p.context_parallel_size,
-                  "dp": max(1, args.world_size // model_parallel)},
+                  "dp": args.world_size // model_parallel},
               "per_gpu_gib": {k: round(v, 2) for k, v in estimate.items() if k.endswith("_gib")},
               "fits": fits, "device_gib": args.device_gib,
               "layouts_that_fit": suggest_layouts(shape, args.world_size, tokens, response,
@@ -68,4 +98,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with entry_point("estimate_memory"):
+        main()

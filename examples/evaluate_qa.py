@@ -70,7 +70,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from solopo_mcore.evaluation.items import EvalInputError
     from solopo_mcore.evaluation.runner import EvalConfig, run_evaluation
     from solopo_mcore.training.wandb_log import log_eval_summaries
 
@@ -80,10 +79,7 @@ def main(argv=None):
         depths_percent=args.depths, distractor_pool=args.distractor_pool,
         tokenizer=args.tokenizer, backend=args.backend, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, limit=args.limit, seed=args.seed)
-    try:
-        summaries = run_evaluation(cfg)
-    except (EvalInputError, FileNotFoundError) as exc:
-        raise SystemExit(f"evaluate_qa: {exc}")
+    summaries = run_evaluation(cfg)
     print(open(os.path.join(args.output, "summary.md"), encoding="utf-8").read())
     if args.wandb_project:
         run_id = log_eval_summaries(summaries, args.output, args.wandb_project, args.wandb_entity,
@@ -93,4 +89,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from solopo_mcore.errors import entry_point
+
+    with entry_point("evaluate_qa"):
+        main()

@@ -10,6 +10,7 @@ Writes OUTPUT.npy ([N, 4] by role) and OUTPUT.json (dataset fingerprint, model, 
 import argparse
 
 from solopo_mcore.config import load_config
+from solopo_mcore.errors import entry_point
 from solopo_mcore.parallel.layout import destroy_parallel
 from solopo_mcore.reference import compute_reference
 
@@ -19,7 +20,7 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe (the training recipe)")
     parser.add_argument("--output", help="sidecar path (default: data.ref_logprobs_path)")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.data_path=X")
     args = parser.parse_args()
     # The sidecar is what this run writes: --output stands for data.ref_logprobs_path.
     extra = [f"data.ref_logprobs_path={args.output}"] if args.output else []
@@ -34,4 +35,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with entry_point("precompute_ref_logprobs"):
+        main()

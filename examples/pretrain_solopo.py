@@ -6,6 +6,7 @@
 import argparse
 
 from solopo_mcore.config import load_config
+from solopo_mcore.errors import entry_point
 from solopo_mcore.training.trainer import Trainer
 
 
@@ -28,4 +29,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with entry_point("pretrain_solopo"):
+        main()

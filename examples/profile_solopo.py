@@ -8,6 +8,7 @@ Writes results.json/.csv, time_vs_length.png, memory_vs_length.png and summary.m
 
 import argparse
 
+from solopo_mcore.errors import entry_point
 from solopo_mcore.parallel.layout import destroy_parallel
 from solopo_mcore.profiling.run import add_arguments, run
 
@@ -24,4 +25,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with entry_point("profile_solopo"):
+        main()

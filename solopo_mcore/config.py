@@ -18,8 +18,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from solopo_mcore.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem, with the dotted key that caused it."""
 
 

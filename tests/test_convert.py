@@ -71,7 +71,8 @@ def test_bad_inputs_name_the_tensor_or_key(tiny_qwen2, tmp_path):
 def test_bad_tensors_layouts_and_destinations_are_named(tiny_qwen2, tmp_path):
     """The same checks the CLI runs, called in-process (a subprocess each would cost ~10 s)."""
     from solopo_mcore.config import ParallelConfig
-    from solopo_mcore.convert.hf_io import HFCheckpointReader, prepare_destination
+    from solopo_mcore.convert.destination import StagedDestination
+    from solopo_mcore.convert.hf_io import HFCheckpointReader
     from solopo_mcore.convert.tables import ConversionError, load_hf_tensors_into_chunks
     from solopo_mcore.models.hf_config import read_hf_config
     from solopo_mcore.parallel.layout import LayoutError, validate_layout
@@ -113,9 +114,9 @@ def test_bad_tensors_layouts_and_destinations_are_named(tiny_qwen2, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
     with pytest.raises(ConversionError, match="exists and is not empty; pass --overwrite"):
-        prepare_destination(str(tmp_path / "taken"), overwrite=False)
-    prepare_destination(str(tmp_path / "taken"), overwrite=True)
-    assert not any((tmp_path / "taken").iterdir())
+        StagedDestination(str(tmp_path / "taken"), overwrite=False).check()
+    StagedDestination(str(tmp_path / "taken"), overwrite=True).check()
+    assert (tmp_path / "taken" / "file").read_text() == "x"  # nothing deleted before the swap
 
 
 def test_trained_checkpoint_exports_and_verifies(demo_data, tmp_path):

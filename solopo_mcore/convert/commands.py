@@ -20,7 +20,8 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 
 from solopo_mcore.config import ModelConfig, ParallelConfig, RunConfig
-from solopo_mcore.convert.hf_io import HFCheckpointReader, export_hf, prepare_destination
+from solopo_mcore.convert.destination import StagedDestination, check_source_and_destination
+from solopo_mcore.convert.hf_io import HFCheckpointReader, export_hf
 from solopo_mcore.convert.tables import ConversionError
 from solopo_mcore.models.hf_config import read_hf_config, shape_from_dict
 from solopo_mcore.platform import default_device
@@ -111,23 +112,28 @@ def verify_against_hf(stack, hf_dir: str, tolerance: float, seq_len: int = 64,
 def hf_to_mcore(src: str, dst: str, tp: int = 1, pp: int = 1, dtype: Optional[str] = None,
                 verify: bool = False, tolerance: float = 1e-3, overwrite: bool = False) -> dict:
     start = time.time()
+    check_source_and_destination(src, dst)
+    destination = StagedDestination(dst, overwrite)
+    destination.check()
     shape = read_hf_config(src)
     reader = HFCheckpointReader(src)
     reader.check_names(shape)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        prepare_destination(dst, overwrite)
-    if dist.is_initialized():
-        dist.barrier()
     config = _run_config(src, tp, pp, _checkpoint_dtype(shape.raw, dtype))
     shape, pgs = build.setup_parallel(config)
+    staging = destination.prepare()
     stack = build.build_model_stack(config, shape, pgs)
     build.load_hf_weights(stack, src)
-    save_model_only(dst, stack.model, state={"hf_config": shape.raw, "source_hf_dir": str(src),
-                                             "params_dtype": config.model.params_dtype})
+    save_model_only(str(staging), stack.model,
+                    state={"hf_config": shape.raw, "source_hf_dir": str(src),
+                           "params_dtype": config.model.params_dtype})
     report = {"direction": "hf-to-mcore", "src": src, "dst": dst, "tp": tp, "pp": pp,
               "seconds": round(time.time() - start, 1)}
     if verify:
-        report["max_abs_logit_diff"] = verify_against_hf(stack, src, tolerance)
+        try:
+            report["max_abs_logit_diff"] = verify_against_hf(stack, src, tolerance)
+        except ConversionError as exc:
+            raise destination.fail_verification(exc) from None
+    destination.commit()
     report["peak_rss_gib_rank0"] = round(peak_rss_gib(), 3)
     return report
 
@@ -136,6 +142,9 @@ def mcore_to_hf(src: str, dst: str, tp: int = 1, pp: int = 1, hf_config: Optiona
                 verify: bool = False, tolerance: float = 1e-3, overwrite: bool = False,
                 dtype: Optional[str] = None) -> dict:
     start = time.time()
+    check_source_and_destination(src, dst)
+    destination = StagedDestination(dst, overwrite)
+    destination.check()
     checkpoint = find_checkpoint(src) if (Path(src) / "latest").exists() or not \
         (Path(src) / "metadata.json").exists() else Path(src)
     if checkpoint is None:
@@ -152,25 +161,29 @@ def mcore_to_hf(src: str, dst: str, tp: int = 1, pp: int = 1, hf_config: Optiona
     shape = shape_from_dict(raw, str(checkpoint))
     config_dir = Path(dst).parent / (Path(dst).name + ".config_tmp")
     if not dist.is_initialized() or dist.get_rank() == 0:
-        prepare_destination(dst, overwrite)
         config_dir.mkdir(parents=True, exist_ok=True)
         (config_dir / "config.json").write_text(json.dumps(raw))
     if dist.is_initialized():
         dist.barrier()
     config = _run_config(str(config_dir), tp, pp, _checkpoint_dtype(raw, dtype))
     shape, pgs = build.setup_parallel(config)
+    staging = destination.prepare()
     stack = build.build_model_stack(config, shape, pgs)
     CheckpointManager.load(checkpoint, stack.model, load_rng=False)
-    export_hf(stack.model, shape, dst, pgs, source_dir=source_dir)
+    export_hf(stack.model, shape, str(staging), pgs, source_dir=source_dir)
     if dist.get_rank() == 0:
         import shutil
-        if not (Path(dst) / "config.json").is_file():
-            (Path(dst) / "config.json").write_text(json.dumps(raw, indent=2))
+        if not (staging / "config.json").is_file():
+            (staging / "config.json").write_text(json.dumps(raw, indent=2))
         shutil.rmtree(config_dir, ignore_errors=True)
     dist.barrier()
     report = {"direction": "mcore-to-hf", "src": str(checkpoint), "dst": dst, "tp": tp, "pp": pp,
               "seconds": round(time.time() - start, 1)}
     if verify:
-        report["max_abs_logit_diff"] = verify_against_hf(stack, dst, tolerance)
+        try:
+            report["max_abs_logit_diff"] = verify_against_hf(stack, str(staging), tolerance)
+        except ConversionError as exc:
+            raise destination.fail_verification(exc) from None
+    destination.commit()
     report["peak_rss_gib_rank0"] = round(peak_rss_gib(), 3)
     return report

@@ -7,7 +7,6 @@ stage (each stage writes its own shard file) after an all-gather over tensor-par
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -117,12 +116,3 @@ def export_hf(chunks: list, shape: ModelShape, out_dir: str, pg_collection,
         if not (out / "config.json").is_file():
             (out / "config.json").write_text(json.dumps(shape.raw, indent=2))
     dist.barrier()
-
-
-def prepare_destination(path: str, overwrite: bool) -> None:
-    p = Path(path)
-    if p.exists() and any(p.iterdir()):
-        if not overwrite:
-            raise ConversionError(f"destination {path} exists and is not empty; pass --overwrite")
-        shutil.rmtree(p)
-    os.makedirs(p, exist_ok=True)

@@ -19,10 +19,11 @@ from typing import Callable, Optional
 
 import torch
 
+from solopo_mcore.errors import UserError
 from solopo_mcore.models.hf_config import ModelShape
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     pass
 
 

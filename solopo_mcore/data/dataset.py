@@ -10,12 +10,13 @@ from typing import Optional
 import numpy as np
 
 from solopo_mcore.data.packing import TripletTokens
+from solopo_mcore.errors import UserError
 from solopo_mcore.training.integrity import sampled_sha256, sha256_file
 
 FORMAT = "solopo-triplets-v1"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     pass
 
 

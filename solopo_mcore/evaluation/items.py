@@ -26,6 +26,7 @@ from typing import Optional
 from data_tools.build_triplets import TokenCounter
 from data_tools.common import PASSAGE_SEPARATOR, render_prompt
 from data_tools.scoring import normalize_answer
+from solopo_mcore.errors import UserError
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _TITLE = re.compile(r"^Title: (.+)$", re.MULTILINE)
@@ -33,7 +34,7 @@ TRIPLET_FIELDS = ("id", "question", "answers", "prompt_short", "prompt_long")
 GRID_FIELDS = ("id", "question", "answers", "prompt_short", "evidence")
 
 
-class EvalInputError(ValueError):
+class EvalInputError(UserError, ValueError):
     """Unusable evaluation input; the message names the file, row or setting and the fix."""
 
 

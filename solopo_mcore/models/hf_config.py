@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+from solopo_mcore.errors import UserError
+
 
 @dataclass(frozen=True)
 class ArchitectureTraits:
@@ -31,7 +33,7 @@ ARCHITECTURES: dict[str, ArchitectureTraits] = {
 }
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     pass
 
 

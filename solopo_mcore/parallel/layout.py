@@ -16,12 +16,13 @@ import torch
 import torch.distributed as dist
 
 from solopo_mcore.config import ParallelConfig
+from solopo_mcore.errors import UserError
 from solopo_mcore.models.hf_config import ModelShape
 from solopo_mcore.platform import (apply_cpu_patches, apply_megatron_fixes, distributed_backend,
                                    set_local_device, unsupported_on_cpu)
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     pass
 
 

@@ -3,7 +3,10 @@ the allocator's peak (profiler memory events) plus the live tensors, and residen
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
+import os
 import resource
 import sys
 
@@ -77,6 +80,28 @@ def live_storages() -> dict:
     return storages
 
 
+@contextlib.contextmanager
+def silenced_native_output():
+    """Discard what native code writes to fd 1 and 2 while the block runs.
+
+    Kineto prints ``USDT: ... profiler_start`` / ``profiler_stop`` to stderr from C++ each time a
+    CPU profiler starts or stops (torch 2.13; no environment setting turns it off), i.e. on every
+    measured step; this wraps only the start and the stop, never the measured work."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
 class AllocatorPeakTracker:
     """Peak bytes held by the CPU allocator for tensors allocated while the block runs.
 
@@ -96,11 +121,13 @@ class AllocatorPeakTracker:
         from torch.profiler import ProfilerActivity, profile
 
         self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        self._profile.__enter__()
+        with silenced_native_output():
+            self._profile.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self._profile.__exit__(*exc)
+        with silenced_native_output():
+            self._profile.__exit__(*exc)
         current = 0
         for nbytes in self._memory_events():
             current += nbytes

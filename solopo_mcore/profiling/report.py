@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Optional
 
 
 def _ratio_rows(results: list) -> list:
@@ -19,12 +20,22 @@ def _ratio_rows(results: list) -> list:
     return rows
 
 
+def not_available(context: dict) -> str:
+    """What a missing figure is called: on CPU there is no peak TFLOP/s, hence no MFU."""
+    return "n/a (CPU)" if str(context.get("device", "")).startswith("CPU") else "n/a"
+
+
 def write_report(out_dir: str, results: list, context: dict, max_lengths: dict,
-                 estimates: list) -> dict:
+                 estimates: list, max_len_limit: Optional[int] = None) -> dict:
+    """Write everything; a longest length equal to ``max_len_limit`` (the search's cap) is
+    reported as a lower bound. Returns the JSON payload."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    na = not_available(context)
+    lower_bounds = sorted(m for m, n in max_lengths.items()
+                          if max_len_limit is not None and n >= max_len_limit)
     payload = {"context": context, "results": results, "max_long_tokens": max_lengths,
-               "estimates": estimates}
+               "max_long_tokens_lower_bound": lower_bounds, "estimates": estimates}
     (out / "results.json").write_text(json.dumps(payload, indent=2))
     if results:
         keys = sorted({k for r in results for k in r})
@@ -33,15 +44,18 @@ def write_report(out_dir: str, results: list, context: dict, max_lengths: dict,
             writer.writeheader()
             writer.writerows(results)
     _plots(out, results)
-    lines = [f"# SoLoPO profile — {context.get('model', '')}", "",
-             f"{context.get('device', '')}; layout {context.get('layout', '')}; short "
-             f"{context.get('short_tokens')} tokens; response {context.get('response_tokens')} "
-             f"tokens; peak {context.get('peak_tflops')} TFLOP/s", "",
+    def show(key):
+        return na if context.get(key) is None else context[key]
+    lines = [f"# SoLoPO profile — {show('model')}", "",
+             f"{show('device')}; layout {show('layout')}; short {show('short_tokens')} tokens; "
+             f"response {show('response_tokens')} tokens; peak {show('peak_tflops')} TFLOP/s; "
+             f"recompute {context.get('recompute') or 'none'}; params {show('params_dtype')}",
+             "",
              "| mode | long tokens | step s | tokens/s/GPU | model TFLOP/s/GPU | MFU | long-pass "
              "MFU | peak GiB | short segs s | long segs s |", "|" + "---|" * 10]
     for r in results:
         def f(v, fmt):
-            return "—" if v is None else fmt.format(v)
+            return na if v is None else fmt.format(v)
         lines.append(f"| {r['mode']} | {r['long_tokens']} | {r['step_sec']:.3f} | "
                      f"{r['tokens_per_sec_per_gpu']:.0f} | {r['model_tflops_per_gpu']:.2f} | "
                      f"{f(r['mfu'], '{:.1%}')} | {f(r['long_pass_mfu'], '{:.1%}')} | "
@@ -54,14 +68,19 @@ def write_report(out_dir: str, results: list, context: dict, max_lengths: dict,
         lines += [f"| {l} | {t:.2f} | {a:.3f} | {b:.3f} |" for l, t, a, b in ratios]
     if max_lengths:
         lines += ["", "Longest trainable long context: " + ", ".join(
-            f"{mode} {n} tokens" for mode, n in max_lengths.items())]
+            f"{mode} {'>= ' if mode in lower_bounds else ''}{n} tokens"
+            for mode, n in max_lengths.items())]
+        if lower_bounds:
+            lines.append(f"(>= : a lower bound — the search reached --max-len-limit "
+                         f"{max_len_limit} without running out of memory; raise the limit to "
+                         f"find the real maximum)")
     if estimates:
         lines += ["", "Memory estimator (profiling/estimator.py) against the measured tensor peak "
                   "(CUDA max allocated; on CPU the allocator's peak plus the live tensors):", "",
                   "| mode | long tokens | estimated GiB | measured GiB | error |",
                   "|---|---|---|---|---|"]
         for e in estimates:
-            err = "—" if e.get("error") is None else f"{e['error']:+.1%}"
+            err = na if e.get("error") is None else f"{e['error']:+.1%}"
             lines.append(f"| {e['mode']} | {e['long_tokens']} | {e['estimated_gib']:.3f} | "
                          f"{e['measured_gib']:.3f} | {err} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")

@@ -24,22 +24,33 @@ def _ints(text: str) -> list:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="recipe (file or name)")
-    parser.add_argument("--out", default="runs/profile")
-    parser.add_argument("--modes", default="solo,long")
-    parser.add_argument("--long-lengths", default="4096,8192,16384")
-    parser.add_argument("--short-tokens", type=int, default=1024)
-    parser.add_argument("--response-tokens", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--out", default="runs/profile",
+                        help="output folder for results, plots and summary.md")
+    parser.add_argument("--modes", default="solo,long",
+                        help="comma-separated modes to compare (solo: SoLoPO, long: long-PO)")
+    parser.add_argument("--long-lengths", default="4096,8192,16384",
+                        help="comma-separated long-context lengths to time, in tokens")
+    parser.add_argument("--short-tokens", type=int, default=1024,
+                        help="short-context length in tokens")
+    parser.add_argument("--response-tokens", type=int, default=128,
+                        help="tokens per chosen/rejected response")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per setting")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed warm-up steps per setting")
     parser.add_argument("--find-max-len", action="store_true",
                         help="search the longest trainable long context per mode")
-    parser.add_argument("--max-len-start", type=int, default=8192)
-    parser.add_argument("--max-len-limit", type=int, default=262144)
-    parser.add_argument("--max-len-granularity", type=int, default=2048)
+    parser.add_argument("--max-len-start", type=int, default=8192,
+                        help="--find-max-len: first length tried (then doubled)")
+    parser.add_argument("--max-len-limit", type=int, default=262144,
+                        help="--find-max-len: longest length tried; a result equal to it is a "
+                             "lower bound")
+    parser.add_argument("--max-len-granularity", type=int, default=2048,
+                        help="--find-max-len: bisection stops at this many tokens")
     parser.add_argument("--memory-limit-gib", type=float,
                         help="treat a peak above this as out of memory (planning, tests)")
     parser.add_argument("--trace", action="store_true", help="torch profiler trace of one step")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. "
+                        "parallel.context_parallel_size=2")
 
 
 def run(args) -> dict:
@@ -84,8 +95,11 @@ def run(args) -> dict:
                                            args.max_len_granularity)
             max_lengths[mode] = best
             if dist.get_rank() == 0:
-                print(f"[profile] longest trainable long context for {mode}: {best} tokens "
-                      f"({len(trials)} trials)", flush=True)
+                capped = best >= args.max_len_limit
+                print(f"[profile] longest trainable long context for {mode}: "
+                      f"{'>= ' if capped else ''}{best} tokens ({len(trials)} trials)"
+                      + (" - a lower bound: it reached --max-len-limit; raise it to search "
+                         "further" if capped else ""), flush=True)
     context = {"model": shape.architecture, "layers": shape.num_layers,
                "hidden": shape.hidden_size, "device": device_name(),
                "layout": f"TP{pgs.tp.size()} PP{pgs.pp.size()} CP{pgs.cp.size()} "
@@ -97,7 +111,11 @@ def run(args) -> dict:
                "params_dtype": config.model.params_dtype}
     payload = {}
     if dist.get_rank() == 0:
-        payload = write_report(args.out, target.results, context, max_lengths, estimates)
+        payload = write_report(args.out, target.results, context, max_lengths, estimates,
+                               args.max_len_limit if args.find_max_len else None)
+        from pathlib import Path
+        written = sorted(p.name for p in Path(args.out).iterdir() if p.is_file())
+        print(f"[profile] wrote {', '.join(written)} to {Path(args.out).resolve()}", flush=True)
     dist.barrier()
     return payload
 

@@ -24,7 +24,8 @@ from solopo_mcore.losses.objective import MODE_ROLES, Role
 from solopo_mcore.platform import empty_cache, on_cuda, profiler_activities, synchronize
 from solopo_mcore.profiling.flops import mfu, training_step_flops
 from solopo_mcore.profiling.memory import (GIB, AllocatorPeakTracker, PeakRSSSampler,
-                                           live_storages, memory_stats, reset_peak)
+                                           live_storages, memory_stats, reset_peak,
+                                           silenced_native_output)
 from solopo_mcore.training.engine import run_global_batch
 from solopo_mcore.training.forward_step import make_forward_step
 
@@ -205,8 +206,14 @@ def trace_step(target: ProfileTarget, mode: str, short_tokens: int, long_tokens:
     """A torch profiler trace (Chrome JSON) of one training step of this setting."""
     example = synthetic_example(short_tokens, long_tokens, target.response_tokens,
                                 target.stack.shape.vocab_size, target.seed)
-    with torch.profiler.profile(activities=profiler_activities(), record_shapes=True) as prof:
+    prof = torch.profiler.profile(activities=profiler_activities(), record_shapes=True)
+    with silenced_native_output():
+        prof.__enter__()
+    try:
         _timed_pass(target, example, MODE_ROLES[mode], mode, with_optimizer=True)
+    finally:
+        with silenced_native_output():
+            prof.__exit__(None, None, None)
     if dist.get_rank() == 0:
         prof.export_chrome_trace(path)
 

@@ -20,13 +20,15 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from solopo_mcore.errors import UserError
+
 CHECKSUMS = "checksums.json"
 _SHARD = re.compile(r"^__(\d+)_\d+\.distcp$")
 _BLOCK = 1 << 20
 
 
-class IntegrityError(RuntimeError):
-    pass
+class IntegrityError(UserError, RuntimeError):
+    """A checkpoint or weight set fails its integrity check (the message names the file)."""
 
 
 def sha256_file(path) -> str:

@@ -15,6 +15,7 @@ from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 
 from solopo_mcore.config import RunConfig, require_training_data, to_dict
 from solopo_mcore.data.sampler import SamplerState, TripletSampler
+from solopo_mcore.errors import UserError
 from solopo_mcore.losses.objective import EVAL_ROLES, MODE_ROLES
 from solopo_mcore.models.builder import use_te_spec
 from solopo_mcore.parallel.layout import destroy_parallel
@@ -31,11 +32,11 @@ from solopo_mcore.training.logs import RunLogger
 from solopo_mcore.training.optim import build_optimizer, build_scheduler
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 
-class ResumeMismatchError(RuntimeError):
+class ResumeMismatchError(UserError, RuntimeError):
     """The checkpoint in save_dir was made by a run with other optimisation settings."""
 
 
