@@ -220,7 +220,8 @@ class Checks:
         from solopo_mcore.config import ObjectiveConfig, OptimizerConfig
         from solopo_mcore.profiling.memory import memory_stats, reset_peak
         from solopo_mcore.training.checkpoint import CheckpointManager
-        from solopo_mcore.training.engine import run_global_batch, wrap_ddp
+        from solopo_mcore.stack import wrap_ddp
+        from solopo_mcore.training.engine import run_global_batch
         from solopo_mcore.training.forward_step import make_forward_step
         from solopo_mcore.training.optim import build_optimizer
         from megatron.core import tensor_parallel

@@ -19,6 +19,7 @@ from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 from solopo_mcore.config import RunConfig, require_training_data, to_dict
 from solopo_mcore.data.dataset import save_reference_sidecar
 from solopo_mcore.losses.objective import EVAL_ROLES
+from solopo_mcore.stack import build_model_stack, load_hf_weights, setup_parallel
 from solopo_mcore.training import build
 from solopo_mcore.training.checkpoint import CheckpointManager, find_verified_checkpoint
 from solopo_mcore.training.engine import run_global_batch
@@ -28,8 +29,8 @@ from solopo_mcore.training.integrity import weights_fingerprint
 
 def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) -> np.ndarray:
     require_training_data(config, need_reference=False)  # the sidecar is what this writes
-    shape, pgs = build.setup_parallel(config)
-    stack = build.build_model_stack(config, shape, pgs)
+    shape, pgs = setup_parallel(config)
+    stack = build_model_stack(config, shape, pgs)
     source = {}
     # the reference must be exactly the start weights: a corrupt checkpoint is an error here
     checkpoint = find_verified_checkpoint(config.checkpoint.load_dir, strict=True) \
@@ -39,7 +40,7 @@ def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) 
         source = {"megatron_checkpoint": str(checkpoint)}
         start_weights = str(checkpoint)
     elif config.checkpoint.hf_init_dir:
-        build.load_hf_weights(stack, config.checkpoint.hf_init_dir)
+        load_hf_weights(stack, config.checkpoint.hf_init_dir)
         source = {"hf_checkpoint": config.checkpoint.hf_init_dir}
         start_weights = config.checkpoint.hf_init_dir
     else:

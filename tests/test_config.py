@@ -1,6 +1,5 @@
 """Typed configs: YAML recipes, dotted overrides, errors that name the key; the shipped recipes."""
 
-from pathlib import Path
 
 import pytest
 

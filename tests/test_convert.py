@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers.launch import REPO, run_torchrun
 
 
 def convert(*args, check=True):
@@ -121,14 +121,11 @@ def test_bad_tensors_layouts_and_destinations_are_named(tiny_qwen2, tmp_path):
 
 def test_trained_checkpoint_exports_and_verifies(demo_data, tmp_path):
     """A checkpoint after a few training steps exports to HF whose logits match it."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
-           "examples/pretrain_solopo.py", "--config", "examples/recipes/tiny_cpu.yaml",
-           f"model.hf_config_path={demo_data['model']}",
-           f"checkpoint.hf_init_dir={demo_data['model']}", f"data.data_path={demo_data['prefix']}",
-           "parallel.tensor_model_parallel_size=1", "training.train_steps=3",
-           "data.num_eval_examples=0", f"checkpoint.save_dir={tmp_path / 'ckpt'}"]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600,
-                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    run_torchrun(1, [f"model.hf_config_path={demo_data['model']}",
+                     f"checkpoint.hf_init_dir={demo_data['model']}",
+                     f"data.data_path={demo_data['prefix']}",
+                     "parallel.tensor_model_parallel_size=1", "training.train_steps=3",
+                     "data.num_eval_examples=0", f"checkpoint.save_dir={tmp_path / 'ckpt'}"])
     out = convert("mcore-to-hf", "--src", tmp_path / "ckpt", "--dst", tmp_path / "hf", "--tp", 2,
                   "--verify", "--tolerance", "1e-4")
     assert "max |logit diff| vs transformers" in out.stdout

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.dist_harness import run_distributed
-from tests.test_training_e2e import _base, _metrics, _torchrun
+from tests.helpers.dist import run_distributed
+from tests.helpers.launch import read_metrics, run_torchrun, tiny_run_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -165,7 +165,7 @@ def test_reference_sidecar_from_other_weights_is_refused(demo_data, tiny_qwen2, 
 def test_corrupt_or_truncated_shard_is_named_and_the_previous_checkpoint_used(tiny_qwen2,
                                                                              tmp_path):
     root = tmp_path / "ckpt"
-    out = run_distributed(1, "tests.integrity_checks:check_checksums_and_fallback",
+    out = run_distributed(1, "tests.helpers.integrity_checks:check_checksums_and_fallback",
                           hf_dir=tiny_qwen2, root=str(root))[0]
     assert "checksums.json" in out["saved"] and "solopo_state.json" in out["saved"]
     assert f"{out['shard']}: SHA-256 differs from the one recorded at save time" in \
@@ -215,13 +215,13 @@ def test_run_fingerprint_names_each_difference(demo_data):
 @pytest.mark.e2e
 def test_resume_refuses_other_settings_and_a_finished_run_rewrites_nothing(demo_data, tmp_path):
     common = ["data.num_eval_examples=0", f"checkpoint.export_hf_dir={tmp_path / 'hf'}"]
-    _torchrun(1, _base(demo_data, tmp_path, 2, extra=common))
+    run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 2, extra=common))
     ckpt = tmp_path / "ckpt"
     state = json.loads((ckpt / "iter_0000002" / "solopo_state.json").read_text())
     assert state["run_fingerprint"]["objective.algorithm"] == "orpo"
     # another algorithm into the same save_dir: refused, both values and the fix named
     with pytest.raises(AssertionError) as info:
-        _torchrun(1, _base(demo_data, tmp_path, 4, extra=common + ["objective.algorithm=simpo"]))
+        run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 4, extra=common + ["objective.algorithm=simpo"]))
     text = str(info.value)
     assert "refusing to resume" in text and \
         "objective.algorithm: checkpoint 'orpo', this run 'simpo'" in text
@@ -229,18 +229,18 @@ def test_resume_refuses_other_settings_and_a_finished_run_rewrites_nothing(demo_
     # the finished run again: says so, rewrites neither checkpoints nor the export
     stamps = {p: p.stat().st_mtime_ns for p in [*(tmp_path / "hf").iterdir(),
                                                  *(ckpt / "iter_0000002").iterdir()]}
-    result = _torchrun(1, _base(demo_data, tmp_path, 2, extra=common))
+    result = run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 2, extra=common))
     assert "nothing to train: the checkpoint is at step 2 and training.train_steps=2" in \
         result.stdout
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
     assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000002", "latest"]
     # finetune: a new run from those weights, in its own save_dir, at step 0
     new = tmp_path / "finetune"
-    result = _torchrun(1, _base(demo_data, new, 1, extra=[
+    result = run_torchrun(1, tiny_run_overrides(demo_data, new, 1, extra=[
         "data.num_eval_examples=0", "objective.algorithm=simpo", f"checkpoint.load_dir={ckpt}",
         "checkpoint.finetune=true"]))
     assert f"initialised weights from {ckpt / 'iter_0000002'}" in result.stdout
-    train, _ = _metrics(new / "metrics.jsonl")
+    train, _ = read_metrics(new / "metrics.jsonl")
     assert [r["step"] for r in train] == [1]
     assert json.loads((new / "ckpt" / "iter_0000001" / "solopo_state.json").read_text())[
         "run_fingerprint"]["objective.algorithm"] == "simpo"

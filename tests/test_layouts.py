@@ -6,13 +6,13 @@ relative: per-sequence response log-prob sums, the global-batch loss, and every 
 
 import pytest
 
-from tests.dist_harness import run_distributed
+from tests.helpers.dist import run_distributed
 
 pytestmark = pytest.mark.dist
 
 
 def _check(world, hf_dir, **kw):
-    reports = run_distributed(world, "tests.layout_checks:check_grads", hf_dir=hf_dir, **kw)
+    reports = run_distributed(world, "tests.helpers.layout_checks:check_grads", hf_dir=hf_dir, **kw)
     assert any("sums_rel_err" in r for r in reports), "no rank computed the loss"
     return reports
 
@@ -47,7 +47,7 @@ def test_pp2_cp2_matches_reference(tiny_qwen2):
 
 
 def test_dp2_distributed_optimizer_step_matches_torch_adamw(tiny_qwen2):
-    run_distributed(2, "tests.layout_checks:check_optimizer_step", hf_dir=tiny_qwen2,
+    run_distributed(2, "tests.helpers.layout_checks:check_optimizer_step", hf_dir=tiny_qwen2,
                     distributed_optimizer=True)
 
 
@@ -62,5 +62,5 @@ def test_every_algorithm_and_mode_matches_reference(layout, tiny_qwen2):
     loss and gradients whatever the split into microbatches, DP, PP and CP ranks."""
     layout = dict(layout)
     world = layout.pop("world")
-    run_distributed(world, "tests.layout_checks:check_objectives", hf_dir=tiny_qwen2,
+    run_distributed(world, "tests.helpers.layout_checks:check_objectives", hf_dir=tiny_qwen2,
                     timeout_s=600, **layout)

@@ -8,7 +8,7 @@ import torch
 from solopo_mcore.config import ObjectiveConfig
 from solopo_mcore.losses import rewards
 from solopo_mcore.losses.objective import Role, SequenceStats, solopo_objective
-from tests.reference import MODE_ROLE_IDS, written_objective
+from tests.helpers.reference import MODE_ROLE_IDS, written_objective
 
 
 def _stats(mode, seed=0, num_examples=5):

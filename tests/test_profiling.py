@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +16,7 @@ from solopo_mcore.profiling.estimator import (EstimateInputs, estimate_memory, p
 from solopo_mcore.profiling.memory import AllocatorPeakTracker, live_storages
 from solopo_mcore.profiling.flops import forward_flops_per_segment, mfu, training_step_flops
 from solopo_mcore.profiling.sweep import SimulatedOOM, find_max_length
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers.launch import REPO, torchrun_cmd
 SMALL_HF = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "intermediate_size": 16,
             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
             "vocab_size": 10}
@@ -169,12 +167,12 @@ def test_max_length_search_propagates_other_errors():
 
 def test_cpu_sweep_writes_every_output(tiny_qwen2, tmp_path):
     out = tmp_path / "profile"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
-           "examples/profile_solopo.py", "--config", "tiny_cpu", "--out", str(out),
-           "--long-lengths", "256,512", "--short-tokens", "128", "--response-tokens", "16",
-           "--steps", "1", "--warmup", "0", "--trace", "--find-max-len", "--max-len-start", "512",
-           "--max-len-limit", "4096", "--max-len-granularity", "512",
-           f"model.hf_config_path={tiny_qwen2}", "parallel.tensor_model_parallel_size=1"]
+    cmd = torchrun_cmd(
+        1, "examples/profile_solopo.py", "--config", "tiny_cpu", "--out", out,
+        "--long-lengths", "256,512", "--short-tokens", "128", "--response-tokens", "16",
+        "--steps", "1", "--warmup", "0", "--trace", "--find-max-len", "--max-len-start", "512",
+        "--max-len-limit", "4096", "--max-len-granularity", "512",
+        f"model.hf_config_path={tiny_qwen2}", "parallel.tensor_model_parallel_size=1")
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 0, result.stderr[-4000:]

@@ -6,53 +6,20 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.helpers.launch import (REPO, TINY_RECIPE, read_metrics, run_torchrun,
+                                  tiny_run_overrides, torchrun_cmd)
+
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _torchrun(nproc, overrides, script="examples/pretrain_solopo.py", timeout=600, extra=()):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--master-port", str(_free_port()), script, "--config",
-           "examples/recipes/tiny_cpu.yaml", *extra, *overrides]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)}\nexit {result.returncode}\n"
-                             f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    return result
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _metrics(path):
-    rows = [json.loads(line) for line in open(path)]
-    return [r for r in rows if "loss/total" in r], [r for r in rows if "eval/loss/total" in r]
-
-
-def _base(demo_data, run_dir, steps, tp=1, extra=()):
-    return [f"model.hf_config_path={demo_data['model']}",
-            f"checkpoint.hf_init_dir={demo_data['model']}",
-            f"data.data_path={demo_data['prefix']}",
-            f"parallel.tensor_model_parallel_size={tp}",
-            f"checkpoint.save_dir={run_dir / 'ckpt'}",
-            f"logging.metrics_path={run_dir / 'metrics.jsonl'}",
-            f"training.train_steps={steps}", *extra]
 
 
 def test_tp2_training_loss_decreases_and_logs_every_metric(demo_data, tmp_path):
-    _torchrun(2, _base(demo_data, tmp_path, 10, tp=2, extra=[
+    run_torchrun(2, tiny_run_overrides(demo_data, tmp_path, 10, tp=2, extra=[
         f"logging.tensorboard_dir={tmp_path / 'tb'}", "training.eval_interval=5",
         "checkpoint.save_interval=5", f"checkpoint.export_hf_dir={tmp_path / 'hf'}"]))
-    train, evals = _metrics(tmp_path / "metrics.jsonl")
+    train, evals = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in train] == list(range(1, 11))
     first = sum(r["loss/total"] for r in train[:3]) / 3
     last = sum(r["loss/total"] for r in train[-3:]) / 3
@@ -79,12 +46,12 @@ def test_tp2_training_loss_decreases_and_logs_every_metric(demo_data, tmp_path):
 def test_solo_reward_distance_shrinks(demo_data, tmp_path):
     """Full-batch SoLo-SimPO with a strong alignment weight: |r(x_short,y_w) - r(x_long,y_w)|
     on the same batch falls."""
-    _torchrun(1, _base(demo_data, tmp_path, 8, extra=[
+    run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 8, extra=[
         "data.global_batch_size=8", "data.micro_batch_size=4", "data.shuffle=false",
         "data.num_eval_examples=0", "objective.algorithm=simpo", "objective.beta=10.0",
         "objective.alpha=20.0", "optimizer.lr=1e-3", "optimizer.lr_warmup_steps=0",
         "checkpoint.save_dir=null"]))
-    train, _ = _metrics(tmp_path / "metrics.jsonl")
+    train, _ = read_metrics(tmp_path / "metrics.jsonl")
     # 8 examples, batch 8, no shuffle: every step sees the same batch
     distances = [r["reward/distance_chosen"] for r in train]
     assert distances[-1] < 0.5 * distances[0], distances
@@ -94,12 +61,12 @@ def test_resume_equals_uninterrupted_run_bitwise(demo_data, tmp_path):
     common = ["training.deterministic=true", "checkpoint.save_interval=3",
               "data.num_eval_examples=0"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _torchrun(1, _base(demo_data, straight, 6, extra=common))
-    _torchrun(1, _base(demo_data, resumed, 6, extra=common + ["training.exit_interval=3"]))
+    run_torchrun(1, tiny_run_overrides(demo_data, straight, 6, extra=common))
+    run_torchrun(1, tiny_run_overrides(demo_data, resumed, 6, extra=common + ["training.exit_interval=3"]))
     assert (resumed / "ckpt" / "latest").read_text() == "3"
-    _torchrun(1, _base(demo_data, resumed, 6, extra=common))
-    a, _ = _metrics(straight / "metrics.jsonl")
-    b, _ = _metrics(resumed / "metrics.jsonl")
+    run_torchrun(1, tiny_run_overrides(demo_data, resumed, 6, extra=common))
+    a, _ = read_metrics(straight / "metrics.jsonl")
+    b, _ = read_metrics(resumed / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(a, b):
         for key in ("loss/total", "loss/po", "loss/solo_ra", "optimizer/grad_norm",
@@ -109,18 +76,17 @@ def test_resume_equals_uninterrupted_run_bitwise(demo_data, tmp_path):
 
 def test_resume_at_a_different_tensor_parallel_layout(demo_data, tmp_path):
     common = ["checkpoint.save_interval=3", "data.num_eval_examples=0"]
-    _torchrun(1, _base(demo_data, tmp_path, 6, extra=common + ["training.exit_interval=3"]))
-    _torchrun(2, _base(demo_data, tmp_path, 6, tp=2, extra=common))
-    train, _ = _metrics(tmp_path / "metrics.jsonl")
+    run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 6, extra=common + ["training.exit_interval=3"]))
+    run_torchrun(2, tiny_run_overrides(demo_data, tmp_path, 6, tp=2, extra=common))
+    train, _ = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
     assert train[3]["loss/total"] < train[0]["loss/total"]
 
 
 def test_sigterm_saves_a_loadable_checkpoint(demo_data, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
-           "--master-port", str(_free_port()), "examples/pretrain_solopo.py", "--config",
-           "examples/recipes/tiny_cpu.yaml",
-           *_base(demo_data, tmp_path, 500, extra=["data.num_eval_examples=0"])]
+    cmd = torchrun_cmd(1, "examples/pretrain_solopo.py", "--config", TINY_RECIPE,
+                       *tiny_run_overrides(demo_data, tmp_path, 500,
+                                           extra=["data.num_eval_examples=0"]))
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -134,17 +100,17 @@ def test_sigterm_saves_a_loadable_checkpoint(demo_data, tmp_path):
     assert "SIGTERM: saving at step" in output, output[-3000:]
     step = int((tmp_path / "ckpt" / "latest").read_text())
     assert step >= 2 and (tmp_path / "ckpt" / f"iter_{step:07d}" / "solopo_state.json").is_file()
-    result = _torchrun(1, _base(demo_data, tmp_path, step + 1,
+    result = run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, step + 1,
                                 extra=["data.num_eval_examples=0"]))
     assert f"resumed from {tmp_path / 'ckpt'}/iter_{step:07d} at step {step}" in result.stdout
 
 
 def test_corrupt_checkpoint_is_refused_and_the_previous_one_used(demo_data, tmp_path):
-    _torchrun(1, _base(demo_data, tmp_path, 4, extra=["checkpoint.save_interval=2",
+    run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 4, extra=["checkpoint.save_interval=2",
                                                       "data.num_eval_examples=0"]))
     ckpt = tmp_path / "ckpt"
     (ckpt / "iter_0000004" / "solopo_state.json").unlink()  # an interrupted save
-    result = _torchrun(1, _base(demo_data, tmp_path, 5, extra=["data.num_eval_examples=0"]))
+    result = run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 5, extra=["data.num_eval_examples=0"]))
     assert "is not a complete checkpoint" in result.stdout
     assert f"resumed from {ckpt}/iter_0000002 at step 2" in result.stdout
 
@@ -166,7 +132,7 @@ def test_dpo_reference_sidecar_matches_on_the_fly_and_is_checked(demo_data, tmp_
     """The precomputed reference (TP=2) equals the policy's own log-probs at step 1 (DPO rewards
     are exactly 0 there) and a sidecar for another dataset is refused."""
     ref = tmp_path / "ref"
-    _torchrun(2, [f"model.hf_config_path={demo_data['model']}",
+    run_torchrun(2, [f"model.hf_config_path={demo_data['model']}",
                   f"checkpoint.hf_init_dir={demo_data['model']}",
                   f"data.data_path={demo_data['prefix']}", "--output", str(ref)],
               script="examples/precompute_ref_logprobs.py")
@@ -176,17 +142,17 @@ def test_dpo_reference_sidecar_matches_on_the_fly_and_is_checked(demo_data, tmp_
     assert meta["dataset_fingerprint"] == dataset.fingerprint
     from solopo_mcore.training.integrity import weights_fingerprint
     assert meta["model_fingerprint"] == weights_fingerprint(demo_data["model"])
-    _torchrun(1, _base(demo_data, tmp_path, 1, extra=[
+    run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 1, extra=[
         "objective.algorithm=dpo", f"data.ref_logprobs_path={ref}", "checkpoint.save_dir=null",
         "data.num_eval_examples=0"]))
-    train, _ = _metrics(tmp_path / "metrics.jsonl")
+    train, _ = read_metrics(tmp_path / "metrics.jsonl")
     for key in ("reward/chosen_short", "reward/rejected_short", "reward/chosen_long"):
         assert abs(train[0][key]) < 1e-5, (key, train[0][key])
     # the sidecar against the HF model, computed separately
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
-    from tests.reference import hf_role_table
+    from tests.helpers.reference import hf_role_table
     hf = AutoModelForCausalLM.from_pretrained(demo_data["model"], dtype=torch.float32)
     with torch.no_grad():
         S, _ = hf_role_table(hf, [dataset[0], dataset[1]], (0, 1, 2, 3))
@@ -203,12 +169,11 @@ def test_dpo_reference_sidecar_matches_on_the_fly_and_is_checked(demo_data, tmp_
 def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_save(demo_data, tmp_path):
     """An absurd learning rate blows the weights up after step 1: later steps have a non-finite
     loss, are skipped and counted, and the second in a row stops the run with a checkpoint."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
-           "--master-port", str(_free_port()), "examples/pretrain_solopo.py", "--config",
-           "examples/recipes/tiny_cpu.yaml",
-           *_base(demo_data, tmp_path, 10, extra=[
-               "data.num_eval_examples=0", "optimizer.lr=1e30", "optimizer.lr_warmup_steps=0",
-               "optimizer.clip_grad=0", "training.max_consecutive_nonfinite_steps=2"])]
+    cmd = torchrun_cmd(1, "examples/pretrain_solopo.py", "--config", TINY_RECIPE,
+                       *tiny_run_overrides(demo_data, tmp_path, 10, extra=[
+                           "data.num_eval_examples=0", "optimizer.lr=1e30",
+                           "optimizer.lr_warmup_steps=0", "optimizer.clip_grad=0",
+                           "training.max_consecutive_nonfinite_steps=2"]))
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     output = result.stdout + result.stderr

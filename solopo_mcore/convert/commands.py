@@ -25,7 +25,7 @@ from solopo_mcore.convert.hf_io import HFCheckpointReader, export_hf
 from solopo_mcore.convert.tables import ConversionError
 from solopo_mcore.models.hf_config import read_hf_config, shape_from_dict
 from solopo_mcore.platform import default_device
-from solopo_mcore.training import build
+from solopo_mcore.stack import build_model_stack, load_hf_weights, setup_parallel
 from solopo_mcore.training.checkpoint import (CheckpointManager, find_checkpoint, read_marker,
                                               save_model_only)
 
@@ -119,10 +119,10 @@ def hf_to_mcore(src: str, dst: str, tp: int = 1, pp: int = 1, dtype: Optional[st
     reader = HFCheckpointReader(src)
     reader.check_names(shape)
     config = _run_config(src, tp, pp, _checkpoint_dtype(shape.raw, dtype))
-    shape, pgs = build.setup_parallel(config)
+    shape, pgs = setup_parallel(config)
     staging = destination.prepare()
-    stack = build.build_model_stack(config, shape, pgs)
-    build.load_hf_weights(stack, src)
+    stack = build_model_stack(config, shape, pgs)
+    load_hf_weights(stack, src)
     save_model_only(str(staging), stack.model,
                     state={"hf_config": shape.raw, "source_hf_dir": str(src),
                            "params_dtype": config.model.params_dtype})
@@ -166,9 +166,9 @@ def mcore_to_hf(src: str, dst: str, tp: int = 1, pp: int = 1, hf_config: Optiona
     if dist.is_initialized():
         dist.barrier()
     config = _run_config(str(config_dir), tp, pp, _checkpoint_dtype(raw, dtype))
-    shape, pgs = build.setup_parallel(config)
+    shape, pgs = setup_parallel(config)
     staging = destination.prepare()
-    stack = build.build_model_stack(config, shape, pgs)
+    stack = build_model_stack(config, shape, pgs)
     CheckpointManager.load(checkpoint, stack.model, load_rng=False)
     export_hf(stack.model, shape, str(staging), pgs, source_dir=source_dir)
     if dist.get_rank() == 0:

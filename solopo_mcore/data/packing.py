@@ -11,7 +11,7 @@ token belongs to the response: the model computes log-probs only there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch

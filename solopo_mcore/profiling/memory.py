@@ -4,7 +4,6 @@ the allocator's peak (profiler memory events) plus the live tensors, and residen
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import os
 import resource

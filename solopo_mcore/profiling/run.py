@@ -14,6 +14,7 @@ from solopo_mcore.profiling.flops import device_peak_tflops
 from solopo_mcore.profiling.report import write_report
 from solopo_mcore.profiling.sweep import (ProfileTarget, find_max_length, probe_length,
                                           profile_length, trace_step)
+from solopo_mcore.stack import build_model_stack, load_hf_weights, setup_parallel
 from solopo_mcore.training import build
 from solopo_mcore.training.optim import build_optimizer
 
@@ -55,10 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> dict:
     config = load_config(args.config, args.overrides)
-    shape, pgs = build.setup_parallel(config)
-    stack = build.build_model_stack(config, shape, pgs)
+    shape, pgs = setup_parallel(config)
+    stack = build_model_stack(config, shape, pgs)
     if config.checkpoint.hf_init_dir:
-        build.load_hf_weights(stack, config.checkpoint.hf_init_dir)
+        load_hf_weights(stack, config.checkpoint.hf_init_dir)
     optimizer = build_optimizer(stack.model, config.optimizer, config.parallel,
                                 stack.config.params_dtype, pgs)
     target = ProfileTarget(stack, optimizer, config.objective, build.pad_multiple(config),

@@ -1,68 +1,16 @@
-"""Build the pieces of a run from a :class:`RunConfig`: process groups, the wrapped model (with
-HF or Megatron weights), the dataset, and packed microbatches. Shared by the trainer, the
-reference pre-pass, the converter and the profiler."""
+"""The data side of a run from a :class:`RunConfig`: the checked dataset, the padding multiple,
+and packed microbatches cut for this rank. (The model side is :mod:`solopo_mcore.stack`.)"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import torch
-
 from solopo_mcore.config import RunConfig
-from solopo_mcore.convert.hf_io import HFCheckpointReader
-from solopo_mcore.convert.tables import load_hf_tensors_into_chunks
 from solopo_mcore.data.dataset import TripletDataset
 from solopo_mcore.data.packing import PackedMicrobatch, pack_triplets
-from solopo_mcore.models.builder import build_model_chunks, build_transformer_config
-from solopo_mcore.models.hf_config import ModelShape, read_hf_config
-from solopo_mcore.parallel.layout import initialize_parallel
+from solopo_mcore.models.hf_config import ModelShape
 from solopo_mcore.training.integrity import weights_fingerprint
-from solopo_mcore.training.engine import wrap_ddp
-
-
-@dataclass
-class ModelStack:
-    shape: ModelShape
-    config: object
-    """Megatron TransformerConfig."""
-    model: list
-    """DDP-wrapped chunks (one per virtual pipeline stage)."""
-    pg_collection: object
-
-
-def architecture_dir(config: RunConfig) -> str:
-    path = config.model.hf_config_path or config.checkpoint.hf_init_dir
-    if path is None:
-        raise ValueError("model.hf_config_path (or checkpoint.hf_init_dir) must name an HF model "
-                         "directory or config.json for the architecture")
-    return path
-
-
-def setup_parallel(config: RunConfig) -> tuple[ModelShape, object]:
-    shape = read_hf_config(architecture_dir(config))
-    if config.training.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    pgs = initialize_parallel(config.parallel, config.training.seed, shape)
-    return shape, pgs
-
-
-def build_model_stack(config: RunConfig, shape: ModelShape, pgs) -> ModelStack:
-    tcfg = build_transformer_config(shape, config.model, config.parallel)
-    chunks = build_model_chunks(shape, config.model, config.parallel, pgs, tcfg)
-    model = wrap_ddp(chunks, tcfg, config.parallel, pgs)
-    return ModelStack(shape, tcfg, model, pgs)
-
-
-def load_hf_weights(stack: ModelStack, hf_dir: str) -> None:
-    """Stream the HF checkpoint's tensors into this rank's shards (one tensor at a time).
-
-    Call before building the optimizer: it copies the weights into its main parameters."""
-    reader = HFCheckpointReader(hf_dir)
-    reader.check_names(stack.shape)
-    modules = [m.module for m in stack.model]
-    load_hf_tensors_into_chunks(modules, reader.get, stack.shape, stack.pg_collection.tp)
 
 
 def pad_multiple(config: RunConfig) -> int:
@@ -113,9 +61,3 @@ def split_indices(num_examples: int, num_eval: int) -> tuple[range, range]:
 
 def chunk_list(items: Sequence[int], size: int) -> list[list[int]]:
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
-
-
-def maybe_export(stack: ModelStack, out_dir: Optional[str], source_dir: Optional[str]) -> None:
-    if out_dir:
-        from solopo_mcore.convert.hf_io import export_hf
-        export_hf(stack.model, stack.shape, out_dir, stack.pg_collection, source_dir=source_dir)

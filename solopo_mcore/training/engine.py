@@ -1,47 +1,17 @@
-"""The model as the trainer drives it: Megatron DDP wrapping and one forward(/backward) over a
-global batch through ``get_forward_backward_func``. Shared by training, evaluation, the
+"""The model as the trainer drives it: one forward(/backward) over a global batch through
+Megatron's ``get_forward_backward_func`` (DDP wrapping is in :mod:`solopo_mcore.stack`). Shared by training, evaluation, the
 reference-log-prob pre-pass and the profiler."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.utils import get_model_config
-from megatron.core.transformer.transformer_config import TransformerConfig
 
-from solopo_mcore.config import ParallelConfig
 from solopo_mcore.data.packing import PackedMicrobatch, pad_to_length
 from solopo_mcore.platform import default_device, is_gloo
-
-
-def wrap_ddp(chunks: list, config: TransformerConfig, parallel: ParallelConfig,
-             pg_collection) -> list:
-    """Wrap model chunks in Megatron's DDP (fp32 grad buffers; optional overlap)."""
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=parallel.overlap_grad_reduce,
-        overlap_param_gather=parallel.overlap_param_gather,
-        use_distributed_optimizer=parallel.use_distributed_optimizer,
-        check_for_nan_in_grad=False,
-        bucket_size=None if parallel.overlap_grad_reduce else 10**12,
-    )
-    wrapped = []
-    for i, chunk in enumerate(chunks):
-        chunk.to(default_device())
-        wrapped.append(DistributedDataParallel(
-            config=config, ddp_config=ddp_config, module=chunk,
-            disable_bucketing=(i > 0), pg_collection=pg_collection))
-    config.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
-    if parallel.overlap_param_gather and parallel.use_distributed_optimizer:
-        config.param_sync_func = [m.start_param_sync for m in wrapped] if len(wrapped) > 1 \
-            else wrapped[0].start_param_sync
-    config.finalize_model_grads_func = finalize_model_grads
-    return wrapped
 
 
 def run_global_batch(model: list, forward_step, microbatches: Sequence[PackedMicrobatch],

@@ -22,6 +22,8 @@ from solopo_mcore.parallel.layout import destroy_parallel
 from solopo_mcore.platform import default_device
 from solopo_mcore.profiling.flops import device_peak_tflops, mfu, training_step_flops
 from solopo_mcore.profiling.memory import memory_stats, reset_peak
+from solopo_mcore.stack import (build_model_stack, load_hf_weights, maybe_export,
+                                 setup_parallel)
 from solopo_mcore.training import build
 from solopo_mcore.training.checkpoint import (CheckpointManager, find_verified_checkpoint,
                                               read_marker)
@@ -46,7 +48,7 @@ class Trainer:
     def __init__(self, config: RunConfig):
         require_training_data(config)  # before any process group or model
         self.config = config
-        self.shape, self.pgs = build.setup_parallel(config)
+        self.shape, self.pgs = setup_parallel(config)
         obj = config.objective
         checkpoint, resuming = self._checkpoint_to_load()
         start_weights = None if resuming else (
@@ -58,7 +60,7 @@ class Trainer:
                                                self.dataset.reference_fingerprint)
         if resuming:
             self._check_resumable(checkpoint)
-        self.stack = build.build_model_stack(config, self.shape, self.pgs)
+        self.stack = build_model_stack(config, self.shape, self.pgs)
         self.model = self.stack.model
         train_idx, self.eval_idx = build.split_indices(len(self.dataset),
                                                        config.data.num_eval_examples)
@@ -69,7 +71,7 @@ class Trainer:
         sampler_state = SamplerState()
         weights_only = checkpoint is not None and not resuming
         if checkpoint is None and config.checkpoint.hf_init_dir:
-            build.load_hf_weights(self.stack, config.checkpoint.hf_init_dir)
+            load_hf_weights(self.stack, config.checkpoint.hf_init_dir)
         if weights_only:  # before the optimizer copies the weights into its main params
             CheckpointManager.load(checkpoint, self.model, load_rng=False)
             print(f"[solopo] initialised weights from {checkpoint}", flush=True)
@@ -300,7 +302,7 @@ class Trainer:
             self.logger.log(self.step, self.evaluate(), prefix="eval/")
         if not cfg.checkpoint.save_interval or self.step % cfg.checkpoint.save_interval:
             self.save()
-        build.maybe_export(self.stack, cfg.checkpoint.export_hf_dir,
+        maybe_export(self.stack, cfg.checkpoint.export_hf_dir,
                            cfg.checkpoint.hf_init_dir or cfg.model.hf_config_path)
         if cfg.checkpoint.export_hf_dir:
             self.logger.message(f"[solopo] exported HF checkpoint to "

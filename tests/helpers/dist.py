@@ -1,6 +1,6 @@
 """Launch N gloo processes on free ports and report each rank's failure readably.
 
-``run_distributed(world_size, "tests.some_module:function", **kwargs)`` starts ``world_size``
+``run_distributed(world_size, "tests.helpers.some_module:function", **kwargs)`` starts ``world_size``
 spawned processes, each calling ``function(**kwargs)`` after setting RANK/WORLD_SIZE/MASTER_*.
 Each rank's return value is collected; any rank's exception fails the call with that rank's
 traceback in the message.
@@ -11,15 +11,10 @@ from __future__ import annotations
 import importlib
 import multiprocessing as mp
 import os
-import socket
 import traceback
 from typing import Any
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.launch import free_port
 
 
 def _entry(rank: int, world_size: int, port: int, target: str, kwargs: dict, queue) -> None:
@@ -49,7 +44,7 @@ def run_distributed(world_size: int, target: str, timeout_s: float = 300, **kwar
     """Run ``target`` on ``world_size`` gloo ranks; return the per-rank results in rank order."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world_size, port, target, kwargs, queue))
              for r in range(world_size)]
     for p in procs:

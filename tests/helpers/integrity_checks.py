@@ -15,7 +15,7 @@ def check_checksums_and_fallback(hf_dir: str, root: str) -> dict:
 
     from solopo_mcore.training.checkpoint import (CheckpointError, CheckpointManager,
                                                   find_verified_checkpoint)
-    from tests.layout_checks import _setup
+    from tests.helpers.layout_checks import _setup
 
     root = Path(root)
     _, _, _, model, _, _ = _setup(hf_dir)

@@ -1,0 +1,1 @@
+"""Test helpers (not tests): launching ranks, the independent HF reference, layout checks."""

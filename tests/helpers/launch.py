@@ -1,0 +1,56 @@
+"""Launch entry scripts under torchrun for end-to-end tests: one free-port function, one
+torchrun command, the tiny training recipe's overrides and its metrics file."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_RECIPE = "examples/recipes/tiny_cpu.yaml"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(nproc: int, script: str, *args) -> list:
+    """``python -m torch.distributed.run`` on a free port, with this interpreter."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+            "--master-port", str(free_port()), script, *[str(a) for a in args]]
+
+
+def run_torchrun(nproc, overrides, script="examples/pretrain_solopo.py", timeout=600,
+                 extra=()):
+    """Run ``script --config tiny_cpu.yaml [extra] [overrides]``; fail with its output."""
+    cmd = torchrun_cmd(nproc, script, "--config", TINY_RECIPE, *extra, *overrides)
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)}\nexit {result.returncode}\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def tiny_run_overrides(demo_data, run_dir, steps, tp=1, extra=()) -> list:
+    """Overrides for a tiny training run on the ``demo_data`` fixture, writing into run_dir."""
+    return [f"model.hf_config_path={demo_data['model']}",
+            f"checkpoint.hf_init_dir={demo_data['model']}",
+            f"data.data_path={demo_data['prefix']}",
+            f"parallel.tensor_model_parallel_size={tp}",
+            f"checkpoint.save_dir={run_dir / 'ckpt'}",
+            f"logging.metrics_path={run_dir / 'metrics.jsonl'}",
+            f"training.train_steps={steps}", *extra]
+
+
+def read_metrics(path):
+    """(training rows, eval rows) of a metrics.jsonl."""
+    rows = [json.loads(line) for line in open(path)]
+    return [r for r in rows if "loss/total" in r], [r for r in rows if "eval/loss/total" in r]
