@@ -29,7 +29,7 @@ import numpy as np
 from data_tools.common import (RowError, RunReport, read_jsonl, refuse_overwriting_inputs, require,
                                write_json)
 from data_tools.tokenizer import BUILTIN_QWEN, load_tokenizer
-from solopo_mcore.data.dataset import file_checks
+from solopo_mcore.data.schema import FORMAT, SEQUENCES_PER_EXAMPLE, file_checks
 from solopo_mcore.errors import entry_point
 
 FIELDS = ("prompt_short", "prompt_long", "chosen", "rejected")
@@ -126,7 +126,7 @@ def run(input_path: str, output_prefix: str, tokenizer_name: str, max_seq_length
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = prefix.with_name(prefix.name + ".tmp")
     builder = IndexedDatasetBuilder(str(tmp_prefix) + ".bin", dtype=np.int32)
-    ids, lengths = [], {k: [] for k in ("short_prompt", "long_prompt", "chosen", "rejected")}
+    ids, lengths = [], {k: [] for k in SEQUENCES_PER_EXAMPLE}
     num_tokens = 0
     for r in (table if table is not None else []):
         longest = max(len(r["short_prompt"]), len(r["long_prompt"])) + max(len(r["chosen"]),
@@ -135,7 +135,7 @@ def run(input_path: str, output_prefix: str, tokenizer_name: str, max_seq_length
             report.skip(f"{input_path}:{r['line']}", "too_long",
                         f"longest segment {longest} tokens > --max-seq-length {max_seq_length}")
             continue
-        for key in ("short_prompt", "long_prompt", "chosen", "rejected"):
+        for key in SEQUENCES_PER_EXAMPLE:
             builder.add_item(torch.tensor(r[key], dtype=torch.int32))
             lengths[key].append(len(r[key]))
             num_tokens += len(r[key])
@@ -156,8 +156,8 @@ def run(input_path: str, output_prefix: str, tokenizer_name: str, max_seq_length
     for ext in (".bin", ".idx"):
         os.replace(str(tmp_prefix) + ext, str(prefix) + ext)
     meta = {
-        "format": "solopo-triplets-v1",
-        "sequences_per_example": ["short_prompt", "long_prompt", "chosen", "rejected"],
+        "format": FORMAT,
+        "sequences_per_example": list(SEQUENCES_PER_EXAMPLE),
         "num_examples": report.written,
         "num_tokens": num_tokens,
         "tokenizer": tokenizer_name,

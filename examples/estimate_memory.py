@@ -12,7 +12,8 @@ import json
 
 from solopo_mcore.config import ConfigError, load_config
 from solopo_mcore.errors import entry_point
-from solopo_mcore.losses.objective import MODE_ROLES, Role
+from solopo_mcore.data.schema import Role
+from solopo_mcore.losses.objective import MODE_ROLES
 from solopo_mcore.models.hf_config import read_hf_config, shape_from_dict
 from solopo_mcore.models.reference_configs import BY_NAME
 from solopo_mcore.parallel.layout import LayoutError

@@ -18,6 +18,7 @@ from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 
 from solopo_mcore.config import RunConfig, require_training_data, to_dict
 from solopo_mcore.data.dataset import save_reference_sidecar
+from solopo_mcore.data.schema import ROLE_NAMES
 from solopo_mcore.losses.objective import EVAL_ROLES
 from solopo_mcore.stack import build_model_stack, load_hf_weights, setup_parallel
 from solopo_mcore.training import build
@@ -83,11 +84,10 @@ def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) 
     if dist.get_rank() == 0:
         save_reference_sidecar(output_path, result, {
             "dataset": config.data.data_path, "dataset_fingerprint": dataset.fingerprint,
-            "num_examples": len(dataset), "roles": ["short_chosen", "short_rejected",
-                                                   "long_chosen", "long_rejected"],
+            "num_examples": len(dataset), "roles": list(ROLE_NAMES),
             "model": source, "model_fingerprint": weights_fingerprint(start_weights),
-            "layout": {"tp": pgs.tp.size(), "pp": pgs.pp.size(),
-                                        "cp": pgs.cp.size(), "dp": dp_size},
+            "layout": {"tp": pgs.tp.size(), "pp": pgs.pp.size(), "cp": pgs.cp.size(),
+                       "dp": dp_size},
             "config": to_dict(config), "created_at": time.time(),
         })
         print(f"[reference] wrote {output_path}.npy/.json ({len(dataset)} examples, "

@@ -11,26 +11,19 @@ import numpy as np
 
 from solopo_mcore.data.packing import TripletTokens
 from solopo_mcore.errors import UserError
+from solopo_mcore.data.schema import (FORMAT, META_EXAMPLE_IDS, META_FILE_CHECKS,
+                                      META_FINGERPRINT, META_FORMAT, META_NUM_EXAMPLES,
+                                      META_PAD_TOKEN_ID, META_SEQUENCES, SEQUENCES_PER_EXAMPLE)
 from solopo_mcore.training.integrity import sampled_sha256, sha256_file
-
-FORMAT = "solopo-triplets-v1"
 
 
 class DatasetError(UserError, ValueError):
     pass
 
 
-def file_checks(prefix: str) -> dict:
-    """What ``.meta.json`` records to tie itself to its ``.bin``/``.idx``: the ``.bin`` size, a
-    sampled hash of it, and the (small) ``.idx``'s full SHA-256."""
-    return {"bin_num_bytes": os.path.getsize(prefix + ".bin"),
-            "bin_sampled_sha256": sampled_sha256(prefix + ".bin"),
-            "idx_sha256": sha256_file(prefix + ".idx")}
-
-
 def check_files_against_meta(prefix: str, meta: dict) -> None:
     """Refuse a ``.bin``/``.idx`` that is not the one its ``.meta.json`` was written for."""
-    recorded = meta.get("file_checks")
+    recorded = meta.get(META_FILE_CHECKS)
     if recorded is None:
         print(f"[data] WARNING: {prefix}.meta.json has no file_checks (written by an older "
               f"preprocess): .bin/.idx identity not verified", flush=True)
@@ -67,9 +60,13 @@ class TripletDataset:
             raise DatasetError(f"dataset {self.prefix!r}: {meta_path} is missing (preprocess "
                                f"writes it last; the dataset is incomplete)")
         self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT:
-            raise DatasetError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FORMAT}")
-        if not self.meta.get("num_examples") or not os.path.getsize(self.prefix + ".bin"):
+        if self.meta.get(META_FORMAT) != FORMAT:
+            raise DatasetError(f"{meta_path}: format {self.meta.get(META_FORMAT)!r}, expected "
+                               f"{FORMAT}; preprocess the data again with this version")
+        order = tuple(self.meta.get(META_SEQUENCES, SEQUENCES_PER_EXAMPLE))
+        if order != SEQUENCES_PER_EXAMPLE:
+            raise DatasetError(f"{meta_path}: sequences {order}, expected {SEQUENCES_PER_EXAMPLE}")
+        if not self.meta.get(META_NUM_EXAMPLES) or not os.path.getsize(self.prefix + ".bin"):
             report = self.meta.get("report", {})
             raise DatasetError(
                 f"dataset {self.prefix!r} is empty: 0 examples (built by data_tools.preprocess "
@@ -79,11 +76,12 @@ class TripletDataset:
         check_files_against_meta(self.prefix, self.meta)
         self.indexed = IndexedDataset(self.prefix, multimodal=False, mmap=True)
         documents = self.indexed.document_indices
-        if len(documents) - 1 != self.meta["num_examples"]:
+        if len(documents) - 1 != self.meta[META_NUM_EXAMPLES]:
             raise DatasetError(f"dataset {self.prefix!r}: {len(documents) - 1} documents but meta "
-                               f"says {self.meta['num_examples']} examples")
-        if not np.all(np.diff(documents) == 4):
-            raise DatasetError(f"dataset {self.prefix!r}: every document must hold 4 sequences")
+                               f"says {self.meta[META_NUM_EXAMPLES]} examples")
+        if not np.all(np.diff(documents) == len(SEQUENCES_PER_EXAMPLE)):
+            raise DatasetError(f"dataset {self.prefix!r}: every document must hold "
+                               f"{len(SEQUENCES_PER_EXAMPLE)} sequences")
         index = self.indexed.index
         expected = int(index.sequence_pointers[-1]) + \
             int(index.sequence_lengths[-1]) * index.dtype_size
@@ -104,7 +102,7 @@ class TripletDataset:
         over = np.flatnonzero(longest > max_position_embeddings)
         if len(over):
             i = int(over[0])
-            ids = self.meta.get("example_ids") or []
+            ids = self.meta.get(META_EXAMPLE_IDS) or []
             name = f"example {i}" + (f" (id {ids[i]!r})" if i < len(ids) else "")
             raise DatasetError(
                 f"dataset {self.prefix!r}: {name} has a {int(longest[i])}-token segment, longer "
@@ -114,20 +112,20 @@ class TripletDataset:
 
     @property
     def fingerprint(self) -> str:
-        return self.meta["fingerprint"]
+        return self.meta[META_FINGERPRINT]
 
     @property
     def pad_token_id(self) -> int:
-        return int(self.meta.get("pad_token_id", 0))
+        return int(self.meta.get(META_PAD_TOKEN_ID, 0))
 
     def __len__(self) -> int:
-        return int(self.meta["num_examples"])
+        return int(self.meta[META_NUM_EXAMPLES])
 
     def __getitem__(self, index: int) -> TripletTokens:
         if not 0 <= index < len(self):
             raise IndexError(f"example {index} out of range [0, {len(self)})")
-        base = 4 * index
-        short, long_, chosen, rejected = (self.indexed[base + k].tolist() for k in range(4))
+        n = len(SEQUENCES_PER_EXAMPLE)
+        short, long_, chosen, rejected = (self.indexed[n * index + k].tolist() for k in range(n))
         ref = None if self.ref_logp is None else self.ref_logp[index].tolist()
         return TripletTokens(short, long_, chosen, rejected, index=index, ref_logp_sum=ref)
 

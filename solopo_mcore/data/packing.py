@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from solopo_mcore.losses.objective import Role
+from solopo_mcore.data.schema import Role
 from solopo_mcore.parallel.context import split_for_cp_rank
 
 
@@ -35,10 +35,9 @@ class TripletTokens:
     """Reference log-prob sums per Role (DPO), or None."""
 
     def segment(self, role: Role) -> tuple[Sequence[int], Sequence[int]]:
-        prompt = self.short_prompt if role in (Role.SHORT_CHOSEN, Role.SHORT_REJECTED) \
-            else self.long_prompt
-        response = self.chosen if role in (Role.SHORT_CHOSEN, Role.LONG_CHOSEN) else self.rejected
-        return prompt, response
+        """(prompt, response) token ids of one segment."""
+        sequences = (self.short_prompt, self.long_prompt, self.chosen, self.rejected)
+        return sequences[Role(role).prompt_sequence], sequences[Role(role).response_sequence]
 
 
 @dataclass

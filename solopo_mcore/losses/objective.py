@@ -15,21 +15,14 @@ over tensor- and context-parallel ranks); they are pure and know nothing about p
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from solopo_mcore.config import ObjectiveConfig
+from solopo_mcore.data.schema import Role
 from solopo_mcore.losses import rewards
-
-
-class Role(enum.IntEnum):
-    SHORT_CHOSEN = 0
-    SHORT_REJECTED = 1
-    LONG_CHOSEN = 2
-    LONG_REJECTED = 3
 
 
 #: Segments each mode needs in training (the long context is run for y_w only in `solo`).
