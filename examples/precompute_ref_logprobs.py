@@ -12,7 +12,7 @@ import argparse
 from solopo_mcore.config import load_config
 from solopo_mcore.errors import entry_point
 from solopo_mcore.parallel.layout import destroy_parallel
-from solopo_mcore.reference import compute_reference
+from solopo_mcore.ref_logprobs import compute_reference
 
 
 def main():

@@ -17,7 +17,7 @@ from solopo_mcore.losses.objective import MODE_ROLES
 from solopo_mcore.models.builder import build_model_chunks, build_transformer_config
 from solopo_mcore.models.hf_config import read_hf_config
 from solopo_mcore.parallel.layout import initialize_parallel
-from tests.helpers.reference import assert_close, random_examples
+from tests.helpers.hf_reference import assert_close, random_examples
 
 
 @pytest.fixture(scope="module")

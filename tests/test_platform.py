@@ -22,7 +22,7 @@ from solopo_mcore.losses.objective import MODE_ROLES
 from solopo_mcore.models import builder
 from solopo_mcore.models.attention import TorchCoreAttention
 from solopo_mcore.training import engine
-from tests.helpers.reference import random_examples
+from tests.helpers.hf_reference import random_examples
 
 PACKAGE = Path(__file__).resolve().parents[1] / "solopo_mcore"
 

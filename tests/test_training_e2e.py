@@ -152,7 +152,7 @@ def test_dpo_reference_sidecar_matches_on_the_fly_and_is_checked(demo_data, tmp_
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
-    from tests.helpers.reference import hf_role_table
+    from tests.helpers.hf_reference import hf_role_table
     hf = AutoModelForCausalLM.from_pretrained(demo_data["model"], dtype=torch.float32)
     with torch.no_grad():
         S, _ = hf_role_table(hf, [dataset[0], dataset[1]], (0, 1, 2, 3))

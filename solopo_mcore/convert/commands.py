@@ -23,6 +23,7 @@ from solopo_mcore.config import ModelConfig, ParallelConfig, RunConfig
 from solopo_mcore.convert.destination import StagedDestination, check_source_and_destination
 from solopo_mcore.convert.hf_io import HFCheckpointReader, export_hf
 from solopo_mcore.convert.tables import ConversionError
+from solopo_mcore.log import log
 from solopo_mcore.models.hf_config import read_hf_config, shape_from_dict
 from solopo_mcore.platform import default_device
 from solopo_mcore.stack import build_model_stack, load_hf_weights, setup_parallel
@@ -102,8 +103,7 @@ def verify_against_hf(stack, hf_dir: str, tolerance: float, seq_len: int = 64,
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     value = float(diff.item())
     if dist.get_rank() == 0:
-        print(f"[verify] max |logit diff| vs transformers: {value:.3e} (tolerance {tolerance:g})",
-              flush=True)
+        log("verify", f"max |logit diff| vs transformers: {value:.3e} (tolerance {tolerance:g})")
     if value > tolerance:
         raise ConversionError(f"verification failed: max |logit diff| {value:.3e} > {tolerance:g}")
     return value

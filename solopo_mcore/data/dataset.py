@@ -14,6 +14,7 @@ from solopo_mcore.errors import UserError
 from solopo_mcore.data.schema import (FORMAT, META_EXAMPLE_IDS, META_FILE_CHECKS,
                                       META_FINGERPRINT, META_FORMAT, META_NUM_EXAMPLES,
                                       META_PAD_TOKEN_ID, META_SEQUENCES, SEQUENCES_PER_EXAMPLE)
+from solopo_mcore.log import warn
 from solopo_mcore.training.integrity import sampled_sha256, sha256_file
 
 
@@ -25,8 +26,8 @@ def check_files_against_meta(prefix: str, meta: dict) -> None:
     """Refuse a ``.bin``/``.idx`` that is not the one its ``.meta.json`` was written for."""
     recorded = meta.get(META_FILE_CHECKS)
     if recorded is None:
-        print(f"[data] WARNING: {prefix}.meta.json has no file_checks (written by an older "
-              f"preprocess): .bin/.idx identity not verified", flush=True)
+        warn("data", f"{prefix}.meta.json has no file_checks (written by an older "
+                     f"preprocess): .bin/.idx identity not verified")
         return
     fix = "Copy the three files of one preprocess run together, or preprocess again."
     size = os.path.getsize(prefix + ".bin")
@@ -138,8 +139,8 @@ class TripletDataset:
         if start_fingerprint is not None:
             recorded = meta.get("model_fingerprint")
             if recorded is None:
-                print(f"[data] WARNING: reference sidecar {path!r} records no model fingerprint "
-                      f"(older version): not checked against {start_weights}", flush=True)
+                warn("data", f"reference sidecar {path!r} records no model fingerprint "
+                             f"(older version): not checked against {start_weights}")
             elif recorded != start_fingerprint:
                 raise DatasetError(
                     f"reference sidecar {path!r} was computed with the weights of "

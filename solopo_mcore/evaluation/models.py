@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from solopo_mcore.evaluation.items import EvalInputError
+from solopo_mcore.log import log
 
 #: generate(user messages) -> one response each
 GenerateFn = Callable[[list], list]
@@ -62,8 +63,8 @@ def hf_directory(path: str, scratch_dir: str) -> Iterator[str]:
             report = mcore_to_hf(path, dst)
         finally:
             destroy_parallel()
-        print(f"[evaluate_qa] exported {report['src']} to a temporary HF checkpoint "
-              f"({report['seconds']} s)", flush=True)
+        log("evaluate_qa", f"exported {report['src']} to a temporary HF checkpoint "
+                           f"({report['seconds']} s)")
         yield dst
 
 

@@ -29,6 +29,7 @@ from data_tools.common import write_json
 from solopo_mcore.evaluation import items as items_mod
 from solopo_mcore.evaluation import models, plots, summary as summary_mod
 from solopo_mcore.evaluation.items import EvalInputError, EvalItem
+from solopo_mcore.log import log
 
 RESULTS_FILE = "results.jsonl"
 SETTINGS_FILE = "settings.json"
@@ -116,8 +117,8 @@ def load_done(path: Path) -> dict:
     if len(complete) < len(data):
         with open(path, "r+b") as f:
             f.truncate(len(complete))
-        print(f"[evaluate_qa] {path}: removed an interrupted last line "
-              f"({len(data) - len(complete)} bytes); it is generated again", file=sys.stderr)
+        log("evaluate_qa", f"{path}: removed an interrupted last line "
+                           f"({len(data) - len(complete)} bytes); it is generated again")
     done = {}
     for line_number, line in enumerate(complete.decode("utf-8").splitlines(), 1):
         if not line.strip():
@@ -168,8 +169,8 @@ def generate_results(eval_items: list, generate: Optional[Callable], results_pat
                     done[item.id] = row
                 out.flush()
                 bar.update(len(batch))
-        print(f"[evaluate_qa] {desc}: {len(todo)} generations in "
-              f"{time.time() - start:.1f} s ({len(eval_items) - len(todo)} reused)", flush=True)
+        log("evaluate_qa", f"{desc}: {len(todo)} generations in "
+                           f"{time.time() - start:.1f} s ({len(eval_items) - len(todo)} reused)")
     return [done[i.id] for i in eval_items]
 
 

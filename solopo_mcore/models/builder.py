@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
@@ -26,6 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from solopo_mcore.compat import LabelledOutputGPTModel
 from solopo_mcore.config import ModelConfig, ParallelConfig
+from solopo_mcore.log import warn
 from solopo_mcore.models.attention import TorchCoreAttention
 from solopo_mcore.models.hf_config import ModelShape, padded_vocab_size
 from solopo_mcore.platform import transformer_config_overrides, transformer_engine_available
@@ -34,7 +34,7 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: Printed once per process when ``model.layer_spec=te``: what no test or CI run has exercised.
 TE_UNVALIDATED = (
-    "[model] model.layer_spec=te is NOT the tested path: Transformer Engine's THD + context-"
+    "model.layer_spec=te is NOT the tested path: Transformer Engine's THD + context-"
     "parallel attention on our packed triplets (segment boundaries, zigzag CP split, response-only "
     "log-probs) and TE's fused RoPE have not been validated against the transformers reference; "
     "CI tests model.layer_spec=auto/local (local spec + torch SDPA attention). Check the "
@@ -61,8 +61,7 @@ def _announce_te_once() -> None:
     if _TE_NOTICE_SHOWN:
         return
     _TE_NOTICE_SHOWN = True
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(TE_UNVALIDATED, flush=True)
+    warn("model", TE_UNVALIDATED)
 
 
 def build_transformer_config(shape: ModelShape, model_cfg: ModelConfig,

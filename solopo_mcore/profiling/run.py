@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from solopo_mcore.compat import MEGATRON_CORE_VERSION
 from solopo_mcore.config import load_config
+from solopo_mcore.log import log
 from solopo_mcore.platform import device_name, on_cuda
 from solopo_mcore.profiling.estimator import EstimateInputs, estimate_memory
 from solopo_mcore.profiling.flops import device_peak_tflops
@@ -76,16 +77,16 @@ def run(args) -> dict:
         for mode, result in results.items():
             if result is None:
                 if dist.get_rank() == 0:
-                    print(f"[profile] {mode} long={length}: out of memory", flush=True)
+                    log("profile", f"{mode} long={length}: out of memory")
                 continue
             if args.trace and result is target.results[0]:
                 trace_step(target, mode, args.short_tokens, length,
                            f"{args.out}/trace_{mode}_{length}.json")
             estimates.append(_estimate(config, stack, pgs, mode, args, length, result))
             if dist.get_rank() == 0:
-                print(f"[profile] {mode} long={length}: step {result['step_sec']:.3f}s, "
-                      f"{result['tokens_per_sec_per_gpu']:.0f} tok/s/GPU, peak "
-                      f"{result['peak_memory_gib']:.3f} GiB", flush=True)
+                log("profile", f"{mode} long={length}: step {result['step_sec']:.3f}s, "
+                               f"{result['tokens_per_sec_per_gpu']:.0f} tok/s/GPU, peak "
+                               f"{result['peak_memory_gib']:.3f} GiB")
     max_lengths = {}
     if args.find_max_len:
         for mode in modes:
@@ -97,10 +98,11 @@ def run(args) -> dict:
             max_lengths[mode] = best
             if dist.get_rank() == 0:
                 capped = best >= args.max_len_limit
-                print(f"[profile] longest trainable long context for {mode}: "
-                      f"{'>= ' if capped else ''}{best} tokens ({len(trials)} trials)"
-                      + (" - a lower bound: it reached --max-len-limit; raise it to search "
-                         "further" if capped else ""), flush=True)
+                bound = (" - a lower bound: it reached --max-len-limit; raise it to search "
+                         "further" if capped else "")
+                log("profile", f"longest trainable long context for {mode}: "
+                               f"{'>= ' if capped else ''}{best} tokens ({len(trials)} trials)"
+                               + bound)
     context = {"model": shape.architecture, "layers": shape.num_layers,
                "hidden": shape.hidden_size, "device": device_name(),
                "layout": f"TP{pgs.tp.size()} PP{pgs.pp.size()} CP{pgs.cp.size()} "
@@ -116,7 +118,7 @@ def run(args) -> dict:
                                args.max_len_limit if args.find_max_len else None)
         from pathlib import Path
         written = sorted(p.name for p in Path(args.out).iterdir() if p.is_file())
-        print(f"[profile] wrote {', '.join(written)} to {Path(args.out).resolve()}", flush=True)
+        log("profile", f"wrote {', '.join(written)} to {Path(args.out).resolve()}")
     dist.barrier()
     return payload
 

@@ -33,6 +33,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from solopo_mcore.errors import UserError
+from solopo_mcore.log import log, warn
 from solopo_mcore.platform import device_rng_state, set_device_rng_state
 from solopo_mcore.training.integrity import (CHECKSUMS, complete_checksums, files_written_by,
                                              hash_files, read_checksums, verify_files,
@@ -66,12 +67,12 @@ def find_checkpoint(root: str) -> Optional[Path]:
         candidate = iter_dir(root, int(text)) if text.isdigit() else None
         if candidate is not None and is_complete(candidate):
             return candidate
-        print(f"[checkpoint] WARNING: {latest} names {text!r}, which is not a complete checkpoint"
-              f"; falling back to the newest complete one", flush=True)
+        warn("checkpoint", f"{latest} names {text!r}, which is not a complete checkpoint"
+                           f"; falling back to the newest complete one")
     complete = sorted((p for p in root_path.iterdir() if _ITER.match(p.name) and is_complete(p)),
                       key=lambda p: p.name)
     for bad in (p for p in root_path.iterdir() if _ITER.match(p.name) and not is_complete(p)):
-        print(f"[checkpoint] WARNING: ignoring incomplete checkpoint {bad}", flush=True)
+        warn("checkpoint", f"ignoring incomplete checkpoint {bad}")
     return complete[-1] if complete else None
 
 
@@ -118,8 +119,8 @@ def find_verified_checkpoint(root: str, strict: bool) -> Optional[Path]:
         problems = verify_checkpoint(path)
         if problems is None:
             if dist.get_rank() == 0:
-                print(f"[checkpoint] WARNING: {path} has no {CHECKSUMS} (saved by an older "
-                      f"version): loading it unverified", flush=True)
+                warn("checkpoint", f"{path} has no {CHECKSUMS} (saved by an older "
+                                   f"version): loading it unverified")
             return path
         if not problems:
             return path
@@ -132,8 +133,8 @@ def find_verified_checkpoint(root: str, strict: bool) -> Optional[Path]:
         dist.barrier()  # every rank has read the listing before rank 0 renames
         if dist.get_rank() == 0:
             moved = _move_aside(path)
-            print(f"[checkpoint] WARNING: {what}\n[checkpoint] moved it aside to {moved}; "
-                  f"falling back to the previous checkpoint", flush=True)
+            warn("checkpoint", f"{what}\nmoved it aside to {moved}; "
+                               f"falling back to the previous checkpoint")
         dist.barrier()
     if candidates:
         raise CheckpointError(f"{root}: every checkpoint failed its checksums (moved aside as "
@@ -218,7 +219,7 @@ class CheckpointManager:
             tmp.write_text(str(step))
             os.replace(tmp, Path(self.save_dir) / "latest")
             self._prune()
-            print(f"[checkpoint] saved {final} in {time.time() - start:.1f}s", flush=True)
+            log("checkpoint", f"saved {final} in {time.time() - start:.1f}s")
         dist.barrier()
         return final
 

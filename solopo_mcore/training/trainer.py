@@ -16,6 +16,7 @@ from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 from solopo_mcore.config import RunConfig, require_training_data, to_dict
 from solopo_mcore.data.sampler import SamplerState, TripletSampler
 from solopo_mcore.errors import UserError
+from solopo_mcore.log import log, warn
 from solopo_mcore.losses.objective import EVAL_ROLES, MODE_ROLES
 from solopo_mcore.models.builder import use_te_spec
 from solopo_mcore.parallel.layout import destroy_parallel
@@ -74,7 +75,7 @@ class Trainer:
             load_hf_weights(self.stack, config.checkpoint.hf_init_dir)
         if weights_only:  # before the optimizer copies the weights into its main params
             CheckpointManager.load(checkpoint, self.model, load_rng=False)
-            print(f"[solopo] initialised weights from {checkpoint}", flush=True)
+            log("solopo", f"initialised weights from {checkpoint}")
         dtype = self.stack.config.params_dtype
         self.optimizer = build_optimizer(self.model, config.optimizer, config.parallel, dtype,
                                          self.pgs)
@@ -118,9 +119,8 @@ class Trainer:
             found = find_verified_checkpoint(ck.save_dir, ck.strict_load)
             if found is not None:
                 if ck.finetune and dist.get_rank() == 0:
-                    print(f"[solopo] checkpoint.finetune applies to checkpoint.load_dir; "
-                          f"checkpoint.save_dir already holds {found}, which is resumed",
-                          flush=True)
+                    log("solopo", f"checkpoint.finetune applies to checkpoint.load_dir; "
+                                  f"checkpoint.save_dir already holds {found}, which is resumed")
                 return found, not read_marker(found).get("weights_only", False)
         if ck.load_dir:
             found = find_verified_checkpoint(ck.load_dir, ck.strict_load)
@@ -134,8 +134,8 @@ class Trainer:
         """Refuse to resume a checkpoint made by a run that optimised something else."""
         saved = read_marker(path).get("run_fingerprint")
         if saved is None:
-            print(f"[solopo] WARNING: {path} records no run fingerprint (saved by an older "
-                  f"version): resuming without checking its settings", flush=True)
+            warn("solopo", f"{path} records no run fingerprint (saved by an older "
+                           f"version): resuming without checking its settings")
             return
         differences = compare_run_fingerprints(saved, self.run_fingerprint)
         if not differences:
@@ -155,7 +155,7 @@ class Trainer:
         marker = CheckpointManager.load(path, self.model, self.optimizer, self.scheduler)
         self.step = int(marker["step"])
         self.num_skipped_steps = int(marker.get("num_skipped_steps", 0))
-        print(f"[solopo] resumed from {path} at step {self.step}", flush=True)
+        log("solopo", f"resumed from {path} at step {self.step}")
         return SamplerState(consumed_examples=int(marker["consumed_examples"]))
 
     def save(self) -> None:

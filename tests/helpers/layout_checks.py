@@ -55,7 +55,7 @@ def _microbatches(examples, pgs, mode, num_microbatches, pad_multiple=None, equa
 
 
 def _check_segment_sums(segment_logps, S_ref, rel):
-    from tests.helpers.reference import assert_close
+    from tests.helpers.hf_reference import assert_close
 
     worst = 0.0
     for seg in segment_logps:
@@ -77,7 +77,7 @@ def _compare_one(model, shape, pgs, hf, algorithm, mode, num_microbatches, num_e
     from solopo_mcore.convert.tables import global_param_names
     from solopo_mcore.training.engine import run_global_batch
     from solopo_mcore.training.forward_step import make_forward_step, reduce_metrics
-    from tests.helpers.reference import assert_close, random_examples, reference_loss_and_grads
+    from tests.helpers.hf_reference import assert_close, random_examples, reference_loss_and_grads
 
     objective = ObjectiveConfig(algorithm=algorithm, mode=mode, alpha=1.5, beta=0.5, gamma=0.3,
                                 orpo_lambda=0.2, label_smoothing=0.1 if algorithm == "dpo"
@@ -142,7 +142,7 @@ def check_optimizer_step(hf_dir, tp=1, pp=1, dp_expected=2, distributed_optimize
     from solopo_mcore.training.engine import run_global_batch
     from solopo_mcore.training.forward_step import make_forward_step
     from solopo_mcore.training.optim import build_optimizer
-    from tests.helpers.reference import assert_close, random_examples, reference_loss_and_grads
+    from tests.helpers.hf_reference import assert_close, random_examples, reference_loss_and_grads
 
     shape, pgs, _, model, hf, parallel = _setup(hf_dir, tp, pp,
                                                 distributed_optimizer=distributed_optimizer)

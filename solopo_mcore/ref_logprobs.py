@@ -19,6 +19,7 @@ from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 from solopo_mcore.config import RunConfig, require_training_data, to_dict
 from solopo_mcore.data.dataset import save_reference_sidecar
 from solopo_mcore.data.schema import ROLE_NAMES
+from solopo_mcore.log import log
 from solopo_mcore.losses.objective import EVAL_ROLES
 from solopo_mcore.stack import build_model_stack, load_hf_weights, setup_parallel
 from solopo_mcore.training import build
@@ -69,8 +70,8 @@ def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) 
             for segment_logps in outputs:
                 segment_logps.scatter_into(table)
         if dist.get_rank() == 0 and call % log_every == 0:
-            print(f"[reference] {min(first + per_call, len(index_lists))}/{len(index_lists)} "
-                  f"microbatches on rank 0, {time.time() - start:.0f}s", flush=True)
+            log("reference", f"{min(first + per_call, len(index_lists))}/{len(index_lists)} "
+                             f"microbatches on rank 0, {time.time() - start:.0f}s")
     # each example was computed on exactly one DP rank's last stage: combine with a NaN-aware sum
     filled = torch.from_numpy(np.nan_to_num(table, nan=0.0)).double()
     count = torch.from_numpy(~np.isnan(table)).double()
@@ -90,7 +91,7 @@ def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) 
                        "dp": dp_size},
             "config": to_dict(config), "created_at": time.time(),
         })
-        print(f"[reference] wrote {output_path}.npy/.json ({len(dataset)} examples, "
-              f"{time.time() - start:.0f}s)", flush=True)
+        log("reference", f"wrote {output_path}.npy/.json ({len(dataset)} examples, "
+                         f"{time.time() - start:.0f}s)")
     dist.barrier()
     return result
