@@ -2,7 +2,7 @@
 # One prepared device run (one H200, under 10 minutes): the GPU-only code paths listed in
 # docs/design.md ("Runs only on GPU, untested here") and the open GPU figures in
 # benchmarks/RESULTS.md.
-# Usage on the device tool (carry .whl with megatron-core's cp312 wheel, e.g. 0.19.2, the version
+# Usage on the GPU machine (carry .whl with megatron-core's cp312 wheel, e.g. 0.19.2, the version
 # Python 3.12 users get; see platform notes for the download line):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
 #     export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/device_run.sh $OUT
@@ -30,13 +30,13 @@ open(f"{sys.argv[1]}/config.json", "w").write(json.dumps(cfg))
 PYEOF
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>/dev/null
 # 0. GPU-only code paths: bf16 vs HF, fused SwiGLU, cuDNN/flash SDPA choice, CUDA allocator +
-#    NVML, CUDA RNG checkpoint round trip, TE spec vs local when TE is importable (issue 13)
+#    NVML, CUDA RNG checkpoint round trip, TE spec vs local when TE is importable
 timeout 150 $PY benchmarks/device_checks.py --out "$OUT/device_checks.jsonl" $CHECKS_FLAGS 2>&1 \
   | grep -v "^\[checkpoint\]"
-# 1. model core, 4 layers, vs HF (issue 3)
+# 1. model core, 4 layers, vs HF
 timeout 180 $PY benchmarks/bench_model_core.py --shape $SHAPE --layers 4 --seq $SEQS --dtype $DT \
   --iters 3 --out "$OUT/model_core.jsonl" 2>&1 | tee "$OUT/model_core.txt"
-# 2. solo vs long on the full model, one GPU (issue 8)
+# 2. solo vs long on the full model, one GPU
 timeout 240 $PY -m torch.distributed.run --nproc-per-node 1 examples/profile_solopo.py --config tiny_cpu \
   --out "$OUT/profile" --long-lengths $LONGS --short-tokens $SHORT --response-tokens 256 \
   --steps 2 --find-max-len --max-len-start $MAXSTART --max-len-limit $MAXLIM \
@@ -44,6 +44,6 @@ timeout 240 $PY -m torch.distributed.run --nproc-per-node 1 examples/profile_sol
   model.hf_config_path="$OUT/config.json" model.params_dtype=$DT \
   model.recompute_granularity=full parallel.tensor_model_parallel_size=1 \
   optimizer.optimizer_cpu_offload=$OFFLOAD 2>&1 | tail -n 40 | tee "$OUT/profile.txt"
-# The device tool returns at most 8 files: pack the profiler's folder into one.
+# The GPU machine returns at most 8 files: pack the profiler's folder into one.
 [ -d "$OUT/profile" ] && tar czf "$OUT/profile.tgz" -C "$OUT" profile && rm -r "$OUT/profile"
 echo "device run finished"
