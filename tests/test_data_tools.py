@@ -165,8 +165,9 @@ def test_bad_rows_are_reported_with_line_and_reason(tmp_path, demo_data):
 def test_preprocess_skips_too_long_and_refuses_large_vocab(tmp_path, demo_data):
     from solopo_mcore.data.dataset import TripletDataset
     full = TripletDataset(demo_data["prefix"])
-    longest = sorted(max(s, lg) + max(c, r) for s, lg, c, r in
-                     (full.segment_lengths(i) for i in range(len(full))))
+    longest = sorted(max(len(ex.short_prompt), len(ex.long_prompt)) +
+                     max(len(ex.chosen), len(ex.rejected)) for ex in map(full.__getitem__,
+                                                                         range(len(full))))
     limit = longest[len(longest) // 2]  # about half the examples are too long
     result = _run_tool("data_tools.preprocess", "--input", demo_data["pairs"], "--output-prefix",
                        tmp_path / "short", "--max-seq-length", limit, "--num-proc", 1)
