@@ -4,7 +4,6 @@ reference pre-pass, the converter and the profiler."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -17,7 +16,7 @@ from solopo_mcore.data.dataset import TripletDataset
 from solopo_mcore.data.packing import PackedMicrobatch, pack_triplets
 from solopo_mcore.models.builder import build_model_chunks, build_transformer_config
 from solopo_mcore.models.hf_config import ModelShape, read_hf_config
-from solopo_mcore.parallel.layout import initialize_parallel
+from solopo_mcore.parallel.layout import initialize_parallel, sequence_pad_multiple
 from solopo_mcore.training.engine import wrap_ddp
 
 
@@ -65,11 +64,8 @@ def load_hf_weights(stack: ModelStack, hf_dir: str) -> None:
 
 
 def pad_multiple(config: RunConfig) -> int:
-    p = config.parallel
-    multiple = 2 * p.context_parallel_size if p.context_parallel_size > 1 else 1
-    if p.sequence_parallel and p.tensor_model_parallel_size > 1:
-        multiple = math.lcm(multiple, p.tensor_model_parallel_size)
-    return multiple
+    """Segment padding for this layout (CP zigzag and sequence-parallel shares)."""
+    return sequence_pad_multiple(config.parallel)
 
 
 def open_dataset(config: RunConfig, shape: ModelShape, need_reference: bool) -> TripletDataset:
