@@ -153,6 +153,8 @@ class _GatherSelectedRows(torch.autograd.Function):
         ctx.start = sum(counts[:rank])
         ctx.count = counts[rank]
         width = max(counts)
+        if width == 0:  # no selected rows on any TP rank (e.g. a CP rank without responses)
+            return rows.clone()
         padded = rows.new_zeros((width,) + tuple(rows.shape[1:]))
         padded[:rows.shape[0]] = rows
         gathered = rows.new_empty((width * len(counts),) + tuple(rows.shape[1:]))

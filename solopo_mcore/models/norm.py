@@ -14,7 +14,10 @@ of a TP run held the whole sequence on every TP rank. This norm needs nothing sp
   such parameters over the TP group before the data-parallel reduction and the optimizer step.
 
 Numerics follow transformers' Llama/Qwen2 RMSNorm: normalise in float32, cast back to the input
-dtype, then scale by the weight.
+dtype, then scale by the weight. Written as one autograd function that keeps only its input (in
+the input dtype) and the float32 inverse RMS per token for backward; the normalized tensor is
+rebuilt there. Composed torch ops would keep a float32 copy of the input and the normalized
+tensor as well (see profiling/estimator.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,30 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from solopo_mcore.platform import default_device
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 input
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.to(_compute_dtype(x))
+        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, inv_rms)
+        return weight * (x32 * inv_rms).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, inv_rms = ctx.saved_tensors
+        normalized = x.to(inv_rms.dtype) * inv_rms
+        grad_weight = (grad_out * normalized.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)
+        grad_normalized = (grad_out * weight).to(inv_rms.dtype)
+        # d/dx of x * rsqrt(mean(x^2) + eps): inv_rms * (g - y * mean(g * y))
+        grad_x = inv_rms * (grad_normalized -
+                            normalized * (grad_normalized * normalized).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
 
 
 class SequenceParallelRMSNorm(torch.nn.Module):
@@ -47,9 +74,7 @@ class SequenceParallelRMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = hidden_states.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(hidden_states.dtype)
+        return _RMSNormFunction.apply(hidden_states, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, eps={self.eps}, sequence_parallel=" \
