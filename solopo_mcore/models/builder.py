@@ -3,7 +3,8 @@
 The model class :class:`ResponseLogprobGPTModel` is Megatron's ``GPTModel`` with one change: when
 labels are given, the output layer and the vocab-parallel log-softmax run only at the positions the
 loss mask selects (response tokens), and the model returns those tokens' log-probs. A 128K context
-therefore never materialises 128K x vocab logits.
+therefore never materialises 128K x vocab logits. Under sequence parallelism only those positions'
+hidden states are gathered from the TP ranks' sequence slices, never the whole sequence.
 """
 
 from __future__ import annotations
