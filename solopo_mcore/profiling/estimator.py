@@ -36,8 +36,8 @@ Recompute: ``selective`` (core attention) keeps q, k, v (``(n_q + 2 n_kv) d / tp
 attention internals and rebuilds one layer's internals in backward; ``full`` keeps each recompute
 unit's input ``h a`` (``h a / tp`` with sequence parallelism) and rebuilds
 ``recompute_num_layers`` layers at a time. Backward's working set adds the FC1-output and
-hidden-state gradients, ``(2 f / tp + 2 h) a``. With PP the first stage holds min(PP, microbatches) microbatches' kept activations (1F1B). With CP every term is
-per local token (tokens / CP) except the expanded k and v, which span each segment's visible
+hidden-state gradients, ``(2 f / tp + 2 h) a``. With PP the first stage holds min(PP,
+microbatches) microbatches' kept activations (1F1B). With CP every term is per local token (tokens / CP) except the expanded k and v, which span each segment's visible
 global prefix, ``(2 CP + 1) / (2 CP)`` of the global tokens. (On CPU only, torch materializes the
 lower-right masks of CP chunks: ``materialized_cp_masks``.)
 
