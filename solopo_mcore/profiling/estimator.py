@@ -34,12 +34,12 @@ benchmarks/RESULTS.md). Per token of a microbatch, per layer, with ``a`` the act
 
 Recompute: ``selective`` (core attention) keeps q, k, v (``(n_q + 2 n_kv) d / tp``) instead of the
 attention internals and rebuilds one layer's internals in backward; ``full`` keeps each recompute
-unit's input ``h a`` (``h a / tp`` with sequence parallelism) and rebuilds
-``recompute_num_layers`` layers at a time. Backward's working set adds the FC1-output and
-hidden-state gradients, ``(2 f / tp + 2 h) a``. With PP the first stage holds min(PP,
-microbatches) microbatches' kept activations (1F1B). With CP every term is per local token (tokens / CP) except the expanded k and v, which span each segment's visible
-global prefix, ``(2 CP + 1) / (2 CP)`` of the global tokens. (On CPU only, torch materializes the
-lower-right masks of CP chunks: ``materialized_cp_masks``.)
+unit's input ``h a`` (``h a / tp`` with sequence parallelism) and rebuilds ``recompute_num_layers``
+layers at a time. Backward's working set adds the FC1-output and hidden-state gradients, ``(2 f / tp
++ 2 h) a``. With PP the first stage holds min(PP, microbatches) microbatches' kept activations
+(1F1B). With CP every term is per local token (tokens / CP) except the expanded k and v, which span
+each segment's visible global prefix, ``(2 CP + 1) / (2 CP)`` of the global tokens. (On CPU only,
+torch materializes the lower-right masks of CP chunks: ``materialized_cp_masks``.)
 
 Response-only logits: the vocab-parallel cross entropy works in place on the fp32 logits
 (``n_response x V_padded / tp x 4`` bytes, with the response tokens of the busiest CP rank: a
