@@ -115,7 +115,9 @@ def _compare_one(model, shape, pgs, hf, algorithm, mode, num_microbatches, num_e
             worst = max(worst, assert_close(param.main_grad, expected, rel,
                                             f"{where} gradient of {names[local]}"))
             if "norm" in names[local]:
-                norm_grads[names[local]] = param.main_grad.detach().clone()
+                # plain lists: tensors would cross the result queue through shared memory that
+                # the rank's exit can remove before the parent reads it
+                norm_grads[names[local]] = param.main_grad.detach().tolist()
     report["grad_rel_err"] = worst
     if report_norm_grads:
         report.update(norm_grads=norm_grads, tp_rank=pgs.tp.rank(),
