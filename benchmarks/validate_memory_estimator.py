@@ -18,7 +18,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 1), "cp2": (1, 1, 2), "pp2": (1, 2, 1)}
+# (TP, PP, CP); TP > 1 runs with sequence parallelism (the default) unless the name ends "_nosp"
+LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 1), "tp2_nosp": (2, 1, 1), "cp2": (1, 1, 2),
+           "pp2": (1, 2, 1)}
 
 
 def main(argv=None):
@@ -57,6 +59,8 @@ def main(argv=None):
                        f"parallel.context_parallel_size={cp}"]
                 if recompute != "none":
                     cmd.append(f"model.recompute_granularity={recompute}")
+                if layout.endswith("_nosp"):
+                    cmd.append("parallel.sequence_parallel=false")
                 proc = subprocess.run(cmd + args.overrides, cwd=REPO, capture_output=True,
                                       text=True)
                 if proc.returncode:
@@ -67,7 +71,7 @@ def main(argv=None):
                         k: est[k] for k in ("mode", "long_tokens", "estimated_gib",
                                             "measured_gib", "error")}})
                     r = rows[-1]
-                    print(f"{layout:4} {recompute:9} {r['mode']:4} long={r['long_tokens']:6} "
+                    print(f"{layout:8} {recompute:9} {r['mode']:4} long={r['long_tokens']:6} "
                           f"estimated {r['estimated_gib']:.4f} GiB  measured "
                           f"{r['measured_gib']:.4f} GiB  error {r['error']:+.1%}", flush=True)
     errors = [r["error"] for r in rows]

@@ -4,7 +4,8 @@
         --long-tokens 65536 --short-tokens 1024 --device-gib 141
 
 Reads the architecture from model.hf_config_path, or --model qwen2.5-7b|llama3.1-8b without the
-weights. Formulas: solopo_mcore/profiling/estimator.py.
+weights. Formulas: solopo_mcore/profiling/estimator.py. At TP > 1 the report and every suggested
+layout say how many GiB per GPU sequence parallelism (on by default) saves there.
 """
 
 import argparse
@@ -17,7 +18,8 @@ from solopo_mcore.losses.objective import MODE_ROLES
 from solopo_mcore.models.hf_config import read_hf_config, shape_from_dict
 from solopo_mcore.models.reference_configs import BY_NAME
 from solopo_mcore.parallel.layout import LayoutError
-from solopo_mcore.profiling.estimator import EstimateInputs, estimate_memory, suggest_layouts
+from solopo_mcore.profiling.estimator import (EstimateInputs, estimate_memory,
+                                              sequence_parallel_saving_gib, suggest_layouts)
 
 
 def main(argv=None):
@@ -78,17 +80,23 @@ def main(argv=None):
                   recompute=cfg.model.recompute_granularity or "none",
                   recompute_method=cfg.model.recompute_method,
                   recompute_num_layers=cfg.model.recompute_num_layers,
-                  vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
-    estimate = estimate_memory(shape, EstimateInputs(
+                  vocab_divisible_by=cfg.model.make_vocab_size_divisible_by,
+                  sequence_parallel=p.sequence_parallel)
+    inputs = EstimateInputs(
         tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
         cp=p.context_parallel_size, dp=args.world_size // model_parallel,
-        microbatch_tokens=tokens, response_tokens=response, segment_tokens=segments, **common))
+        microbatch_tokens=tokens, response_tokens=response, segment_tokens=segments, **common)
+    estimate = estimate_memory(shape, inputs)
     fits = estimate["total_gib"] <= args.device_gib
     report = {"model": shape.architecture, "mode": cfg.objective.mode,
               "microbatch_tokens": tokens, "recipe_layout": {
                   "tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
                   "cp": p.context_parallel_size,
-                  "dp": args.world_size // model_parallel},
+                  "dp": args.world_size // model_parallel,
+                  "sequence_parallel": p.sequence_parallel_enabled},
+              # what sequence parallelism saves (or would save, if switched off) at this layout
+              "sequence_parallel_saving_gib": round(sequence_parallel_saving_gib(shape, inputs),
+                                                    2),
               "per_gpu_gib": {k: round(v, 2) for k, v in estimate.items() if k.endswith("_gib")},
               "fits": fits, "device_gib": args.device_gib,
               "layouts_that_fit": suggest_layouts(shape, args.world_size, tokens, response,

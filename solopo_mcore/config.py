@@ -63,14 +63,21 @@ class ParallelConfig:
     """Virtual PP: model chunks per pipeline rank (interleaved schedule)."""
     context_parallel_size: int = 1
     """CP: splits every sequence into 2*CP zigzag chunks."""
-    sequence_parallel: bool = False
-    """Megatron sequence parallelism (needs Transformer Engine or apex norms)."""
+    sequence_parallel: Optional[bool] = None
+    """Megatron sequence parallelism: norms, residual stream and dropout hold only 1/TP of the
+    sequence on each TP rank. ``null`` (default) means on whenever TP > 1; ``false`` turns it off.
+    Has no effect at TP = 1."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
     overlap_grad_reduce: bool = False
     """Overlap the data-parallel gradient reduce with backward."""
     overlap_param_gather: bool = False
     """Overlap the distributed optimizer's parameter all-gather with forward."""
+
+    @property
+    def sequence_parallel_enabled(self) -> bool:
+        """Whether sequence parallelism is on: TP > 1 and not switched off."""
+        return self.tensor_model_parallel_size > 1 and self.sequence_parallel is not False
 
 
 @dataclass

@@ -84,12 +84,11 @@ def transformer_engine_available() -> bool:
 def unsupported_on_cpu(feature: str) -> Optional[str]:
     """Why ``feature`` cannot run on this machine, or None when it can.
 
-    ``feature``: "sequence_parallel" (needs TE/apex norms: torch's LayerNorm refuses it) or
-    "optimizer_cpu_offload" (on CPU the optimizer state is in host memory already)."""
+    ``feature``: "optimizer_cpu_offload" (on CPU the optimizer state is in host memory
+    already)."""
     if on_cuda():
         return None
     reasons = {
-        "sequence_parallel": "needs CUDA with Transformer Engine or apex norms",
         "optimizer_cpu_offload": "needs a CUDA device (without one the optimizer state is in "
                                  "host memory already)",
     }

@@ -35,3 +35,36 @@ def test_world_size_does_not_factor(shape):
     with pytest.raises(LayoutError, match="world size 6 is not divisible by TP x PP x CP"):
         validate_layout(shape, ParallelConfig(tensor_model_parallel_size=2,
                                               context_parallel_size=2), 6)
+
+
+def test_sequence_parallel_defaults_on_with_tp_and_can_be_switched_off():
+    from solopo_mcore.config import load_config
+    assert not ParallelConfig().sequence_parallel_enabled
+    assert ParallelConfig(tensor_model_parallel_size=2).sequence_parallel_enabled
+    assert not ParallelConfig(tensor_model_parallel_size=2,
+                              sequence_parallel=False).sequence_parallel_enabled
+    off = load_config(None, ["parallel.tensor_model_parallel_size=2",
+                             "parallel.sequence_parallel=false"])
+    assert off.parallel.sequence_parallel is False and not off.parallel.sequence_parallel_enabled
+
+
+@pytest.mark.parametrize("tp,cp", [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2), (2, 3), (8, 4)])
+@pytest.mark.parametrize("sequence_parallel", [None, False])
+def test_padded_segments_split_evenly_over_cp_then_tp(tp, cp, sequence_parallel):
+    """Whatever the segment lengths, the padded microbatch splits into 2*CP equal zigzag chunks per
+    segment, and each CP rank's part splits evenly over the TP ranks when SP is on."""
+    import random
+
+    from solopo_mcore.data.packing import round_up
+    from solopo_mcore.parallel.layout import sequence_pad_multiple
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, context_parallel_size=cp,
+                              sequence_parallel=sequence_parallel)
+    multiple = sequence_pad_multiple(parallel)
+    rng = random.Random(tp * 10 + cp)
+    for _ in range(20):
+        padded = [round_up(rng.randint(1, 300), multiple) for _ in range(rng.randint(1, 5))]
+        if cp > 1:
+            assert all(n % (2 * cp) == 0 for n in padded)
+        if parallel.sequence_parallel_enabled:
+            assert sum(n // cp for n in padded) % tp == 0
+    assert multiple <= 2 * cp * tp  # no more padding than a plain product would add

@@ -2,7 +2,7 @@
 
 Each test runs the real SoLoPO loss through Megatron's schedule and checks, within 1e-5
 relative: per-sequence response log-prob sums, the global-batch loss, and every gradient shard
-(tests/layout_checks.py)."""
+(tests/helpers/layout_checks.py)."""
 
 import pytest
 
@@ -17,16 +17,39 @@ def _check(world, hf_dir, **kw):
     return reports
 
 
-def test_tp2_matches_reference(tiny_qwen2):
-    _check(2, tiny_qwen2, tp=2)
+def _check_sequence_parallel(world, hf_dir, **kw):
+    """With sequence parallelism on by default at TP=2: sums, loss and every gradient shard equal
+    the reference (on every rank), and the norm weights' gradients, each rank's computed from its
+    half of the sequence, are identical on the two TP ranks after finalize_model_grads."""
+    reports = _check(world, hf_dir, tp=2, expect_sequence_parallel=True, require_padding=True,
+                     **kw)
+    peers = {}
+    for r in reports:
+        peers.setdefault(r["tp_peers"], {})[r["tp_rank"]] = r["norm_grads"]
+    for group in peers.values():
+        assert sorted(group) == [0, 1]
+        assert group[0], "no norm weights on this stage"
+        assert group[0].keys() == group[1].keys()
+        for name, grad in group[0].items():
+            assert grad == group[1][name], f"{name}: gradients differ across TP ranks"
+
+
+def test_tp2_without_sp_matches_reference(tiny_qwen2):
+    _check(2, tiny_qwen2, tp=2, sequence_parallel=False, expect_sequence_parallel=False)
+
+
+def test_tp2_sp_matches_reference_with_padded_segments(tiny_qwen2):
+    # odd random lengths: segments need padding to a multiple of TP for an equal split
+    _check_sequence_parallel(2, tiny_qwen2, num_microbatches=2)
 
 
 def test_pp2_four_microbatches_matches_reference(tiny_qwen2):
     _check(2, tiny_qwen2, pp=2, num_microbatches=4)
 
 
-def test_tp2_pp2_matches_reference(tiny_qwen2_untied):
-    _check(4, tiny_qwen2_untied, tp=2, pp=2, num_microbatches=4)
+def test_tp2_sp_pp2_vpp2_recompute_matches_reference(tiny_qwen2_untied):
+    _check_sequence_parallel(4, tiny_qwen2_untied, pp=2, vpp=2, num_microbatches=4,
+                             recompute="full")
 
 
 def test_pp2_vpp2_interleaved_matches_reference(tiny_qwen2):
@@ -38,8 +61,8 @@ def test_cp2_matches_reference_with_padded_segments(tiny_qwen2):
     _check(2, tiny_qwen2, cp=2, num_microbatches=2)
 
 
-def test_tp2_cp2_matches_reference(tiny_llama):
-    _check(4, tiny_llama, tp=2, cp=2, num_microbatches=2)
+def test_tp2_sp_cp2_matches_reference(tiny_llama):
+    _check_sequence_parallel(4, tiny_llama, cp=2, num_microbatches=2)
 
 
 def test_pp2_cp2_matches_reference(tiny_qwen2):

@@ -131,3 +131,59 @@ def test_activation_recompute_gives_the_same_gradients(granularity, tiny_qwen2, 
     assert tcfg.recompute_granularity == granularity
     for a, b in zip(*grads):
         assert_close(b, a, 1e-6, f"{granularity} recompute gradient")
+
+
+def _norm(dtype, sequence_parallel=True):
+    from types import SimpleNamespace
+
+    from solopo_mcore.models.norm import SequenceParallelRMSNorm
+    cfg = SimpleNamespace(normalization="RMSNorm", layernorm_zero_centered_gamma=False,
+                          params_dtype=dtype, use_cpu_initialization=True,
+                          sequence_parallel=sequence_parallel)
+    norm = SequenceParallelRMSNorm(cfg, 24, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    return norm
+
+
+def test_rmsnorm_gradients_are_exact_in_float64():
+    """The hand-written backward equals finite differences (float64 is computed in float64)."""
+    from solopo_mcore.models.norm import _RMSNormFunction
+    norm = _norm(torch.float64)
+    x = (3 * torch.randn(4, 2, 24, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, w: _RMSNormFunction.apply(a, w, 1e-6),
+                                    (x, norm.weight))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_equals_transformers_and_keeps_only_input_and_inverse_rms(dtype):
+    """Values and gradients equal transformers' Qwen2RMSNorm (float32 maths, cast, then scale);
+    backward keeps the input in its own dtype and one float32 inverse RMS per token, nothing
+    of hidden size in float32; the weight is marked for the sequence-parallel TP all-reduce."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+    norm = _norm(dtype)
+    assert norm.weight.sequence_parallel is True
+    assert _norm(dtype, sequence_parallel=False).weight.sequence_parallel is False
+    hf = Qwen2RMSNorm(24, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        hf.weight.copy_(norm.weight)
+    x = 3 * torch.randn(5, 2, 24, dtype=dtype)
+    grad = torch.randn(5, 2, 24, dtype=dtype)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x_ours, x_hf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y_ours = norm(x_ours)
+    y_hf = hf(x_hf)
+    (y_ours * grad).sum().backward()
+    (y_hf * grad).sum().backward()
+    rel = 1e-6 if dtype == torch.float32 else 1e-2
+    assert_close(y_ours, y_hf, rel, "RMSNorm output")
+    assert_close(x_ours.grad, x_hf.grad, rel, "RMSNorm input gradient")
+    assert_close(norm.weight.grad, hf.weight.grad, rel, "RMSNorm weight gradient")
+    assert sorted((tuple(t.shape), t.dtype) for t in saved if t is not norm.weight) == \
+        sorted([((5, 2, 24), dtype), ((5, 2, 1), torch.float32)])

@@ -59,9 +59,9 @@ def test_memory_estimator_formulas_on_a_small_config():
     assert est["gradients_gib"] * gib == pytest.approx(4 * params)
     assert est["optimizer_gib"] * gib == pytest.approx(12 * params / 2)
     # bf16 bytes kept per token per layer (h=8, f=16, d=4, 2 query heads, fused SwiGLU):
-    # norms 4*8*2 + rstd 2*4 + norm outputs 2*8*2 + RoPE 4*4*2 + q&out 2*8*2 + expanded kv
-    # 2*8*2 + lse 2*4 + proj input 8*2 + MLP 3*16*2 = 320; backward working set (2*16+2*8)*2 = 96
-    layer, work = 320, 96
+    # norm inputs 2*8*2 + rstd 2*4 + norm outputs 2*8*2 + RoPE 4*4*2 + q&out 2*8*2 + expanded kv
+    # 2*8*2 + lse 2*4 + proj input 8*2 + MLP 3*16*2 = 288; backward working set (2*16+2*8)*2 = 96
+    layer, work = 288, 96
     assert est["activations_gib"] * gib == pytest.approx(100 * (2 * 8 * 2 + layer + work))
     # 10 response tokens x 10 logits: fp32 (4 B) + the bf16 ones while copied (2 B); backward's
     # 4 B + the output weight's bf16 gradient (10 x 8 x 2 B) is smaller
@@ -110,6 +110,17 @@ def test_memory_estimator_formulas_on_a_small_config():
     assert act(recompute="none", pp=2, num_microbatches=1) == pytest.approx(
         estimate_memory(tied, EstimateInputs(**common, recompute="none", pp=2,
                                              num_microbatches=1))["activations_gib"] * gib)
+    # TP2: norms 72 + RoPE 32 + q&out 16 + kv 16 + lse 4 + proj 8 + MLP 48 = 196 per layer,
+    # working set (16 + 16) * 2 = 64. Sequence parallelism (the default at TP > 1) halves the
+    # norm terms (72 -> 36) and the recompute units' inputs, and adds one full-sequence
+    # all-gather buffer (8 * 2 per token)
+    tp2_layer, tp2_work, sp_buffer = 196, 64, 100 * 8 * 2
+    assert act(recompute="none", tp=2, sequence_parallel=False) == pytest.approx(
+        100 * (2 * tp2_layer + tp2_work))
+    assert act(recompute="none", tp=2) == pytest.approx(
+        100 * (2 * (tp2_layer - 36) + tp2_work) + sp_buffer)
+    assert act(recompute="full", tp=2) == pytest.approx(
+        100 * (2 * 8 * 2 / 2 + tp2_layer - 36 + tp2_work) + sp_buffer)
     offload = estimate_memory(SMALL, EstimateInputs(optimizer_cpu_offload=True))
     assert offload["optimizer_gib"] == 0.0
 
@@ -198,7 +209,18 @@ def test_estimate_memory_cli_for_a_recipe_and_cluster():
         sys.path.pop(0)
     report = main(["--config", "qwen2.5-7b_solo-orpo_64k_4node", "--model", "qwen2.5-7b",
                    "--world-size", "32", "--long-tokens", "65536", "--device-gib", "141"])
-    assert report["recipe_layout"] == {"tp": 4, "pp": 1, "cp": 4, "dp": 2}
+    assert report["recipe_layout"] == {"tp": 4, "pp": 1, "cp": 4, "dp": 2,
+                                       "sequence_parallel": True}
+    # sequence parallelism is on by default at TP 4; switched off, the estimate grows by the
+    # saving the report states
+    off = main(["--config", "qwen2.5-7b_solo-orpo_64k_4node", "--model", "qwen2.5-7b",
+                "--world-size", "32", "--long-tokens", "65536", "--device-gib", "141",
+                "parallel.sequence_parallel=false"])
+    assert report["sequence_parallel_saving_gib"] > 0
+    assert off["per_gpu_gib"]["total_gib"] - report["per_gpu_gib"]["total_gib"] == \
+        pytest.approx(report["sequence_parallel_saving_gib"], abs=0.02)
+    assert all(("sequence_parallel_saving_gib" in r) == (r["tp"] > 1)
+               for r in report["layouts_that_fit"])
     assert report["microbatch_tokens"] == 1024 * 2 + 65536 + 3 * 256
     assert report["fits"] and report["layouts_that_fit"]
     tight = main(["--config", "qwen2.5-7b_solo-orpo_8gpu", "--model", "qwen2.5-7b",

@@ -3,7 +3,8 @@
 The model class :class:`ResponseLogprobGPTModel` is Megatron's ``GPTModel`` with one change: when
 labels are given, the output layer and the vocab-parallel log-softmax run only at the positions the
 loss mask selects (response tokens), and the model returns those tokens' log-probs. A 128K context
-therefore never materialises 128K x vocab logits.
+therefore never materialises 128K x vocab logits. Under sequence parallelism only those positions'
+hidden states are gathered from the TP ranks' sequence slices, never the whole sequence.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.pipeline_parallel.utils import is_pp_first_stage, is_pp_last_stage
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from solopo_mcore.compat import LabelledOutputGPTModel
@@ -28,6 +32,8 @@ from solopo_mcore.config import ModelConfig, ParallelConfig
 from solopo_mcore.log import warn
 from solopo_mcore.models.attention import TorchCoreAttention
 from solopo_mcore.models.hf_config import ModelShape, padded_vocab_size
+from solopo_mcore.models.norm import SequenceParallelRMSNorm
+from solopo_mcore.parallel.context import gather_first_dim
 from solopo_mcore.platform import transformer_config_overrides, transformer_engine_available
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -93,7 +99,7 @@ def build_transformer_config(shape: ModelShape, model_cfg: ModelConfig,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
-        sequence_parallel=parallel.sequence_parallel and parallel.tensor_model_parallel_size > 1,
+        sequence_parallel=parallel.sequence_parallel_enabled,
         # Packed microbatches differ in length, so the pipeline exchanges shapes first. Megatron
         # only allows that with the all-to-all dispatcher, even for dense models.
         variable_seq_lengths=True,
@@ -119,8 +125,9 @@ def build_transformer_config(shape: ModelShape, model_cfg: ModelConfig,
 
 
 def build_layer_spec(model_cfg: ModelConfig):
-    """The local spec with our torch core attention (``auto``/``local``: the tested path), or TE's
-    spec when ``model.layer_spec=te`` (announced once as unvalidated)."""
+    """The local spec with our torch core attention and :class:`SequenceParallelRMSNorm` (which,
+    unlike megatron's torch fallback, allows sequence parallelism) for ``auto``/``local``: the
+    tested path; or TE's spec when ``model.layer_spec=te`` (announced once as unvalidated)."""
     if use_te_spec(model_cfg):
         _announce_te_once()
         return get_gpt_layer_with_transformer_engine_spec()
@@ -128,7 +135,48 @@ def build_layer_spec(model_cfg: ModelConfig):
     attention_cls = type("TorchCoreAttention", (TorchCoreAttention,),
                          {"backend_name": model_cfg.attention_backend})
     spec.submodules.self_attention.submodules.core_attention = attention_cls
+    spec.submodules.input_layernorm = SequenceParallelRMSNorm
+    spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
     return spec
+
+
+def build_decoder_spec(model_cfg: ModelConfig, config: TransformerConfig,
+                       vp_stage: Optional[int], pp_rank: int):
+    """The decoder spec of one model chunk. For the local spec, a block spec whose final norm is
+    :class:`SequenceParallelRMSNorm` too (from a layer spec megatron picks its own norm class)."""
+    layer_spec = build_layer_spec(model_cfg)
+    if use_te_spec(model_cfg):
+        return layer_spec
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers,
+                                      layer_norm=SequenceParallelRMSNorm)
+
+
+class _GatherSelectedRows(torch.autograd.Function):
+    """All-gather each TP rank's selected rows of its sequence slice, in sequence order.
+
+    ``counts[r]`` rows come from rank ``r`` (known on every rank from the loss mask, so nothing
+    but the rows is exchanged). Rows are padded to the largest count for an equal-size all-gather
+    (gloo has no uneven one). Backward keeps this rank's rows of the incoming gradient: the caller
+    makes that gradient complete on every TP rank (the output layer all-reduces its input
+    gradient, as ``copy_to_tensor_model_parallel_region`` does without SP)."""
+
+    @staticmethod
+    def forward(ctx, rows, counts, group):
+        rank = group.rank()
+        ctx.start = sum(counts[:rank])
+        ctx.count = counts[rank]
+        width = max(counts)
+        if width == 0:  # no selected rows on any TP rank (e.g. a CP rank without responses)
+            return rows.clone()
+        padded = rows.new_zeros((width,) + tuple(rows.shape[1:]))
+        padded[:rows.shape[0]] = rows
+        gathered = gather_first_dim(padded, group)
+        return torch.cat([gathered[r * width:r * width + n] for r, n in enumerate(counts)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.start:ctx.start + ctx.count], None, None
 
 
 class ResponseLogprobGPTModel(LabelledOutputGPTModel):
@@ -148,14 +196,17 @@ class ResponseLogprobGPTModel(LabelledOutputGPTModel):
         (called by the megatron-core version's output hook, see compat.py)."""
         if loss_mask is None:
             raise ValueError("ResponseLogprobGPTModel needs loss_mask with labels")
-        if self.config.sequence_parallel:
-            hidden_states = gather_from_sequence_parallel_region(
-                hidden_states, group=self.pg_collection.tp)
-        # hidden [s, b, h] -> the selected positions, [n, 1, h]
-        flat_hidden = hidden_states.transpose(0, 1).reshape(-1, hidden_states.shape[-1])
         index = loss_mask.reshape(-1).nonzero(as_tuple=True)[0]
-        selected = flat_hidden.index_select(0, index).unsqueeze(1)
+        if self.config.sequence_parallel:
+            selected = self._selected_sequence_parallel(hidden_states, loss_mask)
+        else:
+            # hidden [s, b, h] -> the selected positions, [n, 1, h]
+            flat_hidden = hidden_states.transpose(0, 1).reshape(-1, hidden_states.shape[-1])
+            selected = flat_hidden.index_select(0, index).unsqueeze(1)
         targets = labels.reshape(-1).index_select(0, index).unsqueeze(1)
+        # The selected rows are already complete on every TP rank: with its sequence-parallel
+        # flag off the output layer does not all-gather them along the sequence again, and
+        # all-reduces their gradient over TP instead of reduce-scattering it.
         sp = self.output_layer.sequence_parallel
         self.output_layer.sequence_parallel = False
         try:
@@ -172,13 +223,33 @@ class ResponseLogprobGPTModel(LabelledOutputGPTModel):
         nll = tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
         return -nll.reshape(-1)
 
+    def _selected_sequence_parallel(self, hidden_states, loss_mask):
+        """[n, 1, h] hidden states at the loss-mask positions, gathered from the TP ranks' sequence
+        slices (rank r holds positions [r*s/tp, (r+1)*s/tp) of the CP-local sequence): only the
+        selected rows cross the network, never the whole sequence."""
+        group = self.pg_collection.tp
+        tp = group.size()
+        if loss_mask.shape[0] != 1:
+            raise ValueError(f"sequence parallelism expects packed THD microbatches (batch size "
+                             f"1), got loss_mask of shape {tuple(loss_mask.shape)}")
+        mask = loss_mask.reshape(-1)
+        local_len = hidden_states.shape[0]
+        if mask.numel() != local_len * tp:
+            raise ValueError(f"loss_mask has {mask.numel()} positions but the TP ranks hold "
+                             f"{tp} x {local_len}; pad microbatches to a multiple of TP "
+                             f"(parallel.layout.sequence_pad_multiple)")
+        counts = [int(c) for c in mask.reshape(tp, local_len).sum(dim=1).tolist()]
+        rank = group.rank()
+        local_mask = mask[rank * local_len:(rank + 1) * local_len]
+        rows = hidden_states[:, 0][local_mask.nonzero(as_tuple=True)[0]]
+        return _GatherSelectedRows.apply(rows, counts, group).unsqueeze(1)
+
 
 def build_model_chunks(shape: ModelShape, model_cfg: ModelConfig, parallel: ParallelConfig,
                        pg_collection: ProcessGroupCollection,
                        config: Optional[TransformerConfig] = None) -> list:
     """One ``ResponseLogprobGPTModel`` per virtual-pipeline chunk on this rank (not yet wrapped)."""
     config = config or build_transformer_config(shape, model_cfg, parallel)
-    spec = build_layer_spec(model_cfg)
     vp_size = parallel.virtual_pipeline_model_parallel_size
     tp = parallel.tensor_model_parallel_size
     chunks = []
@@ -187,7 +258,9 @@ def build_model_chunks(shape: ModelShape, model_cfg: ModelConfig, parallel: Para
         last = is_pp_last_stage(pg_collection.pp) and vp_stage == (vp_size or 1) - 1
         model = ResponseLogprobGPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=build_decoder_spec(model_cfg, config,
+                                                      vp_stage if vp_size else None,
+                                                      pg_collection.pp.rank()),
             vocab_size=padded_vocab_size(shape.vocab_size, model_cfg.make_vocab_size_divisible_by,
                                          tp),
             max_sequence_length=shape.max_position_embeddings,

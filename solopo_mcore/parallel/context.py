@@ -66,6 +66,19 @@ def gathered_to_global_index(local_seqlens: list[int], cp_size: int,
     return torch.as_tensor(_gathered_to_global(tuple(local_seqlens), cp_size), device=device)
 
 
+def gather_first_dim(tensor: torch.Tensor, group) -> torch.Tensor:
+    """All-gather equal-size tensors along dim 0 (no autograd): ``[world * n, ...]``."""
+    world = dist.get_world_size(group)
+    tensor = tensor.contiguous()
+    out = torch.empty((world * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype,
+                      device=tensor.device)
+    if is_gloo(group):  # gloo has no all_gather_into_tensor
+        dist.all_gather(list(out.chunk(world)), tensor, group=group)
+    else:
+        dist.all_gather_into_tensor(out, tensor, group=group)
+    return out
+
+
 class _AllGatherFirstDim(torch.autograd.Function):
     """All-gather along dim 0; backward sums the gradient over the group and keeps this rank's
     slice (reduce-scatter on NCCL, all-reduce + slice where the backend lacks reduce-scatter)."""
@@ -73,15 +86,7 @@ class _AllGatherFirstDim(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        world = dist.get_world_size(group)
-        tensor = tensor.contiguous()
-        out = torch.empty((world * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype,
-                          device=tensor.device)
-        if is_gloo(group):  # gloo has no all_gather_into_tensor
-            dist.all_gather(list(out.chunk(world)), tensor, group=group)
-        else:
-            dist.all_gather_into_tensor(out, tensor, group=group)
-        return out
+        return gather_first_dim(tensor, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -7,6 +7,7 @@ into a ``ProcessGroupCollection`` once, here, and passed explicitly to everythin
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import random
 from typing import Optional
@@ -19,7 +20,7 @@ from solopo_mcore.config import ParallelConfig
 from solopo_mcore.errors import UserError
 from solopo_mcore.models.hf_config import ModelShape
 from solopo_mcore.platform import (apply_cpu_patches, apply_megatron_fixes, distributed_backend,
-                                   set_local_device, unsupported_on_cpu)
+                                   set_local_device)
 
 
 class LayoutError(UserError, ValueError):
@@ -50,11 +51,21 @@ def validate_layout(shape: ModelShape, parallel: ParallelConfig, world_size: int
         raise LayoutError(
             f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = "
             f"{tp * pp * cp}; launch a multiple of {tp * pp * cp} processes or change the sizes")
-    reason = unsupported_on_cpu("sequence_parallel")
-    if parallel.sequence_parallel and tp > 1 and reason:
-        raise LayoutError(f"parallel.sequence_parallel {reason}; set "
-                          "parallel.sequence_parallel=false")
     return world_size // (tp * pp * cp)
+
+
+def sequence_pad_multiple(parallel: ParallelConfig) -> int:
+    """Every packed segment is padded to a multiple of this many tokens.
+
+    CP's zigzag split cuts each segment into ``2 * CP`` equal chunks. Under sequence parallelism
+    each CP rank's part (``1/CP`` of every segment) is then split again over the TP ranks, so
+    ``padded / CP`` must divide by TP as well: the multiple is ``CP * lcm(2, TP)``
+    (``TP`` without CP)."""
+    tp, cp = parallel.tensor_model_parallel_size, parallel.context_parallel_size
+    tp_share = tp if parallel.sequence_parallel_enabled else 1
+    if cp == 1:
+        return tp_share
+    return cp * math.lcm(2, tp_share)
 
 
 def init_distributed(timeout_minutes: int = 30) -> None:

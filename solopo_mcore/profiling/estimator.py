@@ -17,9 +17,13 @@ local-spec path (:func:`activation_table`), found with ``torch.autograd.graph.sa
 and validated end to end against measured peaks (:mod:`solopo_mcore.profiling.memory`;
 benchmarks/RESULTS.md). Per token of a microbatch, per layer, with ``a`` the activation bytes:
 
-* the two RMSNorms (torch's composite norm) keep their input and normalized input: ``4 h a``,
-  their fp32 inverse RMS ``2 x 4``, and their outputs as the QKV / FC1 inputs: ``2 h a``
-  (the hidden states are replicated over TP: no sequence parallelism);
+* the two RMSNorms (:class:`~solopo_mcore.models.norm.SequenceParallelRMSNorm`) keep their
+  input ``2 h a`` and their fp32 inverse RMS ``2 x 4``; their outputs are kept as the QKV / FC1
+  inputs: ``2 h a``. Without sequence parallelism these hidden states are replicated on every TP
+  rank; with it (``sequence_parallel``, the default at TP > 1) each rank holds ``1/tp`` of the
+  tokens, so these three terms are divided by ``tp``: Megatron's column-parallel linears keep
+  their local input and all-gather it again in backward, into one reused full-sequence buffer
+  (``h a`` per token, once per rank, not per layer: ``sp_gather_buffer``);
 * RoPE keeps cos and sin for q and k: ``4 d a``;
 * core attention (SDPA flash/efficient) keeps q, the GQA-expanded k and v, and its output:
   ``4 n_q d / tp a``, plus the fp32 log-sum-exp ``n_q / tp x 4``; the output projection's input:
@@ -30,12 +34,12 @@ benchmarks/RESULTS.md). Per token of a microbatch, per layer, with ``a`` the act
 
 Recompute: ``selective`` (core attention) keeps q, k, v (``(n_q + 2 n_kv) d / tp``) instead of the
 attention internals and rebuilds one layer's internals in backward; ``full`` keeps each recompute
-unit's input ``h a`` and rebuilds ``recompute_num_layers`` layers at a time. Backward's working
-set adds the FC1-output and hidden-state gradients, ``(2 f / tp + 2 h) a``. With PP the first
-stage holds min(PP, microbatches) microbatches' kept activations (1F1B). With CP every term is
-per local token (tokens / CP) except the expanded k and v, which span each segment's visible
-global prefix, ``(2 CP + 1) / (2 CP)`` of the global tokens. (On CPU only, torch materializes the
-lower-right masks of CP chunks: ``materialized_cp_masks``.)
+unit's input ``h a`` (``h a / tp`` with sequence parallelism) and rebuilds ``recompute_num_layers``
+layers at a time. Backward's working set adds the FC1-output and hidden-state gradients, ``(2 f / tp
++ 2 h) a``. With PP the first stage holds min(PP, microbatches) microbatches' kept activations
+(1F1B). With CP every term is per local token (tokens / CP) except the expanded k and v, which span
+each segment's visible global prefix, ``(2 CP + 1) / (2 CP)`` of the global tokens. (On CPU only,
+torch materializes the lower-right masks of CP chunks: ``materialized_cp_masks``.)
 
 Response-only logits: the vocab-parallel cross entropy works in place on the fp32 logits
 (``n_response x V_padded / tp x 4`` bytes, with the response tokens of the busiest CP rank: a
@@ -52,7 +56,7 @@ waits in autograd for the embedding's contribution through all of backward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from solopo_mcore.models.hf_config import ModelShape, padded_vocab_size
@@ -87,6 +91,8 @@ class EstimateInputs:
     segment_tokens: tuple = ()
     """Lengths of the microbatch's segments (only the CPU mask term below needs them; empty: one
     segment of microbatch_tokens)."""
+    sequence_parallel: Optional[bool] = None
+    """Megatron sequence parallelism; None: on whenever TP > 1 (the trainer's default)."""
     materialized_cp_masks: bool = False
     """CPU only: torch materializes the lower-right causal mask of each CP chunk (fp32,
     chunk x visible prefix) and its flash kernel keeps it for backward; CUDA kernels do not."""
@@ -108,15 +114,22 @@ def parameter_counts(shape: ModelShape) -> dict:
             "total": per_layer * shape.num_layers + embedding + output + h}
 
 
-def activation_table(shape: ModelShape, tp: int, act_bytes: int, fused_swiglu: bool) -> dict:
+def sequence_parallel_on(x: EstimateInputs) -> bool:
+    return x.tp > 1 and x.sequence_parallel is not False
+
+
+def activation_table(shape: ModelShape, tp: int, act_bytes: int, fused_swiglu: bool,
+                     sequence_parallel: bool = False) -> dict:
     """Bytes per token that one transformer layer keeps for backward, by tensor (no recompute).
-    The ``attention_*`` entries are what selective recompute drops."""
+    The ``attention_*`` entries are what selective recompute drops; the ``norm_*`` entries are
+    what sequence parallelism divides by TP."""
     h, f, d = shape.hidden_size, shape.ffn_hidden_size, shape.kv_channels
     q_dim = shape.num_attention_heads * d / tp
+    share = 1 / tp if sequence_parallel else 1
     return {
-        "norm_inputs_and_normalized": 4 * h * act_bytes,
-        "norm_inv_rms": 2 * 4,
-        "norm_outputs": 2 * h * act_bytes,
+        "norm_inputs": 2 * h * act_bytes * share,
+        "norm_inv_rms": 2 * 4 * share,
+        "norm_outputs": 2 * h * act_bytes * share,
         "rope_cos_sin": 4 * d * act_bytes,
         "attention_q_and_output": 2 * q_dim * act_bytes,
         "attention_expanded_kv": 2 * q_dim * act_bytes,
@@ -131,8 +144,10 @@ def activation_bytes(shape: ModelShape, x: EstimateInputs, layers: float) -> tup
     what the in-flight microbatches keep for backward, and what backward adds on top of it (the
     recomputed tensors and the working set)."""
     act = DTYPE_BYTES[x.params_dtype]
-    table = activation_table(shape, x.tp, act, x.fused_swiglu)
+    sp = sequence_parallel_on(x)
+    table = activation_table(shape, x.tp, act, x.fused_swiglu, sp)
     tokens = x.microbatch_tokens / x.cp
+    layer_input = shape.hidden_size * act * tokens / (x.tp if sp else 1)
     # expanded k/v span each local chunk's visible global prefix (all of it without CP)
     kv_tokens = tokens if x.cp == 1 else x.microbatch_tokens * (2 * x.cp + 1) / (2 * x.cp)
     per_layer = sum(v for k, v in table.items() if k != "attention_expanded_kv") * tokens + \
@@ -151,10 +166,10 @@ def activation_bytes(shape: ModelShape, x: EstimateInputs, layers: float) -> tup
     if recompute == "full":
         unit = max(1, min(x.recompute_num_layers, int(layers)))
         if x.recompute_method == "block":
-            kept = (layers - unit) * per_layer + unit * h * act * tokens
+            kept = (layers - unit) * per_layer + unit * layer_input
             rebuilt = per_layer
         else:
-            kept = layers / unit * h * act * tokens
+            kept = layers / unit * layer_input
             rebuilt = unit * per_layer
     elif recompute == "selective":
         q_kv = (shape.num_attention_heads + 2 * shape.num_query_groups) * shape.kv_channels / x.tp
@@ -163,7 +178,9 @@ def activation_bytes(shape: ModelShape, x: EstimateInputs, layers: float) -> tup
     else:
         kept, rebuilt = layers * per_layer, 0.0
     in_flight = min(x.pp, x.num_microbatches or x.pp)
-    return in_flight * kept, rebuilt + working_set
+    # the column-parallel linears' all-gather buffer: allocated once, reused by every layer
+    gather_buffer = h * act * tokens if sp else 0.0
+    return in_flight * kept + gather_buffer, rebuilt + working_set
 
 
 def response_tokens_on_busiest_cp_rank(x: EstimateInputs) -> float:
@@ -234,9 +251,18 @@ def estimate_memory(shape: ModelShape, x: EstimateInputs) -> dict:
     return out
 
 
+def sequence_parallel_saving_gib(shape: ModelShape, x: EstimateInputs) -> float:
+    """Per-rank GiB that sequence parallelism saves at this layout (0 at TP = 1)."""
+    if x.tp == 1:
+        return 0.0
+    with_sp = estimate_memory(shape, replace(x, sequence_parallel=True))["total_gib"]
+    return estimate_memory(shape, replace(x, sequence_parallel=False))["total_gib"] - with_sp
+
+
 def suggest_layouts(shape: ModelShape, world_size: int, microbatch_tokens: int,
                     response_tokens: int, device_gib: float, **kwargs) -> list[dict]:
-    """Layouts (TP, PP, CP) that fit ``device_gib``, cheapest communication first."""
+    """Layouts (TP, PP, CP) that fit ``device_gib``, cheapest communication first; with sequence
+    parallelism at TP > 1, each row says how much it saves."""
     fits = []
     for tp in (1, 2, 4, 8):
         if shape.num_attention_heads % tp or shape.num_query_groups % tp:
@@ -246,11 +272,16 @@ def suggest_layouts(shape: ModelShape, world_size: int, microbatch_tokens: int,
                 if world_size % (tp * cp * pp) or shape.num_layers % pp:
                     continue
                 dp = world_size // (tp * cp * pp)
-                est = estimate_memory(shape, EstimateInputs(
+                inputs = EstimateInputs(
                     tp=tp, pp=pp, cp=cp, dp=dp, microbatch_tokens=microbatch_tokens,
-                    response_tokens=response_tokens, **kwargs))
+                    response_tokens=response_tokens, **kwargs)
+                est = estimate_memory(shape, inputs)
                 if est["total_gib"] <= device_gib:
-                    fits.append({"tp": tp, "pp": pp, "cp": cp, "dp": dp,
-                                 "total_gib": round(est["total_gib"], 1)})
+                    row = {"tp": tp, "pp": pp, "cp": cp, "dp": dp,
+                           "total_gib": round(est["total_gib"], 1)}
+                    if sequence_parallel_on(inputs):
+                        row["sequence_parallel_saving_gib"] = round(
+                            sequence_parallel_saving_gib(shape, inputs), 2)
+                    fits.append(row)
     # prefer fewer model-parallel ranks (less communication), then more headroom
     return sorted(fits, key=lambda r: (r["tp"] * r["pp"] * r["cp"], r["total_gib"]))

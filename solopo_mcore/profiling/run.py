@@ -135,6 +135,7 @@ def _estimate(config, stack, pgs, mode, args, length, result) -> dict:
         recompute=model.recompute_granularity, recompute_method=model.recompute_method,
         recompute_num_layers=model.recompute_num_layers,
         fused_swiglu=bool(stack.config.bias_activation_fusion),
+        sequence_parallel=bool(stack.config.sequence_parallel),
         microbatch_tokens=sum(result["segment_tokens"]), num_microbatches=1,
         segment_tokens=tuple(result["segment_tokens"]),
         response_tokens=args.response_tokens * len(result["segment_tokens"]),

@@ -3,22 +3,19 @@ and packed microbatches cut for this rank. (The model side is :mod:`solopo_mcore
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 from solopo_mcore.config import RunConfig
 from solopo_mcore.data.dataset import TripletDataset
 from solopo_mcore.data.packing import PackedMicrobatch, pack_triplets
 from solopo_mcore.models.hf_config import ModelShape
+from solopo_mcore.parallel.layout import sequence_pad_multiple
 from solopo_mcore.training.integrity import weights_fingerprint
 
 
 def pad_multiple(config: RunConfig) -> int:
-    p = config.parallel
-    multiple = 2 * p.context_parallel_size if p.context_parallel_size > 1 else 1
-    if p.sequence_parallel and p.tensor_model_parallel_size > 1:
-        multiple = math.lcm(multiple, p.tensor_model_parallel_size)
-    return multiple
+    """Segment padding for this layout (CP zigzag and sequence-parallel shares)."""
+    return sequence_pad_multiple(config.parallel)
 
 
 RANDOM_INIT = "random initialisation"

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 
-def _setup(hf_dir, tp=1, pp=1, cp=1, vpp=None, distributed_optimizer=False):
+def _setup(hf_dir, tp=1, pp=1, cp=1, vpp=None, distributed_optimizer=False,
+           sequence_parallel=None, recompute=None):
     from solopo_mcore.config import ModelConfig, ParallelConfig
     from solopo_mcore.convert.tables import load_hf_tensors_into_chunks
     from solopo_mcore.models.builder import build_model_chunks, build_transformer_config
@@ -22,10 +23,11 @@ def _setup(hf_dir, tp=1, pp=1, cp=1, vpp=None, distributed_optimizer=False):
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               context_parallel_size=cp, virtual_pipeline_model_parallel_size=vpp,
-                              use_distributed_optimizer=distributed_optimizer)
+                              use_distributed_optimizer=distributed_optimizer,
+                              sequence_parallel=sequence_parallel)
     shape = read_hf_config(hf_dir)
     pgs = initialize_parallel(parallel, seed=7, shape=shape)
-    model_cfg = ModelConfig(params_dtype="fp32")
+    model_cfg = ModelConfig(params_dtype="fp32", recompute_granularity=recompute)
     tcfg = build_transformer_config(shape, model_cfg, parallel)
     chunks = build_model_chunks(shape, model_cfg, parallel, pgs, tcfg)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
@@ -35,18 +37,23 @@ def _setup(hf_dir, tp=1, pp=1, cp=1, vpp=None, distributed_optimizer=False):
     return shape, pgs, tcfg, model, hf, parallel
 
 
-def _microbatches(examples, pgs, mode, num_microbatches, pad_multiple=None, equal_lengths=False):
+def _microbatches(examples, pgs, mode, num_microbatches, parallel, equal_lengths=False,
+                  require_padding=False):
     from solopo_mcore.data.packing import pack_triplets
     from solopo_mcore.losses.objective import MODE_ROLES
+    from solopo_mcore.parallel.layout import sequence_pad_multiple
 
     dp_size, dp_rank = pgs.dp.size(), pgs.dp.rank()
     cp_size, cp_rank = pgs.cp.size(), pgs.cp.rank()
     per_rank = len(examples) // dp_size
     mine = examples[dp_rank * per_rank:(dp_rank + 1) * per_rank]
     per_mb = len(mine) // num_microbatches
-    pad = pad_multiple or (2 * cp_size if cp_size > 1 else 1)
+    pad = sequence_pad_multiple(parallel)
     packed = [pack_triplets(mine[i * per_mb:(i + 1) * per_mb], MODE_ROLES[mode], pad_multiple=pad)
               for i in range(num_microbatches)]
+    if require_padding:
+        assert pad > 1 and any(bool((p.cu_seqlens_padded != p.cu_seqlens).any())
+                               for p in packed), "no segment needed padding"
     if equal_lengths:
         from solopo_mcore.data.packing import pad_to_length, round_up
         longest = round_up(max(int(p.tokens.shape[1]) for p in packed), pad)
@@ -72,7 +79,7 @@ def _expected_shard(hf_grads, global_name, shape, tp, tp_rank, param):
 
 
 def _compare_one(model, shape, pgs, hf, algorithm, mode, num_microbatches, num_examples, rel,
-                 seed, long):
+                 seed, long, parallel, require_padding=False, report_norm_grads=False):
     from solopo_mcore.config import ObjectiveConfig
     from solopo_mcore.convert.tables import global_param_names
     from solopo_mcore.training.engine import run_global_batch
@@ -86,7 +93,8 @@ def _compare_one(model, shape, pgs, hf, algorithm, mode, num_microbatches, num_e
                                with_ref=algorithm == "dpo")
     ref_loss, S_ref, hf_grads = reference_loss_and_grads(hf, examples, objective, mode)
 
-    mbs = _microbatches(examples, pgs, mode, num_microbatches)
+    mbs = _microbatches(examples, pgs, mode, num_microbatches, parallel,
+                        require_padding=require_padding)
     segment_logps = []
     outputs = run_global_batch(model, make_forward_step(objective, mode, pgs.cp, segment_logps),
                                mbs, pgs)
@@ -98,6 +106,7 @@ def _compare_one(model, shape, pgs, hf, algorithm, mode, num_microbatches, num_e
         report["loss_rel_err"] = assert_close(torch.tensor(metrics["loss/total"]), ref_loss, rel,
                                               f"{where} global-batch mean loss")
     worst = 0.0
+    norm_grads = {}
     for chunk in model:
         names = global_param_names(chunk.module)
         for local, param in chunk.module.named_parameters():
@@ -105,28 +114,46 @@ def _compare_one(model, shape, pgs, hf, algorithm, mode, num_microbatches, num_e
                                        pgs.tp.rank(), param)
             worst = max(worst, assert_close(param.main_grad, expected, rel,
                                             f"{where} gradient of {names[local]}"))
+            if "norm" in names[local]:
+                # plain lists: tensors would cross the result queue through shared memory that
+                # the rank's exit can remove before the parent reads it
+                norm_grads[names[local]] = param.main_grad.detach().tolist()
     report["grad_rel_err"] = worst
+    if report_norm_grads:
+        report.update(norm_grads=norm_grads, tp_rank=pgs.tp.rank(),
+                      tp_peers=(pgs.pp.rank(), pgs.cp.rank(), pgs.dp.rank()))
     return report
 
 
 def check_grads(hf_dir, tp=1, pp=1, cp=1, vpp=None, num_microbatches=1, num_examples=4,
-                mode="solo", algorithm="orpo", rel=1e-5, seed=0, long=(20, 40)):
-    """Sums, loss and gradients of one global batch at a layout equal the reference."""
-    shape, pgs, _, model, hf, _ = _setup(hf_dir, tp, pp, cp, vpp)
+                mode="solo", algorithm="orpo", rel=1e-5, seed=0, long=(20, 40),
+                sequence_parallel=None, recompute=None, expect_sequence_parallel=None,
+                require_padding=False):
+    """Sums, loss and gradients of one global batch at a layout equal the reference.
+
+    ``expect_sequence_parallel`` checks the built model's setting (the layout default when the
+    config leaves it unset); with it the report carries the norm-weight gradients."""
+    shape, pgs, tcfg, model, hf, parallel = _setup(hf_dir, tp, pp, cp, vpp,
+                                                   sequence_parallel=sequence_parallel,
+                                                   recompute=recompute)
+    if expect_sequence_parallel is not None:
+        assert tcfg.sequence_parallel == expect_sequence_parallel, tcfg.sequence_parallel
     return _compare_one(model, shape, pgs, hf, algorithm, mode, num_microbatches, num_examples,
-                        rel, seed, long)
+                        rel, seed, long, parallel, require_padding=require_padding,
+                        report_norm_grads=expect_sequence_parallel is not None)
 
 
 def check_objectives(hf_dir, tp=1, pp=1, cp=1, num_microbatches=1, num_examples=4, rel=1e-5,
                      algorithms=("dpo", "simpo", "orpo"),
                      modes=("solo", "solo_both", "short", "long")):
     """Every algorithm x mode at one layout equals the written-out single-process reference."""
-    shape, pgs, _, model, hf, _ = _setup(hf_dir, tp, pp, cp)
+    shape, pgs, _, model, hf, parallel = _setup(hf_dir, tp, pp, cp)
     reports = []
     for i, algorithm in enumerate(algorithms):
         for j, mode in enumerate(modes):
             reports.append(_compare_one(model, shape, pgs, hf, algorithm, mode, num_microbatches,
-                                        num_examples, rel, seed=10 * i + j, long=(20, 40)))
+                                        num_examples, rel, seed=10 * i + j, long=(20, 40),
+                                        parallel=parallel))
     return reports
 
 
@@ -162,7 +189,7 @@ def check_optimizer_step(hf_dir, tp=1, pp=1, dp_expected=2, distributed_optimize
         hf_params["lm_head.weight"] = hf_params["model.embed_tokens.weight"]
 
     start = {n: p.detach().clone() for c in model for n, p in c.module.named_parameters()}
-    mbs = _microbatches(examples, pgs, "solo", num_microbatches)
+    mbs = _microbatches(examples, pgs, "solo", num_microbatches, parallel)
     run_global_batch(model, make_forward_step(objective, "solo", pgs.cp), mbs, pgs)
     for group in optimizer.param_groups:
         group["lr"] = 1e-2
