@@ -77,11 +77,11 @@ def main():
     raw["num_hidden_layers"] = args.layers
     shape = shape_from_dict(raw)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    pgs = initialize_parallel(ParallelConfig(), seed=0)
+    pg_collection = initialize_parallel(ParallelConfig(), seed=0)
     device = default_device()  # after initialize_parallel, which binds the process to its GPU
     model = build_model_chunks(shape, ModelConfig(params_dtype=args.dtype,
                                                   attention_backend=args.attention_backend),
-                               ParallelConfig(), pgs)[0].to(device)
+                               ParallelConfig(), pg_collection)[0].to(device)
     hf = None
     if not args.skip_hf:
         hf_cfg = AutoConfig.for_model("qwen2", **{k: v for k, v in raw.items()
@@ -121,8 +121,8 @@ def main():
             finally:
                 empty_cache()
             flops = training_step_flops(shape, [(seq, logit_tokens)])
-            row = {"impl": name, "seq": seq, "attention_backend": args.attention_backend, "layers": args.layers, "shape": args.shape,
-                   "dtype": args.dtype, "step_sec": seconds, "tokens_per_sec": seq / seconds,
+            row = {"impl": name, "seq": seq, "attention_backend": args.attention_backend,
+                   "layers": args.layers, "shape": args.shape, "dtype": args.dtype, "step_sec": seconds, "tokens_per_sec": seq / seconds,
                    "model_tflops": flops / seconds / 1e12, "peak_gib": peak, "device": str(device)}
             rows.append(row)
             print(f"{name:52s} seq {seq:7d}: {seconds:8.3f} s  {seq / seconds:9.0f} tok/s  "

@@ -66,7 +66,8 @@ class Checks:
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[self.dtype_name]
         self.workdir = workdir
         self.parallel = ParallelConfig()
-        self.pgs = initialize_parallel(self.parallel, seed=7)  # NCCL world of one on a GPU
+        # an NCCL world of one on a GPU
+        self.pg_collection = initialize_parallel(self.parallel, seed=7)
         overrides = None if tiny else dict(hidden_size=512, intermediate_size=1408,
                                            num_attention_heads=8, num_key_value_heads=2,
                                            num_hidden_layers=4)
@@ -102,9 +103,9 @@ class Checks:
 
         cfg = ModelConfig(params_dtype=self.dtype_name, layer_spec=layer_spec)
         tcfg = build_transformer_config(self.shape, cfg, self.parallel, **config_overrides)
-        chunks = build_model_chunks(self.shape, cfg, self.parallel, self.pgs, tcfg)
+        chunks = build_model_chunks(self.shape, cfg, self.parallel, self.pg_collection, tcfg)
         state = load_file(str(self.hf_dir / "model.safetensors"))
-        load_hf_tensors_into_chunks(chunks, state.__getitem__, self.shape, self.pgs.tp)
+        load_hf_tensors_into_chunks(chunks, state.__getitem__, self.shape, self.pg_collection.tp)
         return tcfg, chunks
 
     def _segment_sums(self, model, batch):
@@ -168,7 +169,8 @@ class Checks:
                         got = F.scaled_dot_product_attention(qq, kk, vv, **kw)
                     figures[f"{case}/{backend.name}"] = round(max_abs(got, ref), 6)
                 except RuntimeError as exc:
-                    figures[f"{case}/{backend.name}"] = f"unavailable: {str(exc).splitlines()[0][:80]}"
+                    first_line = str(exc).splitlines()[0][:80]
+                    figures[f"{case}/{backend.name}"] = f"unavailable: {first_line}"
             order = self.platform.sdpa_backend_order("auto", self.device)
             with torch.profiler.profile(activities=self.platform.profiler_activities()) as prof:
                 with sdpa_kernel(order, set_priority=True):
@@ -227,13 +229,13 @@ class Checks:
         from megatron.core import tensor_parallel
 
         tcfg, chunks = self._model()
-        model = wrap_ddp(chunks, tcfg, self.parallel, self.pgs)
+        model = wrap_ddp(chunks, tcfg, self.parallel, self.pg_collection)
         optimizer = build_optimizer(model, OptimizerConfig(lr=1e-5), self.parallel, self.dtype,
-                                    self.pgs)
+                                    self.pg_collection)
         batch, _ = self._batch(on_device=False)  # run_global_batch moves it
         reset_peak()
-        step = make_forward_step(ObjectiveConfig(), "solo", self.pgs.cp)
-        outputs = run_global_batch(model, step, [batch], self.pgs)
+        step = make_forward_step(ObjectiveConfig(), "solo", self.pg_collection.cp)
+        outputs = run_global_batch(model, step, [batch], self.pg_collection)
         updated, grad_norm, _ = optimizer.step()
         stats = memory_stats()
         figures = {"updated": bool(updated), "grad_norm": grad_norm,

@@ -21,6 +21,7 @@ from solopo_mcore.data.dataset import save_reference_sidecar
 from solopo_mcore.data.schema import ROLE_NAMES
 from solopo_mcore.log import log
 from solopo_mcore.losses.objective import EVAL_ROLES
+from solopo_mcore.parallel.layout import layout_sizes
 from solopo_mcore.stack import build_model_stack, load_hf_weights, setup_parallel
 from solopo_mcore.training import build
 from solopo_mcore.training.checkpoint import CheckpointManager, find_verified_checkpoint
@@ -31,8 +32,8 @@ from solopo_mcore.training.integrity import weights_fingerprint
 
 def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) -> np.ndarray:
     require_training_data(config, need_reference=False)  # the sidecar is what this writes
-    shape, pgs = setup_parallel(config)
-    stack = build_model_stack(config, shape, pgs)
+    shape, pg_collection = setup_parallel(config)
+    stack = build_model_stack(config, shape, pg_collection)
     source = {}
     # the reference must be exactly the start weights: a corrupt checkpoint is an error here
     checkpoint = find_verified_checkpoint(config.checkpoint.load_dir, strict=True) \
@@ -49,8 +50,8 @@ def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) 
         raise ValueError("set checkpoint.hf_init_dir or checkpoint.load_dir: the reference "
                          "model is the policy's starting point")
     dataset = build.open_dataset(config, shape, need_reference=False)
-    forward_step = make_logprob_forward_step(pgs.cp)
-    dp_rank, dp_size = pgs.dp.rank(), pgs.dp.size()
+    forward_step = make_logprob_forward_step(pg_collection.cp)
+    dp_rank, dp_size = pg_collection.dp.rank(), pg_collection.dp.size()
     # forward-only: DP replicas never communicate, so each simply takes every dp_size-th example
     index_lists = build.chunk_list(list(range(dp_rank, len(dataset), dp_size)),
                                    config.data.micro_batch_size)
@@ -63,10 +64,10 @@ def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) 
     for call, first in enumerate(range(0, len(index_lists), per_call)):
         with torch.no_grad():
             mbs = build.make_microbatches(dataset, index_lists[first:first + per_call],
-                                          EVAL_ROLES, pgs, multiple)
-            outputs = run_global_batch(stack.model, forward_step, mbs, pgs, forward_only=True,
-                                       collect_non_loss_data=True)
-        if is_pp_last_stage(pgs.pp):
+                                          EVAL_ROLES, pg_collection, multiple)
+            outputs = run_global_batch(stack.model, forward_step, mbs, pg_collection,
+                                       forward_only=True, collect_non_loss_data=True)
+        if is_pp_last_stage(pg_collection.pp):
             for segment_logps in outputs:
                 segment_logps.scatter_into(table)
         if dist.get_rank() == 0 and call % log_every == 0:
@@ -87,8 +88,7 @@ def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) 
             "dataset": config.data.data_path, "dataset_fingerprint": dataset.fingerprint,
             "num_examples": len(dataset), "roles": list(ROLE_NAMES),
             "model": source, "model_fingerprint": weights_fingerprint(start_weights),
-            "layout": {"tp": pgs.tp.size(), "pp": pgs.pp.size(), "cp": pgs.cp.size(),
-                       "dp": dp_size},
+            "layout": layout_sizes(pg_collection),
             "config": to_dict(config), "created_at": time.time(),
         })
         log("reference", f"wrote {output_path}.npy/.json ({len(dataset)} examples, "

@@ -47,15 +47,15 @@ def setup_parallel(config: RunConfig) -> tuple[ModelShape, object]:
     shape = read_hf_config(architecture_dir(config))
     if config.training.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    pgs = initialize_parallel(config.parallel, config.training.seed, shape)
-    return shape, pgs
+    pg_collection = initialize_parallel(config.parallel, config.training.seed, shape)
+    return shape, pg_collection
 
 
-def build_model_stack(config: RunConfig, shape: ModelShape, pgs) -> ModelStack:
+def build_model_stack(config: RunConfig, shape: ModelShape, pg_collection) -> ModelStack:
     tcfg = build_transformer_config(shape, config.model, config.parallel)
-    chunks = build_model_chunks(shape, config.model, config.parallel, pgs, tcfg)
-    model = wrap_ddp(chunks, tcfg, config.parallel, pgs)
-    return ModelStack(shape, tcfg, model, pgs)
+    chunks = build_model_chunks(shape, config.model, config.parallel, pg_collection, tcfg)
+    model = wrap_ddp(chunks, tcfg, config.parallel, pg_collection)
+    return ModelStack(shape, tcfg, model, pg_collection)
 
 
 def load_hf_weights(stack: ModelStack, hf_dir: str) -> None:

@@ -121,8 +121,8 @@ def test_interleaved_microbatch_padding_only_on_gloo(gloo, monkeypatch):
                pack_triplets(examples[1:], MODE_ROLES["solo"])]
     lengths = [int(b.tokens.shape[1]) for b in batches]
     assert lengths[0] != lengths[1]
-    pgs = type("PGs", (), {"pp": _Group(2)})()
-    engine.run_global_batch([_Chunk(), _Chunk()], None, batches, pgs, forward_only=True)
+    pg_collection = type("PGs", (), {"pp": _Group(2)})()
+    engine.run_global_batch([_Chunk(), _Chunk()], None, batches, pg_collection, forward_only=True)
     assert seen["lengths"] == ([max(lengths)] * 2 if gloo else lengths)
 
 

@@ -55,7 +55,7 @@ def _checkpoint_dtype(cfg: dict, requested: Optional[str]) -> str:
 
 def megatron_logits(stack, tokens: torch.Tensor) -> Optional[torch.Tensor]:
     """Full-vocabulary logits ``[b, s, V]`` through the pipeline (last stage; None elsewhere)."""
-    pgs = stack.pg_collection
+    pg_collection = stack.pg_collection
     tokens = tokens.to(default_device())
 
     def forward_step(data_iterator, model):
@@ -67,21 +67,22 @@ def megatron_logits(stack, tokens: torch.Tensor) -> Optional[torch.Tensor]:
         return out, loss_func
 
     extra = {}
-    if pgs.pp.size() > 1:
-        extra["p2p_communicator"] = P2PCommunicator(pgs.pp, stack.config)
+    if pg_collection.pp.size() > 1:
+        extra["p2p_communicator"] = P2PCommunicator(pg_collection.pp, stack.config)
     stack.config.variable_seq_lengths = True
     for chunk in stack.model:
         chunk.eval()
     with torch.no_grad():
-        outputs = get_forward_backward_func(pp_size=pgs.pp.size())(
+        outputs = get_forward_backward_func(pp_size=pg_collection.pp.size())(
             forward_step_func=forward_step, data_iterator=iter([tokens]),
             model=stack.model[0], num_microbatches=1, seq_length=tokens.shape[1],
-            micro_batch_size=tokens.shape[0], forward_only=True, pg_collection=pgs, **extra)
-    if not is_pp_last_stage(pgs.pp):
+            micro_batch_size=tokens.shape[0], forward_only=True, pg_collection=pg_collection,
+            **extra)
+    if not is_pp_last_stage(pg_collection.pp):
         return None
     logits = outputs[0]["logits"].float()
-    parts = [torch.empty_like(logits) for _ in range(pgs.tp.size())]
-    dist.all_gather(parts, logits.contiguous(), group=pgs.tp)
+    parts = [torch.empty_like(logits) for _ in range(pg_collection.tp.size())]
+    dist.all_gather(parts, logits.contiguous(), group=pg_collection.tp)
     return torch.cat(parts, dim=-1)[..., :stack.shape.vocab_size]
 
 
@@ -119,9 +120,9 @@ def hf_to_mcore(src: str, dst: str, tp: int = 1, pp: int = 1, dtype: Optional[st
     reader = HFCheckpointReader(src)
     reader.check_names(shape)
     config = _run_config(src, tp, pp, _checkpoint_dtype(shape.raw, dtype))
-    shape, pgs = setup_parallel(config)
+    shape, pg_collection = setup_parallel(config)
     staging = destination.prepare()
-    stack = build_model_stack(config, shape, pgs)
+    stack = build_model_stack(config, shape, pg_collection)
     load_hf_weights(stack, src)
     save_model_only(str(staging), stack.model,
                     state={"hf_config": shape.raw, "source_hf_dir": str(src),
@@ -166,11 +167,11 @@ def mcore_to_hf(src: str, dst: str, tp: int = 1, pp: int = 1, hf_config: Optiona
     if dist.is_initialized():
         dist.barrier()
     config = _run_config(str(config_dir), tp, pp, _checkpoint_dtype(raw, dtype))
-    shape, pgs = setup_parallel(config)
+    shape, pg_collection = setup_parallel(config)
     staging = destination.prepare()
-    stack = build_model_stack(config, shape, pgs)
+    stack = build_model_stack(config, shape, pg_collection)
     CheckpointManager.load(checkpoint, stack.model, load_rng=False)
-    export_hf(stack.model, shape, str(staging), pgs, source_dir=source_dir)
+    export_hf(stack.model, shape, str(staging), pg_collection, source_dir=source_dir)
     if dist.get_rank() == 0:
         import shutil
         if not (staging / "config.json").is_file():

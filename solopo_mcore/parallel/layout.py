@@ -68,6 +68,16 @@ def sequence_pad_multiple(parallel: ParallelConfig) -> int:
     return cp * math.lcm(2, tp_share)
 
 
+def layout_sizes(pg_collection) -> dict:
+    """``{"tp": .., "pp": .., "cp": .., "dp": ..}``: this run's group sizes."""
+    return {name: getattr(pg_collection, name).size() for name in ("tp", "pp", "cp", "dp")}
+
+
+def describe_layout(pg_collection) -> str:
+    """``TP2 PP1 CP1 DP1``, for logs and reports."""
+    return " ".join(f"{k.upper()}{v}" for k, v in layout_sizes(pg_collection).items())
+
+
 def init_distributed(timeout_minutes: int = 30) -> None:
     """Start torch.distributed from the torchrun environment (single process without one)."""
     apply_cpu_patches()

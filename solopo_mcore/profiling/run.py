@@ -9,6 +9,7 @@ import torch.distributed as dist
 from solopo_mcore.compat import MEGATRON_CORE_VERSION
 from solopo_mcore.config import load_config
 from solopo_mcore.log import log
+from solopo_mcore.parallel.layout import describe_layout, layout_sizes
 from solopo_mcore.platform import device_name, on_cuda
 from solopo_mcore.profiling.estimator import EstimateInputs, estimate_memory
 from solopo_mcore.profiling.flops import device_peak_tflops
@@ -57,12 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> dict:
     config = load_config(args.config, args.overrides)
-    shape, pgs = setup_parallel(config)
-    stack = build_model_stack(config, shape, pgs)
+    shape, pg_collection = setup_parallel(config)
+    stack = build_model_stack(config, shape, pg_collection)
     if config.checkpoint.hf_init_dir:
         load_hf_weights(stack, config.checkpoint.hf_init_dir)
     optimizer = build_optimizer(stack.model, config.optimizer, config.parallel,
-                                stack.config.params_dtype, pgs)
+                                stack.config.params_dtype, pg_collection)
     target = ProfileTarget(stack, optimizer, config.objective, build.pad_multiple(config),
                            args.response_tokens, config.training.seed, args.memory_limit_gib,
                            device_peak_tflops(config.logging.peak_tflops))
@@ -82,7 +83,7 @@ def run(args) -> dict:
             if args.trace and result is target.results[0]:
                 trace_step(target, mode, args.short_tokens, length,
                            f"{args.out}/trace_{mode}_{length}.json")
-            estimates.append(_estimate(config, stack, pgs, mode, args, length, result))
+            estimates.append(_estimate(config, stack, pg_collection, mode, args, length, result))
             if dist.get_rank() == 0:
                 log("profile", f"{mode} long={length}: step {result['step_sec']:.3f}s, "
                                f"{result['tokens_per_sec_per_gpu']:.0f} tok/s/GPU, peak "
@@ -105,8 +106,7 @@ def run(args) -> dict:
                                + bound)
     context = {"model": shape.architecture, "layers": shape.num_layers,
                "hidden": shape.hidden_size, "device": device_name(),
-               "layout": f"TP{pgs.tp.size()} PP{pgs.pp.size()} CP{pgs.cp.size()} "
-                         f"DP{pgs.dp.size()}",
+               "layout": describe_layout(pg_collection),
                "short_tokens": args.short_tokens, "response_tokens": args.response_tokens,
                "peak_tflops": target.peak_tflops, "torch": torch.__version__,
                "megatron_core": MEGATRON_CORE_VERSION,
@@ -123,12 +123,12 @@ def run(args) -> dict:
     return payload
 
 
-def _estimate(config, stack, pgs, mode, args, length, result) -> dict:
+def _estimate(config, stack, pg_collection, mode, args, length, result) -> dict:
     """The estimator's figure for this setting next to the measured tensor peak, and its error."""
     on_gpu = on_cuda()
     model = config.model
     est = estimate_memory(stack.shape, EstimateInputs(
-        tp=pgs.tp.size(), pp=pgs.pp.size(), cp=pgs.cp.size(), dp=pgs.dp.size(),
+        **layout_sizes(pg_collection),
         params_dtype=model.params_dtype,
         distributed_optimizer=config.parallel.use_distributed_optimizer,
         optimizer_cpu_offload=config.optimizer.optimizer_cpu_offload,

@@ -85,13 +85,13 @@ def _tensor_peak_gib(target: "ProfileTarget", example: TripletTokens, roles, mod
 
 def _timed_pass(target: ProfileTarget, example: TripletTokens, roles, mode: str,
                 with_optimizer: bool) -> float:
-    pgs = target.stack.pg_collection
+    pg_collection = target.stack.pg_collection
     batch = pack_triplets([example], roles, pad_multiple=target.pad_multiple).for_cp_rank(
-        pgs.cp.size(), pgs.cp.rank())
-    forward_step = make_forward_step(target.objective, mode, pgs.cp)
+        pg_collection.cp.size(), pg_collection.cp.rank())
+    forward_step = make_forward_step(target.objective, mode, pg_collection.cp)
     synchronize()
     start = time.time()
-    run_global_batch(target.stack.model, forward_step, [batch], pgs)
+    run_global_batch(target.stack.model, forward_step, [batch], pg_collection)
     if with_optimizer:
         target.optimizer.step()
     synchronize()

@@ -41,9 +41,9 @@ def open_dataset(config: RunConfig, shape: ModelShape, need_reference: bool,
 
 
 def make_microbatches(dataset: TripletDataset, index_lists: Sequence[Sequence[int]], roles,
-                      pgs, multiple: int) -> list[PackedMicrobatch]:
+                      pg_collection, multiple: int) -> list[PackedMicrobatch]:
     """Pack each list of example indices and cut it for this rank's CP slice."""
-    cp_size, cp_rank = pgs.cp.size(), pgs.cp.rank()
+    cp_size, cp_rank = pg_collection.cp.size(), pg_collection.cp.rank()
     return [pack_triplets([dataset[i] for i in indices], roles, pad_multiple=multiple,
                           pad_token_id=dataset.pad_token_id).for_cp_rank(cp_size, cp_rank)
             for indices in index_lists]

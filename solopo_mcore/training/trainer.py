@@ -19,7 +19,7 @@ from solopo_mcore.errors import UserError
 from solopo_mcore.log import log, warn
 from solopo_mcore.losses.objective import EVAL_ROLES, MODE_ROLES
 from solopo_mcore.models.builder import use_te_spec
-from solopo_mcore.parallel.layout import destroy_parallel
+from solopo_mcore.parallel.layout import describe_layout, destroy_parallel
 from solopo_mcore.platform import default_device
 from solopo_mcore.profiling.flops import device_peak_tflops, mfu, training_step_flops
 from solopo_mcore.profiling.memory import memory_stats, reset_peak
@@ -49,7 +49,7 @@ class Trainer:
     def __init__(self, config: RunConfig):
         require_training_data(config)  # before any process group or model
         self.config = config
-        self.shape, self.pgs = setup_parallel(config)
+        self.shape, self.pg_collection = setup_parallel(config)
         obj = config.objective
         checkpoint, resuming = self._checkpoint_to_load()
         start_weights = None if resuming else (
@@ -61,7 +61,7 @@ class Trainer:
                                                self.dataset.reference_fingerprint)
         if resuming:
             self._check_resumable(checkpoint)
-        self.stack = build_model_stack(config, self.shape, self.pgs)
+        self.stack = build_model_stack(config, self.shape, self.pg_collection)
         self.model = self.stack.model
         train_idx, self.eval_idx = build.split_indices(len(self.dataset),
                                                        config.data.num_eval_examples)
@@ -78,7 +78,7 @@ class Trainer:
             log("solopo", f"initialised weights from {checkpoint}")
         dtype = self.stack.config.params_dtype
         self.optimizer = build_optimizer(self.model, config.optimizer, config.parallel, dtype,
-                                         self.pgs)
+                                         self.pg_collection)
         self.scheduler = build_scheduler(self.optimizer, config.optimizer,
                                          config.training.train_steps)
         self.checkpoints = CheckpointManager(config.checkpoint.save_dir,
@@ -87,13 +87,13 @@ class Trainer:
             sampler_state = self._resume(checkpoint)
         self.sampler = TripletSampler(
             np.asarray(train_idx), config.data.global_batch_size, config.data.micro_batch_size,
-            self.pgs.dp.rank(), self.pgs.dp.size(), config.training.seed, config.data.shuffle,
-            sampler_state)
-        self.forward_step = make_forward_step(obj, obj.mode, self.pgs.cp)
-        self.eval_forward_step = make_forward_step(obj, "solo_both", self.pgs.cp)
-        self.is_last_stage = is_pp_last_stage(self.pgs.pp)
-        self.is_logging_rank = (self.is_last_stage and self.pgs.tp.rank() == 0
-                                and self.pgs.cp.rank() == 0 and self.pgs.dp.rank() == 0)
+            self.pg_collection.dp.rank(), self.pg_collection.dp.size(), config.training.seed,
+            config.data.shuffle, sampler_state)
+        self.forward_step = make_forward_step(obj, obj.mode, self.pg_collection.cp)
+        self.eval_forward_step = make_forward_step(obj, "solo_both", self.pg_collection.cp)
+        self.is_last_stage = is_pp_last_stage(self.pg_collection.pp)
+        self.is_logging_rank = self.is_last_stage and all(
+            getattr(self.pg_collection, name).rank() == 0 for name in ("tp", "cp", "dp"))
         self.logger = RunLogger(config.logging, config.training.train_steps, self.is_logging_rank,
                                 run_config=to_dict(config))
         self.peak_tflops = device_peak_tflops(config.logging.peak_tflops)
@@ -102,8 +102,8 @@ class Trainer:
         self.logger.message(
             f"[solopo] {config.objective.mode}/{config.objective.algorithm} | "
             f"{self.shape.architecture} {self.shape.num_layers}L h{self.shape.hidden_size} | "
-            f"TP{self.pgs.tp.size()} PP{self.pgs.pp.size()} CP{self.pgs.cp.size()} "
-            f"DP{self.pgs.dp.size()} | {'TE' if use_te_spec(config.model) else 'torch SDPA'} "
+            f"{describe_layout(self.pg_collection)} | "
+            f"{'TE' if use_te_spec(config.model) else 'torch SDPA'} "
             f"attention | {len(train_idx)} train / {len(self.eval_idx)} eval "
             f"examples | {self.sampler.num_microbatches} microbatches/step | start step "
             f"{self.step}")
@@ -192,10 +192,10 @@ class Trainer:
         start = time.time()
         index_lists = self.sampler.next_step()
         microbatches = build.make_microbatches(self.dataset, index_lists,
-                                               MODE_ROLES[self.config.objective.mode], self.pgs,
-                                               self.pad_multiple)
-        outputs = run_global_batch(self.model, self.forward_step, microbatches, self.pgs)
-        metrics = reduce_metrics(outputs, self.pgs.dp) if self.is_last_stage else {}
+                                               MODE_ROLES[self.config.objective.mode],
+                                               self.pg_collection, self.pad_multiple)
+        outputs = run_global_batch(self.model, self.forward_step, microbatches, self.pg_collection)
+        metrics = reduce_metrics(outputs, self.pg_collection.dp) if self.is_last_stage else {}
         loss_ok = not self.is_last_stage or math.isfinite(metrics.get("loss/total", 0.0))
         finite = self._all_ranks(float(loss_ok and self._grads_finite()), dist.ReduceOp.MIN) > 0
         if finite:
@@ -228,8 +228,8 @@ class Trainer:
         flops = training_step_flops(self.shape, segments)
         totals = torch.tensor([tokens, flops], dtype=torch.float64)
         # every CP/TP/PP rank of a DP replica holds the same microbatches: sum over DP only
-        if self.pgs.dp.size() > 1:
-            dist.all_reduce(totals, group=self.pgs.dp)
+        if self.pg_collection.dp.size() > 1:
+            dist.all_reduce(totals, group=self.pg_collection.dp)
         world = dist.get_world_size()
         mem = memory_stats()
         keys = sorted(mem)
@@ -248,7 +248,7 @@ class Trainer:
         on the held-out examples (all four segments per example)."""
         if not len(self.eval_idx):
             return {}
-        mine = list(self.eval_idx)[self.pgs.dp.rank()::self.pgs.dp.size()]
+        mine = list(self.eval_idx)[self.pg_collection.dp.rank()::self.pg_collection.dp.size()]
         index_lists = build.chunk_list(mine, self.config.data.micro_batch_size)
         if not index_lists:
             return {}
@@ -256,12 +256,12 @@ class Trainer:
             chunk.eval()
         with torch.no_grad():
             microbatches = build.make_microbatches(self.dataset, index_lists, EVAL_ROLES,
-                                                   self.pgs, self.pad_multiple)
+                                                   self.pg_collection, self.pad_multiple)
             outputs = run_global_batch(self.model, self.eval_forward_step, microbatches,
-                                       self.pgs, forward_only=True)
+                                       self.pg_collection, forward_only=True)
         for chunk in self.model:
             chunk.train()
-        return reduce_metrics(outputs, self.pgs.dp) if self.is_last_stage else {}
+        return reduce_metrics(outputs, self.pg_collection.dp) if self.is_last_stage else {}
 
     # ------------------------------------------------------------------ loop
     def train(self) -> None:

@@ -26,25 +26,25 @@ def _setup(hf_dir, tp=1, pp=1, cp=1, vpp=None, distributed_optimizer=False,
                               use_distributed_optimizer=distributed_optimizer,
                               sequence_parallel=sequence_parallel)
     shape = read_hf_config(hf_dir)
-    pgs = initialize_parallel(parallel, seed=7, shape=shape)
+    pg_collection = initialize_parallel(parallel, seed=7, shape=shape)
     model_cfg = ModelConfig(params_dtype="fp32", recompute_granularity=recompute)
     tcfg = build_transformer_config(shape, model_cfg, parallel)
-    chunks = build_model_chunks(shape, model_cfg, parallel, pgs, tcfg)
+    chunks = build_model_chunks(shape, model_cfg, parallel, pg_collection, tcfg)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     state = hf.state_dict()
-    load_hf_tensors_into_chunks(chunks, lambda n: state[n], shape, pgs.tp)
-    model = wrap_ddp(chunks, tcfg, parallel, pgs)
-    return shape, pgs, tcfg, model, hf, parallel
+    load_hf_tensors_into_chunks(chunks, lambda n: state[n], shape, pg_collection.tp)
+    model = wrap_ddp(chunks, tcfg, parallel, pg_collection)
+    return shape, pg_collection, tcfg, model, hf, parallel
 
 
-def _microbatches(examples, pgs, mode, num_microbatches, parallel, equal_lengths=False,
+def _microbatches(examples, pg_collection, mode, num_microbatches, parallel, equal_lengths=False,
                   require_padding=False):
     from solopo_mcore.data.packing import pack_triplets
     from solopo_mcore.losses.objective import MODE_ROLES
     from solopo_mcore.parallel.layout import sequence_pad_multiple
 
-    dp_size, dp_rank = pgs.dp.size(), pgs.dp.rank()
-    cp_size, cp_rank = pgs.cp.size(), pgs.cp.rank()
+    dp_size, dp_rank = pg_collection.dp.size(), pg_collection.dp.rank()
+    cp_size, cp_rank = pg_collection.cp.size(), pg_collection.cp.rank()
     per_rank = len(examples) // dp_size
     mine = examples[dp_rank * per_rank:(dp_rank + 1) * per_rank]
     per_mb = len(mine) // num_microbatches
@@ -78,8 +78,9 @@ def _expected_shard(hf_grads, global_name, shape, tp, tp_rank, param):
     return shard_for_param(param, global_name, hf_grads.__getitem__, shape, tp, tp_rank)
 
 
-def _compare_one(model, shape, pgs, hf, algorithm, mode, num_microbatches, num_examples, rel,
-                 seed, long, parallel, require_padding=False, report_norm_grads=False):
+def _compare_one(model, shape, pg_collection, hf, algorithm, mode, num_microbatches,
+                 num_examples, rel, seed, long, parallel, require_padding=False,
+                 report_norm_grads=False):
     from solopo_mcore.config import ObjectiveConfig
     from solopo_mcore.convert.tables import global_param_names
     from solopo_mcore.training.engine import run_global_batch
@@ -93,16 +94,16 @@ def _compare_one(model, shape, pgs, hf, algorithm, mode, num_microbatches, num_e
                                with_ref=algorithm == "dpo")
     ref_loss, S_ref, hf_grads = reference_loss_and_grads(hf, examples, objective, mode)
 
-    mbs = _microbatches(examples, pgs, mode, num_microbatches, parallel,
+    mbs = _microbatches(examples, pg_collection, mode, num_microbatches, parallel,
                         require_padding=require_padding)
     segment_logps = []
-    outputs = run_global_batch(model, make_forward_step(objective, mode, pgs.cp, segment_logps),
-                               mbs, pgs)
+    forward_step = make_forward_step(objective, mode, pg_collection.cp, segment_logps)
+    outputs = run_global_batch(model, forward_step, mbs, pg_collection)
     report = {"rank": dist.get_rank()}
     where = f"[{algorithm}/{mode}]"
     if outputs:  # last pipeline stage
         report["sums_rel_err"] = _check_segment_sums(segment_logps, S_ref, rel)
-        metrics = reduce_metrics(outputs, pgs.dp)
+        metrics = reduce_metrics(outputs, pg_collection.dp)
         report["loss_rel_err"] = assert_close(torch.tensor(metrics["loss/total"]), ref_loss, rel,
                                               f"{where} global-batch mean loss")
     worst = 0.0
@@ -110,8 +111,8 @@ def _compare_one(model, shape, pgs, hf, algorithm, mode, num_microbatches, num_e
     for chunk in model:
         names = global_param_names(chunk.module)
         for local, param in chunk.module.named_parameters():
-            expected = _expected_shard(hf_grads, names[local], shape, pgs.tp.size(),
-                                       pgs.tp.rank(), param)
+            expected = _expected_shard(hf_grads, names[local], shape, pg_collection.tp.size(),
+                                       pg_collection.tp.rank(), param)
             worst = max(worst, assert_close(param.main_grad, expected, rel,
                                             f"{where} gradient of {names[local]}"))
             if "norm" in names[local]:
@@ -120,8 +121,9 @@ def _compare_one(model, shape, pgs, hf, algorithm, mode, num_microbatches, num_e
                 norm_grads[names[local]] = param.main_grad.detach().tolist()
     report["grad_rel_err"] = worst
     if report_norm_grads:
-        report.update(norm_grads=norm_grads, tp_rank=pgs.tp.rank(),
-                      tp_peers=(pgs.pp.rank(), pgs.cp.rank(), pgs.dp.rank()))
+        report.update(norm_grads=norm_grads, tp_rank=pg_collection.tp.rank(),
+                      tp_peers=tuple(getattr(pg_collection, name).rank()
+                                     for name in ("pp", "cp", "dp")))
     return report
 
 
@@ -133,13 +135,13 @@ def check_grads(hf_dir, tp=1, pp=1, cp=1, vpp=None, num_microbatches=1, num_exam
 
     ``expect_sequence_parallel`` checks the built model's setting (the layout default when the
     config leaves it unset); with it the report carries the norm-weight gradients."""
-    shape, pgs, tcfg, model, hf, parallel = _setup(hf_dir, tp, pp, cp, vpp,
+    shape, pg_collection, tcfg, model, hf, parallel = _setup(hf_dir, tp, pp, cp, vpp,
                                                    sequence_parallel=sequence_parallel,
                                                    recompute=recompute)
     if expect_sequence_parallel is not None:
         assert tcfg.sequence_parallel == expect_sequence_parallel, tcfg.sequence_parallel
-    return _compare_one(model, shape, pgs, hf, algorithm, mode, num_microbatches, num_examples,
-                        rel, seed, long, parallel, require_padding=require_padding,
+    return _compare_one(model, shape, pg_collection, hf, algorithm, mode, num_microbatches,
+                        num_examples, rel, seed, long, parallel, require_padding=require_padding,
                         report_norm_grads=expect_sequence_parallel is not None)
 
 
@@ -147,13 +149,13 @@ def check_objectives(hf_dir, tp=1, pp=1, cp=1, num_microbatches=1, num_examples=
                      algorithms=("dpo", "simpo", "orpo"),
                      modes=("solo", "solo_both", "short", "long")):
     """Every algorithm x mode at one layout equals the written-out single-process reference."""
-    shape, pgs, _, model, hf, parallel = _setup(hf_dir, tp, pp, cp)
+    shape, pg_collection, _, model, hf, parallel = _setup(hf_dir, tp, pp, cp)
     reports = []
     for i, algorithm in enumerate(algorithms):
         for j, mode in enumerate(modes):
-            reports.append(_compare_one(model, shape, pgs, hf, algorithm, mode, num_microbatches,
-                                        num_examples, rel, seed=10 * i + j, long=(20, 40),
-                                        parallel=parallel))
+            reports.append(_compare_one(model, shape, pg_collection, hf, algorithm, mode,
+                                        num_microbatches, num_examples, rel, seed=10 * i + j,
+                                        long=(20, 40), parallel=parallel))
     return reports
 
 
@@ -171,12 +173,12 @@ def check_optimizer_step(hf_dir, tp=1, pp=1, dp_expected=2, distributed_optimize
     from solopo_mcore.training.optim import build_optimizer
     from tests.helpers.hf_reference import assert_close, random_examples, reference_loss_and_grads
 
-    shape, pgs, _, model, hf, parallel = _setup(hf_dir, tp, pp,
+    shape, pg_collection, _, model, hf, parallel = _setup(hf_dir, tp, pp,
                                                 distributed_optimizer=distributed_optimizer)
-    assert pgs.dp.size() == dp_expected, pgs.dp.size()
+    assert pg_collection.dp.size() == dp_expected, pg_collection.dp.size()
     opt_cfg = OptimizerConfig(lr=1e-2, weight_decay=0.0, clip_grad=0.0, adam_beta2=0.999,
                               adam_eps=0.1)
-    optimizer = build_optimizer(model, opt_cfg, parallel, torch.float32, pgs)
+    optimizer = build_optimizer(model, opt_cfg, parallel, torch.float32, pg_collection)
     objective = ObjectiveConfig(algorithm="simpo", mode="solo", alpha=1.0, beta=2.0)
     examples = random_examples(num_examples, shape.vocab_size, 3)
     _, _, _ = reference_loss_and_grads(hf, examples, objective, "solo")
@@ -189,8 +191,9 @@ def check_optimizer_step(hf_dir, tp=1, pp=1, dp_expected=2, distributed_optimize
         hf_params["lm_head.weight"] = hf_params["model.embed_tokens.weight"]
 
     start = {n: p.detach().clone() for c in model for n, p in c.module.named_parameters()}
-    mbs = _microbatches(examples, pgs, "solo", num_microbatches, parallel)
-    run_global_batch(model, make_forward_step(objective, "solo", pgs.cp), mbs, pgs)
+    mbs = _microbatches(examples, pg_collection, "solo", num_microbatches, parallel)
+    run_global_batch(model, make_forward_step(objective, "solo", pg_collection.cp), mbs,
+                     pg_collection)
     for group in optimizer.param_groups:
         group["lr"] = 1e-2
     ok, _, _ = optimizer.step()
@@ -199,8 +202,8 @@ def check_optimizer_step(hf_dir, tp=1, pp=1, dp_expected=2, distributed_optimize
     for chunk in model:
         names = global_param_names(chunk.module)
         for local, param in chunk.module.named_parameters():
-            expected = _expected_shard(hf_params, names[local], shape, pgs.tp.size(),
-                                       pgs.tp.rank(), param)
+            expected = _expected_shard(hf_params, names[local], shape, pg_collection.tp.size(),
+                                       pg_collection.tp.rank(), param)
             # atol: the update is a difference of fp32 parameters of magnitude <= ~1.5 (1 ulp
             # there is 1.2e-7)
             worst = max(worst, assert_close(param.detach() - start[local], expected, rel,
