@@ -178,6 +178,33 @@ def sdpa_backend_order(name: str, device: torch.device) -> list:
             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+_CHECKPOINT_WRITER_MANAGERS: list = []
+
+
+def protect_checkpoint_writer() -> None:
+    """Start dist_checkpointing's write-results queue ourselves, in a server that survives the
+    rank's SIGTERM and dies with the rank. Idempotent; call before the first save.
+
+    megatron-core (0.16.1 to 0.19.x, ``dist_checkpointing/strategies/filesystem_async.py``) keeps
+    a module-global queue served by a ``multiprocessing`` Manager process that it starts at the
+    first save and reuses. torchrun stops a rank by signalling its whole process group, so that
+    server died with the same SIGTERM the rank handles by saving: the save then failed with
+    BrokenPipeError and left ``iter_N.partial``. After ``kill -9`` the server outlived the rank."""
+    from multiprocessing import get_context
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from solopo_mcore.processes import checkpoint_writer_server_init
+
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=get_context("spawn"))
+    manager.start(initializer=checkpoint_writer_server_init)
+    _CHECKPOINT_WRITER_MANAGERS.append(manager)  # lives as long as the rank
+    filesystem_async._results_queue = manager.Queue()
+
+
 def transformer_config_overrides(transformer_engine: bool) -> dict:
     """Megatron ``TransformerConfig`` fields that depend on the device and backend.
 

@@ -43,6 +43,15 @@ def exit_with_parent(sig: int = signal.SIGKILL) -> bool:
     return armed
 
 
+def checkpoint_writer_server_init() -> None:
+    """Initializer of the checkpoint writer's result-queue server process (see
+    :func:`solopo_mcore.platform.protect_checkpoint_writer`): it ignores SIGTERM, which torchrun
+    sends to a rank's whole process group while that rank still needs the server to save, and it
+    is killed when the rank that started it dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    exit_with_parent(signal.SIGKILL)
+
+
 def _child_preexec(parent: int) -> None:  # runs in the child between fork and exec
     _set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != parent:

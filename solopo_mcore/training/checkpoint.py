@@ -34,7 +34,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from solopo_mcore.errors import UserError
 from solopo_mcore.log import log, warn
-from solopo_mcore.platform import device_rng_state, set_device_rng_state
+from solopo_mcore.platform import (device_rng_state, protect_checkpoint_writer,
+                                   set_device_rng_state)
 from solopo_mcore.training.integrity import (CHECKSUMS, complete_checksums, files_written_by,
                                              hash_files, read_checksums, verify_files,
                                              write_checksums)
@@ -201,6 +202,7 @@ class CheckpointManager:
                                                                 metadata=OPTIMIZER_METADATA)
         sharded["rng_state"] = _rng_object(rank, world)
         sharded["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+        protect_checkpoint_writer()
         dist_checkpointing.save(sharded, str(partial))
         dist.barrier()
         exclude = (COMPLETE_MARKER, CHECKSUMS)

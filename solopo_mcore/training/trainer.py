@@ -198,18 +198,20 @@ class Trainer:
         metrics = reduce_metrics(outputs, self.pg_collection.dp) if self.is_last_stage else {}
         loss_ok = not self.is_last_stage or math.isfinite(metrics.get("loss/total", 0.0))
         finite = self._all_ranks(float(loss_ok and self._grads_finite()), dist.ReduceOp.MIN) > 0
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (Megatron's warmup
+        # starts at 0, so with lr_warmup_steps > 0 the first step does not change the weights)
         if finite:
-            ok, grad_norm, _ = self.optimizer.step()
+            _, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
             self.num_nonfinite_in_row = 0
         else:
-            ok, grad_norm = False, float("nan")
+            grad_norm = float("nan")
             self.num_nonfinite_in_row += 1
             self.num_skipped_steps += 1
         self.step += 1
         seconds = time.time() - start
         metrics.update(self._throughput(microbatches, seconds))
-        metrics.update({"optimizer/lr": self.optimizer.param_groups[0]["lr"],
+        metrics.update({"optimizer/lr": lr,
                         "optimizer/grad_norm": float(grad_norm) if grad_norm is not None
                         else float("nan"),
                         "optimizer/skipped_steps": float(self.num_skipped_steps),
