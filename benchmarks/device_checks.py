@@ -111,8 +111,8 @@ class Checks:
     def _segment_sums(self, model, batch):
         token_logps = model(batch.tokens, None, None, labels=batch.labels,
                             loss_mask=batch.loss_mask, packed_seq_params=batch.packed_seq_params())
-        sums = torch.zeros(batch.segment_role.numel(), device=token_logps.device)
-        return sums.index_add(0, batch.response_segment, token_logps.float())
+        sums = torch.zeros(batch.num_responses, device=token_logps.device)
+        return sums.index_add(0, batch.loss_token_response, token_logps.float())
 
     def _hf_segment_sums(self, dtype, roles):
         from transformers import AutoModelForCausalLM

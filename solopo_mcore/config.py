@@ -94,6 +94,10 @@ class DataConfig:
     """Reference log-prob sidecar (DPO), written by examples/precompute_ref_logprobs.py."""
     shuffle: bool = True
     """Shuffle training examples every epoch (deterministic in seed and epoch)."""
+    shared_prefix: bool = True
+    """Run a context once for both answers that share it: ``[x, y_w, x[-1], y_l]`` in one
+    segment, ``y_l`` never attending to ``y_w`` (docs/design.md, "Shared-prefix pairs"). Same
+    log-probs as separate segments; off packs every answer with its own copy of the context."""
 
 
 @dataclass
@@ -397,6 +401,10 @@ def validate(config: RunConfig) -> None:
     tags = config.logging.wandb_tags
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise ConfigError(f"logging.wandb_tags: expected a list of strings, got {tags!r}")
+    if d.shared_prefix and config.model.layer_spec == "te":
+        raise ConfigError("data.shared_prefix=true needs our attention (model.layer_spec=auto or "
+                          "local): Transformer Engine's THD attention cannot hide y_w from y_l. "
+                          "Set data.shared_prefix=false to use model.layer_spec=te.")
     if o.algorithm == "dpo" and d.data_path and not d.ref_logprobs_path:
         raise ConfigError("objective.algorithm=dpo needs data.ref_logprobs_path (run "
                           "examples/precompute_ref_logprobs.py first)")

@@ -64,12 +64,13 @@ def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) 
     for call, first in enumerate(range(0, len(index_lists), per_call)):
         with torch.no_grad():
             mbs = build.make_microbatches(dataset, index_lists[first:first + per_call],
-                                          EVAL_ROLES, pg_collection, multiple)
+                                          EVAL_ROLES, pg_collection, multiple,
+                                          config.data.shared_prefix)
             outputs = run_global_batch(stack.model, forward_step, mbs, pg_collection,
                                        forward_only=True, collect_non_loss_data=True)
         if is_pp_last_stage(pg_collection.pp):
-            for segment_logps in outputs:
-                segment_logps.scatter_into(table)
+            for response_logps in outputs:
+                response_logps.scatter_into(table)
         if dist.get_rank() == 0 and call % log_every == 0:
             log("reference", f"{min(first + per_call, len(index_lists))}/{len(index_lists)} "
                              f"microbatches on rank 0, {time.time() - start:.0f}s")

@@ -64,8 +64,8 @@ def test_packing_offsets_labels_and_response_mask():
     selected = mb.loss_mask[0].nonzero().flatten().tolist()
     assert selected == [1, 2, 5, 10, 11]
     assert mb.labels[0, selected].tolist() == [6, 7, 8, 6, 7]
-    assert mb.response_segment.tolist() == [0, 0, 1, 2, 2]
-    assert mb.segment_num_tokens.tolist() == [2, 1, 2]
+    assert mb.loss_token_response.tolist() == [0, 0, 1, 2, 2]
+    assert mb.response_num_tokens.tolist() == [2, 1, 2]
     assert mb.num_real_tokens == 12 and mb.max_seqlen == 8
 
 

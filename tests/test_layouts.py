@@ -75,14 +75,16 @@ def test_dp2_distributed_optimizer_step_matches_torch_adamw(tiny_qwen2):
 
 
 @pytest.mark.parametrize("layout", [
-    dict(world=1, num_microbatches=4),
+    dict(world=1, num_microbatches=2),
+    dict(world=2, tp=2, num_microbatches=2),
     dict(world=2, pp=2, num_microbatches=4),
     dict(world=2, cp=2, num_microbatches=2),
     dict(world=2, num_microbatches=2),  # DP=2
-], ids=["mb4", "pp2_mb4", "cp2", "dp2_mb2"])
+], ids=["mb2", "tp2_sp", "pp2_mb4", "cp2_padded", "dp2_mb2"])
 def test_every_algorithm_and_mode_matches_reference(layout, tiny_qwen2):
-    """DPO/SimPO/ORPO x solo/solo_both/short/long: identical global batches give the reference
-    loss and gradients whatever the split into microbatches, DP, PP and CP ranks."""
+    """DPO/SimPO/ORPO x solo/solo_both/short/long, packed with shared prefixes (the default) and
+    without: identical global batches give the reference loss and gradients whatever the split
+    into microbatches (two examples each), TP, DP, PP and CP ranks."""
     layout = dict(layout)
     world = layout.pop("world")
     run_distributed(world, "tests.helpers.layout_checks:check_objectives", hf_dir=tiny_qwen2,

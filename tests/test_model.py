@@ -2,9 +2,12 @@
 
 * logits equal transformers' for Qwen2 (tied and untied, QKV bias) and Llama 3.1 (rope scaling);
 * response-only log-probs equal log_softmax of the HF logits at the response positions;
-* a packed THD microbatch [a | b | c] equals running a, b and c separately (values and grads);
+* a packed THD microbatch [a | b | c] equals running a, b and c separately (values and grads),
+  also with shared-prefix segments [x, y_w, x[-1], y_l], whose answers never see each other;
 * the torch core attention equals Megatron's local DotProductAttention on unpacked input.
 """
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from solopo_mcore.config import ModelConfig, ParallelConfig
 from solopo_mcore.convert.tables import load_hf_tensors_into_chunks
 from solopo_mcore.data.packing import pack_triplets
+from solopo_mcore.data.schema import Role
 from solopo_mcore.losses.objective import MODE_ROLES
 from solopo_mcore.models.builder import build_model_chunks, build_transformer_config
 from solopo_mcore.models.hf_config import read_hf_config
@@ -59,33 +63,80 @@ def test_response_logprobs_equal_hf_log_softmax(tiny_llama, groups):
     assert_close(ours, ref, 1e-5, "response log-probs")
 
 
-def test_packed_segments_equal_separate_runs(tiny_qwen2, groups):
-    shape, model, _ = _load(tiny_qwen2, groups)
-    (example,) = random_examples(1, shape.vocab_size, seed=3)
-    packed = pack_triplets([example], MODE_ROLES["solo"])
-    params = [p for p in model.parameters()]
-
-    model.zero_grad()
-    out = model(packed.tokens, None, None, labels=packed.labels, loss_mask=packed.loss_mask,
-                packed_seq_params=packed.packed_seq_params(groups.cp))
-    sums = torch.zeros(3).index_add(0, packed.response_segment, out)
-    (sums * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
-    packed_grads = [p.grad.clone() for p in params]
-
-    model.zero_grad()
+def _separate_sums(model, example, roles):
+    """Each role's ``[prompt, response]`` run alone: response log-prob sums, ``[len(roles)]``."""
     separate = []
-    for role in MODE_ROLES["solo"]:
+    for role in roles:
         prompt, response = example.segment(role)
         seq = torch.tensor([list(prompt) + list(response)])
         labels = torch.roll(seq, -1, dims=1)
         mask = torch.zeros_like(seq, dtype=torch.bool)
         mask[0, len(prompt) - 1:seq.shape[1] - 1] = True
         separate.append(model(seq, None, None, labels=labels, loss_mask=mask).sum())
-    separate = torch.stack(separate)
-    (separate * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+    return torch.stack(separate)
+
+
+def _packed_sums(model, packed, groups):
+    out = model(packed.tokens, None, None, labels=packed.labels, loss_mask=packed.loss_mask,
+                packed_seq_params=packed.packed_seq_params(groups.cp))
+    return torch.zeros(packed.num_responses).index_add(0, packed.loss_token_response, out)
+
+
+@pytest.mark.parametrize("shared_prefix", [False, True], ids=["unshared", "shared"])
+@pytest.mark.parametrize("mode", ["solo", "solo_both", "long"])
+def test_packed_segments_equal_separate_runs(mode, shared_prefix, tiny_llama, groups):
+    """Two examples packed (with shared prefixes: ``[x, y_w, x[-1], y_l]`` segments) give each
+    response the log-prob sum, and the parameters the gradient, of running ``[x, y]`` alone.
+    Llama 3.1 (RoPE scaling) and odd padding: positions must come from the packer's table."""
+    shape, model, _ = _load(tiny_llama, groups)
+    examples = random_examples(2, shape.vocab_size, seed=3)
+    roles = MODE_ROLES[mode]
+    packed = pack_triplets(examples, roles, pad_multiple=3, shared_prefix=shared_prefix)
+    assert (packed.hidden_keys is not None) == shared_prefix
+    weights = torch.linspace(-2.0, 1.5, packed.num_responses)
+    params = list(model.parameters())
+
+    model.zero_grad()
+    sums = _packed_sums(model, packed, groups)
+    (sums * weights).sum().backward()
+    packed_grads = [p.grad.clone() for p in params]
+
+    model.zero_grad()
+    order = [(slot, Role(role)) for slot, role in zip(packed.response_example.tolist(),
+                                                      packed.response_role.tolist())]
+    separate = torch.cat([_separate_sums(model, examples[slot], [role]) for slot, role in order])
+    (separate * weights).sum().backward()
     assert_close(sums.detach(), separate.detach(), 1e-5, "packed vs separate sums")
     for p, g in zip(params, packed_grads):
         assert_close(g, p.grad, 1e-5, "packed vs separate grads")
+
+
+def test_shared_prefix_answers_do_not_see_each_other(tiny_qwen2, groups):
+    """In a shared-prefix segment, changing y_w's tokens (and length) leaves y_l's per-token
+    log-probs unchanged, and changing y_l's leaves y_w's unchanged; changing the context
+    changes both (the check can fail)."""
+    shape, model, _ = _load(tiny_qwen2, groups)
+    (example,) = random_examples(1, shape.vocab_size, seed=9)
+    roles = MODE_ROLES["short"]
+
+    def per_response(ex):
+        packed = pack_triplets([ex], roles, shared_prefix=True)
+        with torch.no_grad():
+            out = model(packed.tokens, None, None, labels=packed.labels,
+                        loss_mask=packed.loss_mask, packed_seq_params=packed.packed_seq_params(
+                            groups.cp))
+        return [out[packed.loss_token_response == r] for r in range(2)]
+
+    base_w, base_l = per_response(example)
+    other = [(t * 7 + 3) % shape.vocab_size for t in example.chosen] + [5, 6, 7]
+    _, new_l = per_response(replace(example, chosen=other))
+    assert torch.equal(new_l, base_l), "y_l's log-probs changed with y_w's tokens"
+    new_w, _ = per_response(replace(example, rejected=list(reversed(example.rejected[:-2]))))
+    assert torch.equal(new_w, base_w), "y_w's log-probs changed with y_l's tokens"
+    context = list(example.short_prompt)
+    context[len(context) // 2] = (context[len(context) // 2] + 1) % shape.vocab_size
+    ctx_w, ctx_l = per_response(replace(example, short_prompt=context))
+    assert not torch.equal(ctx_w, base_w) and not torch.equal(ctx_l, base_l)
 
 
 def test_torch_attention_equals_local_dot_product_attention(tiny_qwen2, groups):

@@ -4,7 +4,9 @@ It plugs into ``spec.submodules.self_attention.submodules.core_attention`` and r
 Megatron's ``Attention`` gives a core attention: ``[s, b, h, d]`` tensors, or ``[t, h, d]`` with
 ``packed_seq_params.qkv_format == "thd"`` (RoPE already applied per segment from ``cu_seqlens``).
 
-* Packed segments never attend to each other: SDPA runs once per segment, causally.
+* Packed segments never attend to each other: SDPA runs once per segment, causally. A
+  shared-prefix segment (``models/shared_prefix.py``) runs as two lower-right causal blocks: its
+  first answer over ``[x, y_w]``, its branch over ``[x[:-1]]`` + its own keys.
 * Context parallelism: K/V are all-gathered over the CP group (cheap with GQA's few KV heads) and
   each local zigzag chunk attends to the global prefix it needs, with a lower-right causal mask.
 * Backend: cuDNN > flash > efficient > math on CUDA (not yet measured by this repo; the GPU run
@@ -28,6 +30,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.nn.attention import sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from solopo_mcore.models.shared_prefix import query_key_ranges
 from solopo_mcore.parallel.context import all_gather_first_dim, gathered_to_global_index
 from solopo_mcore.platform import sdpa_backend_order
 
@@ -102,6 +105,7 @@ class TorchCoreAttention(MegatronModule):
         cu = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None \
             else params.cu_seqlens_q
         global_lens = (cu[1:] - cu[:-1]).tolist()
+        hidden = getattr(params, "hidden_keys", None) or [(n, n) for n in global_lens]
         cp = self.cp_size
         local_lens = [n // cp for n in global_lens]
         q_all = query.transpose(0, 1)  # [h, t, d]
@@ -114,18 +118,25 @@ class TorchCoreAttention(MegatronModule):
         cp_rank = self.cp_group.rank() if cp > 1 else 0
         outs = []
         q_start = k_start = 0
-        for local_len, global_len in zip(local_lens, global_lens):
-            q_seg = q_all[:, q_start:q_start + local_len]
+        for local_len, global_len, seg_hidden in zip(local_lens, global_lens, hidden):
             k_seg = k_all[:, k_start:k_start + global_len]
             v_seg = v_all[:, k_start:k_start + global_len]
-            if cp == 1:
-                outs.append(self._sdpa(q_seg, k_seg, v_seg))
-            else:
-                chunk = local_len // 2
-                for i, j in enumerate((cp_rank, 2 * cp - 1 - cp_rank)):
-                    end = (j + 1) * chunk  # keys visible to global chunk j
-                    outs.append(self._sdpa(q_seg[:, i * chunk:(i + 1) * chunk],
-                                           k_seg[:, :end], v_seg[:, :end]))
+            # the global query ranges this rank holds: all of it, or zigzag chunks r, 2cp-1-r
+            chunk = global_len // (2 * cp)
+            ranges = [(0, global_len)] if cp == 1 else \
+                [(j * chunk, (j + 1) * chunk) for j in (cp_rank, 2 * cp - 1 - cp_rank)]
+            local = q_start
+            for start, end in ranges:
+                for q_lo, q_hi, key_ranges in query_key_ranges(start, end, seg_hidden):
+                    q = q_all[:, local + q_lo - start:local + q_hi - start]
+                    if len(key_ranges) == 1:
+                        (k_lo, k_hi), = key_ranges
+                        k, v = k_seg[:, k_lo:k_hi], v_seg[:, k_lo:k_hi]
+                    else:  # a shared-prefix branch: the prefix, then the branch's own keys
+                        k = torch.cat([k_seg[:, a:b] for a, b in key_ranges], dim=1)
+                        v = torch.cat([v_seg[:, a:b] for a, b in key_ranges], dim=1)
+                    outs.append(self._sdpa(q, k, v))
+                local += end - start
             q_start += local_len
             k_start += global_len
         out = torch.cat(outs, dim=1)  # [h, t, d]

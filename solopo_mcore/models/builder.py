@@ -33,6 +33,7 @@ from solopo_mcore.log import warn
 from solopo_mcore.models.attention import TorchCoreAttention
 from solopo_mcore.models.hf_config import ModelShape, padded_vocab_size
 from solopo_mcore.models.norm import SequenceParallelRMSNorm
+from solopo_mcore.models.shared_prefix import enable_positioned_rope
 from solopo_mcore.parallel.context import gather_first_dim
 from solopo_mcore.platform import transformer_config_overrides, transformer_engine_available
 
@@ -277,6 +278,7 @@ def build_model_chunks(shape: ModelShape, model_cfg: ModelConfig, parallel: Para
         )
         model.real_vocab_size = shape.vocab_size
         _set_rope_frequencies(model, shape)
+        enable_positioned_rope(model)  # shared-prefix segments' RoPE positions
         chunks.append(model)
     return chunks
 

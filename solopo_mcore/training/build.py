@@ -41,11 +41,14 @@ def open_dataset(config: RunConfig, shape: ModelShape, need_reference: bool,
 
 
 def make_microbatches(dataset: TripletDataset, index_lists: Sequence[Sequence[int]], roles,
-                      pg_collection, multiple: int) -> list[PackedMicrobatch]:
-    """Pack each list of example indices and cut it for this rank's CP slice."""
+                      pg_collection, multiple: int, shared_prefix: bool
+                      ) -> list[PackedMicrobatch]:
+    """Pack each list of example indices (``shared_prefix``: ``data.shared_prefix``) and cut it
+    for this rank's CP slice."""
     cp_size, cp_rank = pg_collection.cp.size(), pg_collection.cp.rank()
     return [pack_triplets([dataset[i] for i in indices], roles, pad_multiple=multiple,
-                          pad_token_id=dataset.pad_token_id).for_cp_rank(cp_size, cp_rank)
+                          pad_token_id=dataset.pad_token_id, shared_prefix=shared_prefix
+                          ).for_cp_rank(cp_size, cp_rank)
             for indices in index_lists]
 
 

@@ -13,7 +13,7 @@ number of examples". So the model config sets ``calculate_per_token_loss=True`` 
 * the schedule then leaves the loss unscaled, DDP sums gradients over DP x CP, and
   ``finalize_model_grads`` divides them by the global example count.
 
-Per-segment log-prob sums are first summed over the CP group with an identity backward
+Per-response log-prob sums are first summed over the CP group with an identity backward
 (:func:`solopo_mcore.parallel.context.sum_over_group`), so each CP rank back-propagates
 ``dL/dS`` into its own tokens and the DP x CP gradient sum adds the parts up exactly.
 """
@@ -35,30 +35,29 @@ from solopo_mcore.losses.objective import SequenceStats, solopo_objective
 from solopo_mcore.parallel.context import sum_over_group
 
 
-def segment_logp_sums(token_logps: torch.Tensor, batch: PackedMicrobatch, cp_group
-                      ) -> torch.Tensor:
-    """Complete per-segment response log-prob sums ``[S]`` (TP already reduced; CP here)."""
-    num_segments = batch.segment_role.numel()
-    local = torch.zeros(num_segments, dtype=token_logps.dtype, device=token_logps.device)
-    local = local.index_add(0, batch.response_segment, token_logps)
+def response_logp_sums(token_logps: torch.Tensor, batch: PackedMicrobatch, cp_group
+                       ) -> torch.Tensor:
+    """Complete per-response log-prob sums ``[R]`` (TP already reduced; CP here)."""
+    local = torch.zeros(batch.num_responses, dtype=token_logps.dtype, device=token_logps.device)
+    local = local.index_add(0, batch.loss_token_response, token_logps)
     return sum_over_group(local, cp_group)
 
 
 @dataclass
-class SegmentLogps:
-    """Complete (TP- and CP-reduced) response log-prob sums of one microbatch's segments."""
+class ResponseLogps:
+    """Complete (TP- and CP-reduced) log-prob sums of one microbatch's responses."""
 
     sums: torch.Tensor
-    """[S] sum of log p(response token) per segment."""
+    """[R] sum of log p(response token) per response."""
     example_index: torch.Tensor
-    """[S] dataset index of each segment's example."""
+    """[R] dataset index of each response's example."""
     role: torch.Tensor
-    """[S] Role of each segment."""
+    """[R] Role of each response."""
 
     @classmethod
-    def of(cls, segment_sums: torch.Tensor, batch: PackedMicrobatch) -> "SegmentLogps":
-        return cls(segment_sums.detach(), batch.example_index[batch.segment_example],
-                   batch.segment_role)
+    def of(cls, response_sums: torch.Tensor, batch: PackedMicrobatch) -> "ResponseLogps":
+        return cls(response_sums.detach(), batch.example_index[batch.response_example],
+                   batch.response_role)
 
     def scatter_into(self, table: np.ndarray) -> None:
         """``table[example_index, role] = sums`` (a dataset-wide ``[N, 4]`` table)."""
@@ -66,26 +65,26 @@ class SegmentLogps:
             self.sums.float().cpu().numpy()
 
 
-def sequence_stats(segment_sums: torch.Tensor, batch: PackedMicrobatch) -> SequenceStats:
-    """Arrange per-segment sums into ``[num_examples, 4]`` role tables."""
+def sequence_stats(response_sums: torch.Tensor, batch: PackedMicrobatch) -> SequenceStats:
+    """Arrange per-response sums into ``[num_examples, 4]`` role tables."""
     shape = (batch.num_examples, 4)
-    where = (batch.segment_example, batch.segment_role)
-    logp = torch.zeros(shape, dtype=segment_sums.dtype, device=segment_sums.device)
-    logp = logp.index_put(where, segment_sums)
-    ntok = torch.zeros(shape, dtype=torch.long, device=segment_sums.device)
-    ntok = ntok.index_put(where, batch.segment_num_tokens)
-    ref = batch.ref_logp_sum.to(segment_sums.dtype) if batch.ref_logp_sum is not None else None
+    where = (batch.response_example, batch.response_role)
+    logp = torch.zeros(shape, dtype=response_sums.dtype, device=response_sums.device)
+    logp = logp.index_put(where, response_sums)
+    ntok = torch.zeros(shape, dtype=torch.long, device=response_sums.device)
+    ntok = ntok.index_put(where, batch.response_num_tokens)
+    ref = batch.ref_logp_sum.to(response_sums.dtype) if batch.ref_logp_sum is not None else None
     return SequenceStats(logp_sum=logp, num_tokens=ntok, ref_logp_sum=ref)
 
 
 def loss_func(batch: PackedMicrobatch, objective: ObjectiveConfig, mode: str, cp_group,
-              segment_sink: Optional[list], token_logps: torch.Tensor):
+              response_sink: Optional[list], token_logps: torch.Tensor):
     """Megatron loss function: returns ``(loss_sum, num_examples, metrics)`` (see module doc).
-    With a ``segment_sink`` list, the microbatch's :class:`SegmentLogps` is appended to it."""
-    segment_sums = segment_logp_sums(token_logps.float(), batch, cp_group)
-    if segment_sink is not None:
-        segment_sink.append(SegmentLogps.of(segment_sums, batch))
-    stats = sequence_stats(segment_sums, batch)
+    With a ``response_sink`` list, the microbatch's :class:`ResponseLogps` is appended to it."""
+    response_sums = response_logp_sums(token_logps.float(), batch, cp_group)
+    if response_sink is not None:
+        response_sink.append(ResponseLogps.of(response_sums, batch))
+    stats = sequence_stats(response_sums, batch)
     per_example, metrics = solopo_objective(stats, objective, mode)
     cp_rank = cp_group.rank() if cp_group is not None else 0
     num_examples = torch.tensor(batch.num_examples if cp_rank == 0 else 0, dtype=torch.int,
@@ -102,35 +101,35 @@ def _forward(model, batch: PackedMicrobatch, cp_group) -> torch.Tensor:
 
 
 def make_forward_step(objective: ObjectiveConfig, mode: str, cp_group,
-                      segment_sink: Optional[list] = None) -> Callable:
+                      response_sink: Optional[list] = None) -> Callable:
     """A ``forward_step_func(data_iterator, model)`` for ``get_forward_backward_func``.
 
     The iterator yields :class:`PackedMicrobatch` objects already cut for this CP rank and on the
-    right device. ``segment_sink``: a list that collects each microbatch's :class:`SegmentLogps`
+    right device. ``response_sink``: a list that collects each microbatch's :class:`ResponseLogps`
     (last pipeline stage), for callers that need the sums themselves."""
 
     def forward_step(data_iterator: Iterator[PackedMicrobatch], model):
         batch = next(data_iterator)
         return (_forward(model, batch, cp_group),
-                partial(loss_func, batch, objective, mode, cp_group, segment_sink))
+                partial(loss_func, batch, objective, mode, cp_group, response_sink))
 
     return forward_step
 
 
-def _segment_logps_output(batch: PackedMicrobatch, cp_group, token_logps: torch.Tensor,
-                          non_loss_data: bool = True) -> SegmentLogps:
-    """Forward-only "loss" function: the microbatch's segment sums, no loss at all. Megatron's
+def _response_logps_output(batch: PackedMicrobatch, cp_group, token_logps: torch.Tensor,
+                           non_loss_data: bool = True) -> ResponseLogps:
+    """Forward-only "loss" function: the microbatch's response sums, no loss at all. Megatron's
     schedule calls it with ``non_loss_data=True`` under ``collect_non_loss_data``."""
-    return SegmentLogps.of(segment_logp_sums(token_logps.float(), batch, cp_group), batch)
+    return ResponseLogps.of(response_logp_sums(token_logps.float(), batch, cp_group), batch)
 
 
 def make_logprob_forward_step(cp_group) -> Callable:
     """A forward-only step whose outputs (``run_global_batch(..., collect_non_loss_data=True)``)
-    are one :class:`SegmentLogps` per microbatch: what the reference pre-pass records."""
+    are one :class:`ResponseLogps` per microbatch: what the reference pre-pass records."""
 
     def forward_step(data_iterator: Iterator[PackedMicrobatch], model):
         batch = next(data_iterator)
-        return _forward(model, batch, cp_group), partial(_segment_logps_output, batch, cp_group)
+        return _forward(model, batch, cp_group), partial(_response_logps_output, batch, cp_group)
 
     return forward_step
 

@@ -193,7 +193,8 @@ class Trainer:
         index_lists = self.sampler.next_step()
         microbatches = build.make_microbatches(self.dataset, index_lists,
                                                MODE_ROLES[self.config.objective.mode],
-                                               self.pg_collection, self.pad_multiple)
+                                               self.pg_collection, self.pad_multiple,
+                                               self.config.data.shared_prefix)
         outputs = run_global_batch(self.model, self.forward_step, microbatches, self.pg_collection)
         metrics = reduce_metrics(outputs, self.pg_collection.dp) if self.is_last_stage else {}
         loss_ok = not self.is_last_stage or math.isfinite(metrics.get("loss/total", 0.0))
@@ -223,10 +224,7 @@ class Trainer:
 
     def _throughput(self, microbatches, seconds: float) -> dict:
         tokens = sum(mb.num_real_tokens for mb in microbatches)
-        segments = []
-        for mb in microbatches:
-            lengths = (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist()
-            segments += list(zip(lengths, mb.segment_num_tokens.tolist()))
+        segments = [shape for mb in microbatches for shape in mb.segment_shapes()]
         flops = training_step_flops(self.shape, segments)
         totals = torch.tensor([tokens, flops], dtype=torch.float64)
         # every CP/TP/PP rank of a DP replica holds the same microbatches: sum over DP only
@@ -258,7 +256,8 @@ class Trainer:
             chunk.eval()
         with torch.no_grad():
             microbatches = build.make_microbatches(self.dataset, index_lists, EVAL_ROLES,
-                                                   self.pg_collection, self.pad_multiple)
+                                                   self.pg_collection, self.pad_multiple,
+                                                   self.config.data.shared_prefix)
             outputs = run_global_batch(self.model, self.eval_forward_step, microbatches,
                                        self.pg_collection, forward_only=True)
         for chunk in self.model:

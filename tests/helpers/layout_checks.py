@@ -38,7 +38,7 @@ def _setup(hf_dir, tp=1, pp=1, cp=1, vpp=None, distributed_optimizer=False,
 
 
 def _microbatches(examples, pg_collection, mode, num_microbatches, parallel, equal_lengths=False,
-                  require_padding=False):
+                  require_padding=False, shared_prefix=True):
     from solopo_mcore.data.packing import pack_triplets
     from solopo_mcore.losses.objective import MODE_ROLES
     from solopo_mcore.parallel.layout import sequence_pad_multiple
@@ -49,8 +49,10 @@ def _microbatches(examples, pg_collection, mode, num_microbatches, parallel, equ
     mine = examples[dp_rank * per_rank:(dp_rank + 1) * per_rank]
     per_mb = len(mine) // num_microbatches
     pad = sequence_pad_multiple(parallel)
-    packed = [pack_triplets(mine[i * per_mb:(i + 1) * per_mb], MODE_ROLES[mode], pad_multiple=pad)
+    packed = [pack_triplets(mine[i * per_mb:(i + 1) * per_mb], MODE_ROLES[mode], pad_multiple=pad,
+                            shared_prefix=shared_prefix)
               for i in range(num_microbatches)]
+    assert all((p.hidden_keys is not None) == shared_prefix for p in packed)
     if require_padding:
         assert pad > 1 and any(bool((p.cu_seqlens_padded != p.cu_seqlens).any())
                                for p in packed), "no segment needed padding"
@@ -80,12 +82,9 @@ def _expected_shard(hf_grads, global_name, shape, tp, tp_rank, param):
 
 def _compare_one(model, shape, pg_collection, hf, algorithm, mode, num_microbatches,
                  num_examples, rel, seed, long, parallel, require_padding=False,
-                 report_norm_grads=False):
+                 report_norm_grads=False, packings=(True,)):
     from solopo_mcore.config import ObjectiveConfig
-    from solopo_mcore.convert.tables import global_param_names
-    from solopo_mcore.training.engine import run_global_batch
-    from solopo_mcore.training.forward_step import make_forward_step, reduce_metrics
-    from tests.helpers.hf_reference import assert_close, random_examples, reference_loss_and_grads
+    from tests.helpers.hf_reference import random_examples, reference_loss_and_grads
 
     objective = ObjectiveConfig(algorithm=algorithm, mode=mode, alpha=1.5, beta=0.5, gamma=0.3,
                                 orpo_lambda=0.2, label_smoothing=0.1 if algorithm == "dpo"
@@ -93,14 +92,28 @@ def _compare_one(model, shape, pg_collection, hf, algorithm, mode, num_microbatc
     examples = random_examples(num_examples, shape.vocab_size, seed, long=long,
                                with_ref=algorithm == "dpo")
     ref_loss, S_ref, hf_grads = reference_loss_and_grads(hf, examples, objective, mode)
+    reports = [_compare_packing(model, shape, pg_collection, objective, mode, examples,
+                                num_microbatches, rel, parallel, require_padding,
+                                report_norm_grads, shared, ref_loss, S_ref, hf_grads)
+               for shared in packings]
+    return reports[0] if len(reports) == 1 else reports
+
+
+def _compare_packing(model, shape, pg_collection, objective, mode, examples, num_microbatches,
+                     rel, parallel, require_padding, report_norm_grads, shared_prefix, ref_loss,
+                     S_ref, hf_grads):
+    from solopo_mcore.convert.tables import global_param_names
+    from solopo_mcore.training.engine import run_global_batch
+    from solopo_mcore.training.forward_step import make_forward_step, reduce_metrics
+    from tests.helpers.hf_reference import assert_close
 
     mbs = _microbatches(examples, pg_collection, mode, num_microbatches, parallel,
-                        require_padding=require_padding)
+                        require_padding=require_padding, shared_prefix=shared_prefix)
     segment_logps = []
     forward_step = make_forward_step(objective, mode, pg_collection.cp, segment_logps)
     outputs = run_global_batch(model, forward_step, mbs, pg_collection)
-    report = {"rank": dist.get_rank()}
-    where = f"[{algorithm}/{mode}]"
+    report = {"rank": dist.get_rank(), "shared_prefix": shared_prefix}
+    where = f"[{objective.algorithm}/{mode}/{'shared' if shared_prefix else 'unshared'}]"
     if outputs:  # last pipeline stage
         report["sums_rel_err"] = _check_segment_sums(segment_logps, S_ref, rel)
         metrics = reduce_metrics(outputs, pg_collection.dp)
@@ -147,15 +160,18 @@ def check_grads(hf_dir, tp=1, pp=1, cp=1, vpp=None, num_microbatches=1, num_exam
 
 def check_objectives(hf_dir, tp=1, pp=1, cp=1, num_microbatches=1, num_examples=4, rel=1e-5,
                      algorithms=("dpo", "simpo", "orpo"),
-                     modes=("solo", "solo_both", "short", "long")):
-    """Every algorithm x mode at one layout equals the written-out single-process reference."""
+                     modes=("solo", "solo_both", "short", "long"), packings=(True, False)):
+    """Every algorithm x mode at one layout, with and without shared prefixes, equals the
+    written-out single-process reference (separate ``[x, y]`` sequences in transformers)."""
     shape, pg_collection, _, model, hf, parallel = _setup(hf_dir, tp, pp, cp)
     reports = []
     for i, algorithm in enumerate(algorithms):
         for j, mode in enumerate(modes):
-            reports.append(_compare_one(model, shape, pg_collection, hf, algorithm, mode,
-                                        num_microbatches, num_examples, rel, seed=10 * i + j,
-                                        long=(20, 40), parallel=parallel))
+            out = _compare_one(model, shape, pg_collection, hf, algorithm, mode,
+                               num_microbatches, num_examples, rel, seed=10 * i + j,
+                               long=(20, 40), parallel=parallel, packings=packings,
+                               require_padding=cp > 1)
+            reports.extend(out if isinstance(out, list) else [out])
     return reports
 
 
