@@ -8,7 +8,8 @@ here"), in one process on one device. Each check prints one JSON line (and appen
 Checks: environment (versions, device name, peak TFLOP/s lookup, NCCL world of one); SDPA backend
 choice (which kernel ``attention_backend=auto`` runs, and each backend against the math one,
 causal and lower-right causal); the model in the run's dtype with Megatron's fused SwiGLU on
-packed triplets against transformers; fused against unfused SwiGLU (log-probs and gradients); a
+packed triplets (shared prefixes) against transformers; fused against unfused SwiGLU (log-probs and
+gradients); long-PO with shared prefixes against separate segments (sums, gradients, time); a
 DDP + distributed-optimizer training step with the CUDA allocator's peaks and NVML; a checkpoint
 round trip of the CUDA RNG state; and the Transformer Engine spec against the local one when TE
 is importable.
@@ -89,10 +90,10 @@ class Checks:
                               chosen=toks(10, 30), rejected=toks(10, 30), index=i,
                               ref_logp_sum=[-50.0] * 4) for i in range(num)]
 
-    def _batch(self, mode="solo", on_device=True):
+    def _batch(self, mode="solo", on_device=True, shared_prefix=True):
         from solopo_mcore.data.packing import pack_triplets
         from solopo_mcore.losses.objective import MODE_ROLES
-        batch = pack_triplets(self.examples, MODE_ROLES[mode])
+        batch = pack_triplets(self.examples, MODE_ROLES[mode], shared_prefix=shared_prefix)
         return (batch.to(self.device) if on_device else batch), MODE_ROLES[mode]
 
     def _model(self, layer_spec="local", **config_overrides):
@@ -114,19 +115,19 @@ class Checks:
         sums = torch.zeros(batch.num_responses, device=token_logps.device)
         return sums.index_add(0, batch.loss_token_response, token_logps.float())
 
-    def _hf_segment_sums(self, dtype, roles):
+    def _hf_segment_sums(self, dtype, batch):
+        """transformers' response log-prob sums, each ``[x, y]`` alone, in ``batch``'s order."""
         from transformers import AutoModelForCausalLM
         hf = AutoModelForCausalLM.from_pretrained(self.hf_dir, dtype=dtype,
                                                   attn_implementation="sdpa").to(self.device)
         out = []
         with torch.no_grad():
-            for ex in self.examples:
-                for role in roles:
-                    prompt, response = ex.segment(role)
-                    ids = torch.tensor([list(prompt) + list(response)], device=self.device)
-                    logp = torch.log_softmax(hf(ids).logits.float(), dim=-1)[0, :-1]
-                    picked = logp.gather(-1, ids[0, 1:, None])[:, 0]
-                    out.append(picked[len(prompt) - 1:].sum())
+            for slot, role in zip(batch.response_example.tolist(), batch.response_role.tolist()):
+                prompt, response = self.examples[slot].segment(role)
+                ids = torch.tensor([list(prompt) + list(response)], device=self.device)
+                logp = torch.log_softmax(hf(ids).logits.float(), dim=-1)[0, :-1]
+                picked = logp.gather(-1, ids[0, 1:, None])[:, 0]
+                out.append(picked[len(prompt) - 1:].sum())
         return torch.stack(out)
 
     # -- checks ---------------------------------------------------------------------------------
@@ -187,16 +188,16 @@ class Checks:
     def model_vs_transformers(self):
         tcfg, chunks = self._model()
         model = chunks[0].to(self.device).eval()
-        batch, roles = self._batch()
+        batch, _ = self._batch()
         with torch.no_grad():
             ours = self._segment_sums(model, batch)
-        ref32 = self._hf_segment_sums(torch.float32, roles)
+        ref32 = self._hf_segment_sums(torch.float32, batch)
         figures = {"dtype": self.dtype_name, "fused_swiglu": bool(tcfg.bias_activation_fusion),
                    "segments": int(ours.numel()), "ours_vs_hf_fp32": round(max_abs(ours, ref32), 5)}
         if self.dtype == torch.float32:
             return figures["ours_vs_hf_fp32"] < 1e-3, figures
         # bf16: our error against the fp32 reference may not exceed HF's own bf16 error by much.
-        ref16 = self._hf_segment_sums(self.dtype, roles)
+        ref16 = self._hf_segment_sums(self.dtype, batch)
         figures["hf_bf16_vs_hf_fp32"] = round(max_abs(ref16, ref32), 5)
         limit = max(2.0 * figures["hf_bf16_vs_hf_fp32"], 0.05)
         return figures["ours_vs_hf_fp32"] <= limit and tcfg.bias_activation_fusion, figures
@@ -215,6 +216,34 @@ class Checks:
         (s0, g0), (s1, g1) = results
         figures = {"logp_sum_diff": round(max_abs(s0, s1), 6),
                    "grad_rel_diff": float((g0 - g1).norm() / g0.norm())}
+        tol = 2e-2 if self.dtype == torch.bfloat16 else 1e-5
+        return figures["grad_rel_diff"] < tol, figures
+
+    def shared_prefix(self):
+        """long-PO packed with shared prefixes (the default) against separate segments on this
+        device and dtype: response sums, gradients, and fwd+bwd time of each."""
+        _, chunks = self._model()
+        model = chunks[0].to(self.device)
+        figures, results = {}, {}
+        for shared in (False, True, False, True):  # alternate; the second of each is timed
+            batch, _ = self._batch(mode="long", shared_prefix=shared)
+            model.zero_grad()
+            self.platform.synchronize()
+            start = time.time()
+            sums = self._segment_sums(model, batch)
+            sums.sum().backward()
+            self.platform.synchronize()
+            name = "shared" if shared else "unshared"
+            figures[f"{name}_fwd_bwd_sec"] = round(time.time() - start, 4)
+            figures[f"{name}_tokens"] = int(batch.tokens.shape[1])
+            grads = torch.cat([p.grad.float().flatten() for p in model.parameters()
+                               if p.grad is not None])
+            results[name] = (sums.detach(), grads)
+        (s0, g0), (s1, g1) = results["unshared"], results["shared"]
+        figures["logp_sum_diff"] = round(max_abs(s0, s1), 6)
+        figures["grad_rel_diff"] = float((g0 - g1).norm() / g0.norm())
+        figures["time_shared_over_unshared"] = round(
+            figures["shared_fwd_bwd_sec"] / figures["unshared_fwd_bwd_sec"], 3)
         tol = 2e-2 if self.dtype == torch.bfloat16 else 1e-5
         return figures["grad_rel_diff"] < tol, figures
 
@@ -265,7 +294,7 @@ class Checks:
     def transformer_engine(self):
         if not self.platform.transformer_engine_available():
             return True, {"skipped": "Transformer Engine not importable (or no CUDA device)"}
-        batch, _ = self._batch()
+        batch, _ = self._batch(shared_prefix=False)  # TE cannot hide y_w from y_l
         sums = {}
         for spec in ("local", "te"):
             _, chunks = self._model(layer_spec=spec)
@@ -289,7 +318,7 @@ def main(argv=None) -> int:
         checks = Checks(args.tiny, Path(tmp))
         try:
             for name in ("environment", "sdpa", "model_vs_transformers", "fused_swiglu",
-                         "train_step_and_checkpoint", "transformer_engine"):
+                         "shared_prefix", "train_step_and_checkpoint", "transformer_engine"):
                 run_check(name, getattr(checks, name), args.out)
         finally:
             destroy_parallel()

@@ -27,12 +27,19 @@ def test_overrides_are_typed_and_applied():
     ("training.deterministic=maybe", "training.deterministic: expected true/false"),
     ("objective.alpha", "expected key.sub=value"),
     ("optimizer.optimizer_cpu_offload=true", "needs parallel.use_distributed_optimizer"),
+    ("model.layer_spec=te", "Set data.shared_prefix=false to use model.layer_spec=te"),
 ])
 def test_bad_values_name_the_key(override, message):
     extra = ["parallel.use_distributed_optimizer=false"] if "offload" in override else []
     with pytest.raises(ConfigError) as err:
         load_config("tiny_cpu", extra + [override])
     assert message in str(err.value)
+
+
+def test_shared_prefix_is_the_default_and_te_loads_without_it():
+    assert load_config("tiny_cpu").data.shared_prefix is True
+    cfg = load_config("tiny_cpu", ["model.layer_spec=te", "data.shared_prefix=false"])
+    assert cfg.model.layer_spec == "te" and cfg.data.shared_prefix is False
 
 
 def test_dpo_without_reference_is_refused_before_start():

@@ -55,7 +55,7 @@ def test_packing_offsets_labels_and_response_mask():
     ex = TripletTokens(short_prompt=[1, 2], long_prompt=[3, 4, 5], chosen=[6, 7], rejected=[8],
                        index=11)
     roles = [Role.SHORT_CHOSEN, Role.SHORT_REJECTED, Role.LONG_CHOSEN]
-    mb = pack_triplets([ex], roles, pad_multiple=4, pad_token_id=0)
+    mb = pack_triplets([ex], roles, pad_multiple=4, pad_token_id=0, shared_prefix=False)
     # segments: [1 2 6 7] (4), [1 2 8] -> padded 4, [3 4 5 6 7] -> padded 8
     assert mb.cu_seqlens.tolist() == [0, 4, 7, 12]
     assert mb.cu_seqlens_padded.tolist() == [0, 4, 8, 16]
@@ -67,6 +67,27 @@ def test_packing_offsets_labels_and_response_mask():
     assert mb.loss_token_response.tolist() == [0, 0, 1, 2, 2]
     assert mb.response_num_tokens.tolist() == [2, 1, 2]
     assert mb.num_real_tokens == 12 and mb.max_seqlen == 8
+
+
+def test_shared_prefix_packing_layout_positions_and_hidden_keys():
+    ex = TripletTokens(short_prompt=[1, 2, 3], long_prompt=[4, 5], chosen=[6, 7], rejected=[8, 9],
+                       index=11)
+    roles = [Role.SHORT_CHOSEN, Role.SHORT_REJECTED, Role.LONG_CHOSEN]
+    mb = pack_triplets([ex], roles, pad_multiple=4, pad_token_id=0, shared_prefix=True)
+    # [x_s, y_w, x_s[-1], y_l] = [1 2 3 6 7 | 3 8 9] (8), [x_l, y_w] = [4 5 6 7] (4)
+    assert mb.tokens.tolist() == [[1, 2, 3, 6, 7, 3, 8, 9, 4, 5, 6, 7]]
+    assert mb.cu_seqlens.tolist() == [0, 8, 12] and mb.cu_seqlens_padded.tolist() == [0, 8, 12]
+    # the branch restarts at |x| - 1 = 2: y_l sits at the positions y_w has
+    assert mb.rope_positions.tolist() == [0, 1, 2, 3, 4, 2, 3, 4, 0, 1, 2, 3]
+    # branch queries (>= 5) do not see keys [2, 5): x's last token and y_w
+    assert mb.hidden_keys == ((2, 5), (4, 4))
+    selected = mb.loss_mask[0].nonzero().flatten().tolist()
+    assert selected == [2, 3, 5, 6, 9, 10]
+    assert mb.labels[0, selected].tolist() == [6, 7, 8, 9, 6, 7]
+    assert mb.loss_token_response.tolist() == [0, 0, 1, 1, 2, 2]
+    assert mb.response_role.tolist() == [0, 1, 2] and mb.response_segment.tolist() == [0, 0, 1]
+    assert mb.segment_shapes() == [(8, 4, (2, 5)), (4, 2, (4, 4))]
+    assert mb.num_real_tokens == 12
 
 
 @pytest.mark.parametrize("vocab,divisible,tp,expected", [

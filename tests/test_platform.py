@@ -117,8 +117,8 @@ def test_interleaved_microbatch_padding_only_on_gloo(gloo, monkeypatch):
     monkeypatch.setattr(engine, "get_model_config", lambda m: None)
     monkeypatch.setattr(engine, "is_gloo", lambda group: gloo)
     examples = random_examples(4, 100, seed=3)
-    batches = [pack_triplets(examples[:1], MODE_ROLES["solo"]),
-               pack_triplets(examples[1:], MODE_ROLES["solo"])]
+    batches = [pack_triplets(examples[:1], MODE_ROLES["solo"], shared_prefix=True),
+               pack_triplets(examples[1:], MODE_ROLES["solo"], shared_prefix=True)]
     lengths = [int(b.tokens.shape[1]) for b in batches]
     assert lengths[0] != lengths[1]
     pg_collection = type("PGs", (), {"pp": _Group(2)})()

@@ -249,9 +249,9 @@ class _Packer:
         self.cu_pad.append(self.cu_pad[-1] + padded)
 
 
-def pack_triplets(examples: Sequence[TripletTokens], roles: Sequence[Role],
-                  pad_multiple: int = 1, pad_token_id: int = 0,
-                  shared_prefix: bool = False) -> PackedMicrobatch:
+def pack_triplets(examples: Sequence[TripletTokens], roles: Sequence[Role], *,
+                  shared_prefix: bool, pad_multiple: int = 1, pad_token_id: int = 0
+                  ) -> PackedMicrobatch:
     """Pack ``roles`` responses of every example into one global THD microbatch; with
     ``shared_prefix`` a prompt's chosen and rejected responses share one segment
     (:func:`segment_groups`, ``models/shared_prefix.py``)."""

@@ -191,6 +191,16 @@ class ResponseLogprobGPTModel(LabelledOutputGPTModel):
     """
 
     real_vocab_size: Optional[int] = None
+    supports_shared_prefix: bool = True
+    """False with Transformer Engine's attention, which cannot hide y_w from y_l."""
+
+    def forward(self, *args, packed_seq_params=None, **kwargs):
+        if getattr(packed_seq_params, "hidden_keys", None) is not None \
+                and not self.supports_shared_prefix:
+            raise ValueError("shared-prefix microbatches need our attention (model.layer_spec="
+                             "auto or local); pack with shared_prefix=False (data.shared_prefix="
+                             "false) for model.layer_spec=te")
+        return super().forward(*args, packed_seq_params=packed_seq_params, **kwargs)
 
     def labelled_output(self, hidden_states, labels, loss_mask, output_weight):
         """Log-probs of ``labels`` at ``loss_mask`` positions from the last decoder hidden states
@@ -278,7 +288,9 @@ def build_model_chunks(shape: ModelShape, model_cfg: ModelConfig, parallel: Para
         )
         model.real_vocab_size = shape.vocab_size
         _set_rope_frequencies(model, shape)
-        enable_positioned_rope(model)  # shared-prefix segments' RoPE positions
+        model.supports_shared_prefix = not use_te_spec(model_cfg)
+        if model.supports_shared_prefix:
+            enable_positioned_rope(model)  # shared-prefix segments' RoPE positions
         chunks.append(model)
     return chunks
 
