@@ -193,7 +193,7 @@ class Checks:
             ours = self._segment_sums(model, batch)
         ref32 = self._hf_segment_sums(torch.float32, batch)
         figures = {"dtype": self.dtype_name, "fused_swiglu": bool(tcfg.bias_activation_fusion),
-                   "segments": int(ours.numel()), "ours_vs_hf_fp32": round(max_abs(ours, ref32), 5)}
+                   "responses": int(ours.numel()), "ours_vs_hf_fp32": round(max_abs(ours, ref32), 5)}
         if self.dtype == torch.float32:
             return figures["ours_vs_hf_fp32"] < 1e-3, figures
         # bf16: our error against the fp32 reference may not exceed HF's own bf16 error by much.

@@ -104,7 +104,8 @@ class Trainer:
             f"{self.shape.architecture} {self.shape.num_layers}L h{self.shape.hidden_size} | "
             f"{describe_layout(self.pg_collection)} | "
             f"{'TE' if use_te_spec(config.model) else 'torch SDPA'} "
-            f"attention | {len(train_idx)} train / {len(self.eval_idx)} eval "
+            f"attention{', shared prefixes' if config.data.shared_prefix else ''} | "
+            f"{len(train_idx)} train / {len(self.eval_idx)} eval "
             f"examples | {self.sampler.num_microbatches} microbatches/step | start step "
             f"{self.step}")
 

@@ -84,7 +84,7 @@ def _compare_one(model, shape, pg_collection, hf, algorithm, mode, num_microbatc
                  num_examples, rel, seed, long, parallel, require_padding=False,
                  report_norm_grads=False, packings=(True,)):
     from solopo_mcore.config import ObjectiveConfig
-    from tests.helpers.hf_reference import random_examples, reference_loss_and_grads
+    from tests.helpers.hf_reference import assert_close, random_examples, reference_loss_and_grads
 
     objective = ObjectiveConfig(algorithm=algorithm, mode=mode, alpha=1.5, beta=0.5, gamma=0.3,
                                 orpo_lambda=0.2, label_smoothing=0.1 if algorithm == "dpo"
@@ -92,10 +92,22 @@ def _compare_one(model, shape, pg_collection, hf, algorithm, mode, num_microbatc
     examples = random_examples(num_examples, shape.vocab_size, seed, long=long,
                                with_ref=algorithm == "dpo")
     ref_loss, S_ref, hf_grads = reference_loss_and_grads(hf, examples, objective, mode)
-    reports = [_compare_packing(model, shape, pg_collection, objective, mode, examples,
-                                num_microbatches, rel, parallel, require_padding,
-                                report_norm_grads, shared, ref_loss, S_ref, hf_grads)
-               for shared in packings]
+    reports, results = [], []
+    for shared in packings:
+        report, sums, grads = _compare_packing(model, shape, pg_collection, objective, mode,
+                                               examples, num_microbatches, rel, parallel,
+                                               require_padding, report_norm_grads, shared,
+                                               ref_loss, S_ref, hf_grads)
+        reports.append(report)
+        results.append((sums, grads))
+    if len(results) == 2:  # shared against unshared directly, not only each against transformers
+        (sums_a, grads_a), (sums_b, grads_b) = results
+        where = f"[{algorithm}/{mode}] shared vs unshared"
+        assert sums_a.keys() == sums_b.keys()
+        for key in sums_a:
+            assert_close(sums_a[key], sums_b[key], rel, f"{where} sum {key}")
+        for name in grads_a:
+            assert_close(grads_a[name], grads_b[name], rel, f"{where} gradient of {name}")
     return reports[0] if len(reports) == 1 else reports
 
 
@@ -119,11 +131,15 @@ def _compare_packing(model, shape, pg_collection, objective, mode, examples, num
         metrics = reduce_metrics(outputs, pg_collection.dp)
         report["loss_rel_err"] = assert_close(torch.tensor(metrics["loss/total"]), ref_loss, rel,
                                               f"{where} global-batch mean loss")
+    sums = {(int(e), int(r)): v for seg in segment_logps
+            for e, r, v in zip(seg.example_index, seg.role, seg.sums)}
+    grads = {}
     worst = 0.0
     norm_grads = {}
     for chunk in model:
         names = global_param_names(chunk.module)
         for local, param in chunk.module.named_parameters():
+            grads[names[local]] = param.main_grad.detach().clone()
             expected = _expected_shard(hf_grads, names[local], shape, pg_collection.tp.size(),
                                        pg_collection.tp.rank(), param)
             worst = max(worst, assert_close(param.main_grad, expected, rel,
@@ -137,7 +153,7 @@ def _compare_packing(model, shape, pg_collection, objective, mode, examples, num
         report.update(norm_grads=norm_grads, tp_rank=pg_collection.tp.rank(),
                       tp_peers=tuple(getattr(pg_collection, name).rank()
                                      for name in ("pp", "cp", "dp")))
-    return report
+    return report, sums, grads
 
 
 def check_grads(hf_dir, tp=1, pp=1, cp=1, vpp=None, num_microbatches=1, num_examples=4,
