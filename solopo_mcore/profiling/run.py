@@ -63,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> dict:
     config = load_config(args.config, args.overrides)
+    variants = parse_variants(args.modes, config.data.shared_prefix)
+    shared = [v.name for v in variants if v.shared_prefix]
+    if shared and config.model.layer_spec == "te":
+        raise ConfigError(f"--modes {','.join(shared)}: shared-prefix packing needs our attention "
+                          f"(model.layer_spec=auto or local), not Transformer Engine's; profile "
+                          f"MODE/unshared variants only, or set model.layer_spec=local")
     shape, pg_collection = setup_parallel(config)
     stack = build_model_stack(config, shape, pg_collection)
     if config.checkpoint.hf_init_dir:
@@ -72,12 +78,6 @@ def run(args) -> dict:
     target = ProfileTarget(stack, optimizer, config.objective, build.pad_multiple(config),
                            args.response_tokens, config.training.seed, args.memory_limit_gib,
                            device_peak_tflops(config.logging.peak_tflops))
-    variants = parse_variants(args.modes, config.data.shared_prefix)
-    shared = [v.name for v in variants if v.shared_prefix]
-    if shared and config.model.layer_spec == "te":
-        raise ConfigError(f"--modes {','.join(shared)}: shared-prefix packing needs our attention "
-                          f"(model.layer_spec=auto or local), not Transformer Engine's; profile "
-                          f"MODE/unshared variants only, or set model.layer_spec=local")
     estimates = []
     if dist.get_rank() == 0:
         from pathlib import Path

@@ -92,7 +92,8 @@ def parse_variants(text: str, default_shared_prefix: bool) -> list:
         if variant not in variants:
             variants.append(variant)
     if not variants:
-        raise ConfigError(f"--modes {text!r} names no mode; e.g. --modes {DEFAULT_VARIANTS}")
+        raise ConfigError(f"--modes {text!r} names no mode: give MODE, MODE/shared or "
+                          f"MODE/unshared entries, e.g. --modes {DEFAULT_VARIANTS}")
     return variants
 
 
