@@ -4,9 +4,10 @@
         --layouts tp1,tp2,cp2,pp2 --recompute none,selective,full
 
 Each (layout, recompute) pair runs ``examples/profile_solopo.py`` (the ``--modes`` variants, e.g.
-``solo,long`` or ``long/unshared,long/shared`` for shared-prefix packing; the given long lengths) on a small random Qwen2-architecture model, which reports the estimator's tensor
-total next to the measured tensor peak: CUDA max allocated on GPU; on CPU the tensors alive before
-a step plus the CPU allocator's peak during it. Prints one row per setting and the error range.
+``solo,long`` or ``long/unshared,long/shared`` for shared-prefix packing; the given long lengths)
+on a small random Qwen2-architecture model, which reports the estimator's tensor total next to the
+measured tensor peak: CUDA max allocated on GPU; on CPU the tensors alive before a step plus the
+CPU allocator's peak during it. Prints one row per setting and the error range.
 Any further ``key=value`` arguments are passed to every run as config overrides.
 """
 

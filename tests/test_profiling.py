@@ -12,7 +12,6 @@ import torch
 from solopo_mcore.models.hf_config import shape_from_dict
 from solopo_mcore.models.reference_configs import QWEN25_7B_INSTRUCT
 from solopo_mcore.data.packing import TripletTokens, pack_triplets, round_up
-from solopo_mcore.data.schema import Role
 from solopo_mcore.losses.objective import MODE_ROLES
 from solopo_mcore.profiling.estimator import (EstimateInputs, attention_key_bytes, estimate_memory,
                                               inputs_from_batch, parameter_counts,

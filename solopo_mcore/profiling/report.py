@@ -133,7 +133,8 @@ def write_report(out_dir: str, results: list, context: dict, max_lengths: dict,
                   "|---|---|---|---|---|"]
         for e in estimates:
             err = na if e.get("error") is None else f"{e['error']:+.1%}"
-            lines.append(f"| {e.get('variant', e['mode'])} | {e['long_tokens']} | {e['estimated_gib']:.3f} | "
+            lines.append(f"| {e.get('variant', e['mode'])} | {e['long_tokens']} | "
+                         f"{e['estimated_gib']:.3f} | "
                          f"{e['measured_gib']:.3f} | {err} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return payload
