@@ -3,10 +3,11 @@
     python benchmarks/validate_memory_estimator.py --lengths 1024,4096 \
         --layouts tp1,tp2,cp2,pp2 --recompute none,selective,full
 
-Each (layout, recompute) pair runs ``examples/profile_solopo.py`` (solo and long modes, the given
-long lengths) on a small random Qwen2-architecture model, which reports the estimator's tensor
-total next to the measured tensor peak: CUDA max allocated on GPU; on CPU the tensors alive before
-a step plus the CPU allocator's peak during it. Prints one row per setting and the error range.
+Each (layout, recompute) pair runs ``examples/profile_solopo.py`` (the ``--modes`` variants, e.g.
+``solo,long`` or ``long/unshared,long/shared`` for shared-prefix packing; the given long lengths)
+on a small random Qwen2-architecture model, which reports the estimator's tensor total next to the
+measured tensor peak: CUDA max allocated on GPU; on CPU the tensors alive before a step plus the
+CPU allocator's peak during it. Prints one row per setting and the error range.
 Any further ``key=value`` arguments are passed to every run as config overrides.
 """
 
@@ -30,6 +31,8 @@ def main(argv=None):
     parser.add_argument("--short-tokens", type=int, default=256)
     parser.add_argument("--response-tokens", type=int, default=64)
     parser.add_argument("--layouts", default="tp1,tp2,cp2,pp2")
+    parser.add_argument("--modes", default="solo,long",
+                        help="profile_solopo.py --modes: MODE, MODE/shared or MODE/unshared")
     parser.add_argument("--recompute", default="none,selective,full")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=4000)
@@ -51,6 +54,7 @@ def main(argv=None):
                 cmd = [sys.executable, "-m", "torch.distributed.run",
                        f"--nproc-per-node={tp * pp * cp}", "examples/profile_solopo.py",
                        "--config", "tiny_cpu", "--out", str(out), "--long-lengths", args.lengths,
+                       "--modes", args.modes,
                        "--short-tokens", str(args.short_tokens),
                        "--response-tokens", str(args.response_tokens), "--steps", "1",
                        "--warmup", "1", f"model.hf_config_path={model_dir}",
@@ -68,10 +72,10 @@ def main(argv=None):
                 payload = json.loads((out / "results.json").read_text())
                 for est in payload["estimates"]:
                     rows.append({"layout": layout, "recompute": recompute, **{
-                        k: est[k] for k in ("mode", "long_tokens", "estimated_gib",
+                        k: est[k] for k in ("variant", "mode", "long_tokens", "estimated_gib",
                                             "measured_gib", "error")}})
                     r = rows[-1]
-                    print(f"{layout:8} {recompute:9} {r['mode']:4} long={r['long_tokens']:6} "
+                    print(f"{layout:8} {recompute:9} {r['variant']:14} long={r['long_tokens']:6} "
                           f"estimated {r['estimated_gib']:.4f} GiB  measured "
                           f"{r['measured_gib']:.4f} GiB  error {r['error']:+.1%}", flush=True)
     errors = [r["error"] for r in rows]

@@ -4,8 +4,10 @@
         --long-tokens 65536 --short-tokens 1024 --device-gib 141
 
 Reads the architecture from model.hf_config_path, or --model qwen2.5-7b|llama3.1-8b without the
-weights. Formulas: solopo_mcore/profiling/estimator.py. At TP > 1 the report and every suggested
-layout say how many GiB per GPU sequence parallelism (on by default) saves there.
+weights. Formulas: solopo_mcore/profiling/estimator.py. The microbatch is the one the trainer
+packs for the recipe's objective.mode and data.shared_prefix (a shared-prefix segment runs its
+context once for both answers; data.shared_prefix=false compares). At TP > 1 the report and every
+suggested layout say how many GiB per GPU sequence parallelism (on by default) saves there.
 """
 
 import argparse
@@ -13,12 +15,12 @@ import json
 
 from solopo_mcore.config import ConfigError, load_config
 from solopo_mcore.errors import entry_point
-from solopo_mcore.data.schema import Role
+from solopo_mcore.data.packing import TripletTokens, pack_triplets
 from solopo_mcore.losses.objective import MODE_ROLES
 from solopo_mcore.models.hf_config import read_hf_config, shape_from_dict
 from solopo_mcore.models.reference_configs import BY_NAME
-from solopo_mcore.parallel.layout import LayoutError
-from solopo_mcore.profiling.estimator import (EstimateInputs, estimate_memory,
+from solopo_mcore.parallel.layout import LayoutError, sequence_pad_multiple
+from solopo_mcore.profiling.estimator import (EstimateInputs, estimate_memory, inputs_from_batch,
                                               sequence_parallel_saving_gib, suggest_layouts)
 
 
@@ -57,13 +59,17 @@ def main(argv=None):
             raise ConfigError(f"model.hf_config_path={cfg.model.hf_config_path}: no config.json "
                               f"there; pass --model {known} to estimate without the weights, or "
                               f"model.hf_config_path=HF_MODEL_DIR") from None
-    roles = MODE_ROLES[cfg.objective.mode]
-    segments = tuple(
-        (args.long_tokens if r in (Role.LONG_CHOSEN, Role.LONG_REJECTED) else args.short_tokens)
-        + args.response_tokens for r in roles) * cfg.data.micro_batch_size
-    tokens = sum(segments)
-    response = cfg.data.micro_batch_size * len(roles) * args.response_tokens
     p = cfg.parallel
+    # one example packed as the trainer packs it, repeated micro_batch_size times
+    response_ids = [1] * args.response_tokens
+    example = TripletTokens(short_prompt=[1] * args.short_tokens,
+                            long_prompt=[1] * args.long_tokens, chosen=response_ids,
+                            rejected=response_ids, index=0)
+    batch = pack_triplets([example], MODE_ROLES[cfg.objective.mode],
+                          pad_multiple=sequence_pad_multiple(p),
+                          shared_prefix=cfg.data.shared_prefix)
+    microbatch = inputs_from_batch(batch, repeat=cfg.data.micro_batch_size)
+    tokens, response = microbatch["microbatch_tokens"], microbatch["response_tokens"]
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * \
         p.context_parallel_size
     if args.world_size <= 0 or args.world_size % model_parallel:
@@ -85,10 +91,11 @@ def main(argv=None):
     inputs = EstimateInputs(
         tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
         cp=p.context_parallel_size, dp=args.world_size // model_parallel,
-        microbatch_tokens=tokens, response_tokens=response, segment_tokens=segments, **common)
+        **microbatch, **common)
     estimate = estimate_memory(shape, inputs)
     fits = estimate["total_gib"] <= args.device_gib
     report = {"model": shape.architecture, "mode": cfg.objective.mode,
+              "shared_prefix": cfg.data.shared_prefix,
               "microbatch_tokens": tokens, "recipe_layout": {
                   "tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
                   "cp": p.context_parallel_size,
@@ -100,7 +107,9 @@ def main(argv=None):
               "per_gpu_gib": {k: round(v, 2) for k, v in estimate.items() if k.endswith("_gib")},
               "fits": fits, "device_gib": args.device_gib,
               "layouts_that_fit": suggest_layouts(shape, args.world_size, tokens, response,
-                                                  args.device_gib, segment_tokens=segments,
+                                                  args.device_gib,
+                                                  segment_tokens=microbatch["segment_tokens"],
+                                                  segments=microbatch["segments"],
                                                   **common)[:8]}
     print(json.dumps(report, indent=2))
     return report

@@ -3,7 +3,10 @@
     torchrun --nproc-per-node G examples/profile_solopo.py --config RECIPE.yaml \
         --long-lengths 4096,8192,16384,32768 --short-tokens 1024 --find-max-len --out runs/profile
 
-Writes results.json/.csv, time_vs_length.png, memory_vs_length.png and summary.md to --out.
+--modes lists variants, MODE[/shared|/unshared]; the default
+solo,solo_both,long/unshared,long/shared compares SoLoPO and solo_both with long-PO without and
+with shared prefixes. Writes results.json/.csv, time_vs_length.png, memory_vs_length.png and
+summary.md (with the step-time and peak-memory ratios) to --out.
 """
 
 import argparse

@@ -11,11 +11,16 @@ import torch
 
 from solopo_mcore.models.hf_config import shape_from_dict
 from solopo_mcore.models.reference_configs import QWEN25_7B_INSTRUCT
-from solopo_mcore.profiling.estimator import (EstimateInputs, estimate_memory, parameter_counts,
+from solopo_mcore.data.packing import TripletTokens, pack_triplets, round_up
+from solopo_mcore.losses.objective import MODE_ROLES
+from solopo_mcore.profiling.estimator import (EstimateInputs, attention_key_bytes, estimate_memory,
+                                              inputs_from_batch, parameter_counts,
                                               response_tokens_on_busiest_cp_rank, suggest_layouts)
 from solopo_mcore.profiling.memory import AllocatorPeakTracker, live_storages
 from solopo_mcore.profiling.flops import forward_flops_per_segment, mfu, training_step_flops
-from solopo_mcore.profiling.sweep import SimulatedOOM, find_max_length
+from solopo_mcore.profiling.report import write_report
+from solopo_mcore.profiling.sweep import (DEFAULT_VARIANTS, SimulatedOOM, find_max_length,
+                                          parse_variants)
 from tests.helpers.launch import REPO, torchrun_cmd
 SMALL_HF = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "intermediate_size": 16,
             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -32,6 +37,131 @@ def test_flops_match_hand_computed_values():
     assert training_step_flops(SMALL, [(6, 2), (6, 2)]) == 3 * 2 * 15296
     assert mfu(1e15, 2.0, 4, 250.0) == pytest.approx(0.5)
     assert mfu(1e15, 2.0, 4, None) is None
+
+
+def _example(num_prompt, num_chosen, num_rejected, num_long_prompt=None):
+    return TripletTokens(short_prompt=[1] * num_prompt, long_prompt=[2] * (num_long_prompt or 7),
+                         chosen=[3] * num_chosen, rejected=[4] * num_rejected, index=0)
+
+
+def test_flops_of_a_shared_segment_are_its_two_causal_blocks():
+    # [x (5), y_w (3), x[-1], y_l (2)]: 11 tokens; y_w's block is the causal [x, y_w] (8 tokens),
+    # the branch's 3 queries see x[:-1] (4 keys) and themselves causally
+    batch = pack_triplets([_example(5, 3, 2)], MODE_ROLES["short"], shared_prefix=True)
+    assert batch.segment_shapes() == [(11, 5, (4, 8))]
+    per_token_layer = 1152  # QKV + output + MLP of SMALL (test above)
+    per_pair_layer = 2 * 2 * 2 * 4  # QK^T and AV, 2 heads of d=4
+    pairs = 8 * 8 / 2 + (3 * 4 + 3 * 3 / 2)  # causal-halved, as Megatron counts
+    forward = 2 * (11 * per_token_layer + pairs * per_pair_layer) + 2 * 8 * 10 * 5
+    assert training_step_flops(SMALL, batch.segment_shapes()) == 3 * forward
+    # the branch costs its own tokens and keys only, not a second [x, y_l] segment
+    branch = 2 * (3 * per_token_layer + (3 * 4 + 3 * 3 / 2) * per_pair_layer) + 2 * 8 * 10 * 2
+    assert forward_flops_per_segment(SMALL, 11, 5, (4, 8)) == \
+        forward_flops_per_segment(SMALL, 8, 3) + branch
+    assert forward < forward_flops_per_segment(SMALL, 8, 3) + forward_flops_per_segment(SMALL, 7, 2)
+
+
+@pytest.mark.parametrize("mode", sorted(MODE_ROLES))
+def test_flops_of_an_unshared_pack_are_the_per_role_formula(mode):
+    example = _example(5, 3, 2, num_long_prompt=40)
+    batch = pack_triplets([example, example], MODE_ROLES[mode], pad_multiple=4)
+    per_role = [(len(example.segment(r)[0]) + len(example.segment(r)[1]),
+                 len(example.segment(r)[1])) for r in MODE_ROLES[mode]] * 2
+    assert training_step_flops(SMALL, batch.segment_shapes()) == \
+        pytest.approx(training_step_flops(SMALL, per_role), rel=1e-12)
+
+
+def test_profiler_variants_default_to_both_long_po_baselines():
+    names = [v.name for v in parse_variants(DEFAULT_VARIANTS, default_shared_prefix=True)]
+    assert names == ["solo/shared", "solo_both/shared", "long/unshared", "long/shared"]
+    # a bare mode follows the recipe's data.shared_prefix (old --modes solo,long still works)
+    assert [v.name for v in parse_variants("solo,long", False)] == ["solo/unshared",
+                                                                    "long/unshared"]
+    assert [v.name for v in parse_variants("long,long/shared", True)] == ["long/shared"]
+    for bad in ("solo/both", "longpo", ","):
+        with pytest.raises(ValueError, match="--modes") as info:
+            parse_variants(bad, True)
+        assert "MODE/shared" in str(info.value)
+
+
+def _fake_result(variant, step_sec, peak_gib, long_tokens=4096):
+    return {"variant": variant, "mode": variant.split("/")[0], "long_tokens": long_tokens,
+            "tokens": 100, "step_sec": step_sec, "tokens_per_sec_per_gpu": 1.0,
+            "model_tflops_per_gpu": 1.0, "mfu": None, "long_pass_mfu": None,
+            "peak_memory_gib": peak_gib, "short_segments_sec": 0.1, "long_segments_sec": 0.2}
+
+
+def test_report_shows_solo_against_both_baselines_and_solo_both_against_solo(tmp_path):
+    results = [_fake_result("solo/shared", 0.5, 1.0), _fake_result("solo_both/shared", 0.55, 1.1),
+               _fake_result("long/unshared", 1.0, 2.0), _fake_result("long/shared", 0.625, 1.25),
+               _fake_result("solo/unshared", 0.6, 1.5)]
+    payload = write_report(str(tmp_path), results, {"device": "CPU"}, {}, [])
+    ratios = {(r["numerator"], r["denominator"]): (r["step_time_ratio"], r["peak_memory_ratio"])
+              for r in payload["ratios"]}
+    assert ratios == {("solo/shared", "long/unshared"): (0.5, 0.5),
+                      ("solo/shared", "long/shared"): (0.8, 0.8),
+                      ("solo_both/shared", "solo/shared"): (pytest.approx(1.1), 1.1),
+                      ("long/shared", "long/unshared"): (0.625, 0.625),
+                      ("solo/shared", "solo/unshared"): (pytest.approx(0.5 / 0.6),
+                                                         pytest.approx(1 / 1.5))}
+    summary = (tmp_path / "summary.md").read_text()
+    for line in ("| 4096 | SoLoPO / long-PO without sharing (the paper's baseline) | "
+                 "solo/shared / long/unshared | 0.50 | 0.50 |",
+                 "| 4096 | SoLoPO / long-PO with sharing (the strongest baseline) | "
+                 "solo/shared / long/shared | 0.80 | 0.80 |",
+                 "| 4096 | solo_both / solo | solo_both/shared / solo/shared | 1.10 | 1.10 |",
+                 "| 4096 | long-PO with / without sharing | long/shared / long/unshared | "
+                 "0.62 | 0.62 |"):
+        assert line in summary, summary
+    # only the variants that ran: solo and long, both shared -> one comparison
+    payload = write_report(str(tmp_path / "two"), [_fake_result("solo/shared", 0.5, 1.0),
+                                                   _fake_result("long/shared", 0.8, 2.0)],
+                           {"device": "CPU"}, {}, [])
+    assert [(r["numerator"], r["denominator"]) for r in payload["ratios"]] == \
+        [("solo/shared", "long/shared")]
+
+
+def test_estimator_counts_a_shared_branch_keys_masks_and_responses():
+    # [x (6), y_w (3), x[-1], y_l (2)] = 12 tokens, hidden keys (5, 9): y_w's 9 queries see
+    # [0, 9); the branch's 3 queries see x[:-1] (5 keys) and themselves
+    batch = pack_triplets([_example(6, 3, 2)], MODE_ROLES["short"], pad_multiple=4,
+                          shared_prefix=True)
+    micro = inputs_from_batch(batch)
+    assert micro["microbatch_tokens"] == 12 and micro["response_tokens"] == 5
+    assert micro["segments"][0].response_spans == ((5, 8), (9, 11))
+
+    def keys(cp, masks):
+        return attention_key_bytes(EstimateInputs(cp=cp, materialized_cp_masks=masks, **micro),
+                                   1.0)
+    assert keys(1, False) == 9 + (5 + 3)  # the branch gathers x[:-1]'s keys again
+    assert keys(1, True) == 17 + 4 * 3 * 8  # and on CPU its 3 x 8 lower-right mask (fp32)
+    # CP2, chunks of 3: rank 0 holds queries [0,3) (3 keys, square: no mask) and [9,12)
+    # (5 + 3 keys); rank 1 holds [3,6) (6 keys) and [6,9) (9 keys): the busiest
+    assert keys(2, False) == 15
+    assert keys(2, True) == 15 + 4 * 3 * 6 + 4 * 3 * 9
+    # responses: y_w at [5, 8) sits mid-segment (rank 1 holds all of it), y_l at [9, 11)
+    assert response_tokens_on_busiest_cp_rank(EstimateInputs(cp=2, **micro)) == 3
+    assert response_tokens_on_busiest_cp_rank(EstimateInputs(cp=1, **micro)) == 5
+    # an unshared pack gives the formula the estimator had (validated against measured peaks)
+    plain = inputs_from_batch(pack_triplets([_example(6, 3, 2)], MODE_ROLES["short"],
+                                            pad_multiple=4))
+    for cp in (1, 2):
+        old = dict(microbatch_tokens=plain["microbatch_tokens"],
+                   response_tokens=plain["response_tokens"],
+                   segment_tokens=plain["segment_tokens"], cp=cp, materialized_cp_masks=True)
+        assert attention_key_bytes(EstimateInputs(**plain, cp=cp, materialized_cp_masks=True),
+                                   2.0) == pytest.approx(attention_key_bytes(
+                                       EstimateInputs(**old), 2.0))
+    # long-PO at 7B scale: sharing the 64K context about halves the activations
+    shape = shape_from_dict(QWEN25_7B_INSTRUCT)
+    long_example = TripletTokens(short_prompt=[1] * 1024, long_prompt=[1] * 65536,
+                                 chosen=[1] * 256, rejected=[1] * 256, index=0)
+    gib = {}
+    for shared in (False, True):
+        packed = pack_triplets([long_example], MODE_ROLES["long"], shared_prefix=shared)
+        gib[shared] = estimate_memory(shape, EstimateInputs(
+            recompute="none", **inputs_from_batch(packed)))["activations_gib"]
+    assert 0.45 < gib[True] / gib[False] < 0.6
 
 
 def test_flops_at_qwen_7b_scale_are_6N_plus_attention():
@@ -188,17 +318,35 @@ def test_cpu_sweep_writes_every_output(tiny_qwen2, tmp_path):
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 0, result.stderr[-4000:]
     for name in ("results.json", "results.csv", "time_vs_length.png", "memory_vs_length.png",
-                 "summary.md", "trace_solo_256.json"):
+                 "summary.md", "trace_solo-shared_256.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     payload = json.loads((out / "results.json").read_text())
-    assert {(r["mode"], r["long_tokens"]) for r in payload["results"]} == \
-        {("solo", 256), ("solo", 512), ("long", 256), ("long", 512)}
-    assert set(payload["max_long_tokens"]) == {"solo", "long"}
+    # the default variants: solo and solo_both as the recipe packs them (shared), against
+    # long-PO without and with shared prefixes
+    variants = {"solo/shared", "solo_both/shared", "long/unshared", "long/shared"}
+    assert {(r["variant"], r["long_tokens"]) for r in payload["results"]} == \
+        {(v, n) for v in variants for n in (256, 512)}
+    assert set(payload["max_long_tokens"]) == variants
     assert all(r["step_sec"] > 0 and r["long_segments_sec"] > 0 for r in payload["results"])
-    assert "solo/long step time" in (out / "summary.md").read_text()
-    # the estimator against the measured tensor peak (CPU allocator + live tensors)
-    assert len(payload["estimates"]) == 4
+    # tokens are the ones each packing runs: a long context of 240 + 16 response tokens, its
+    # shared pair [x, y_w, x[-1], y_l] = 240 + 16 + 1 + 16
+    tokens = {(r["variant"], r["long_tokens"]): r["tokens"] for r in payload["results"]}
+    assert tokens[("long/unshared", 256)] == 2 * 256 and tokens[("long/shared", 256)] == 273
+    assert tokens[("solo/shared", 256)] == (112 + 16 + 1 + 16) + 256
+    assert {(r["numerator"], r["denominator"]) for r in payload["ratios"]} == {
+        ("solo/shared", "long/unshared"), ("solo/shared", "long/shared"),
+        ("solo_both/shared", "solo/shared"), ("long/shared", "long/unshared")}
+    summary = (out / "summary.md").read_text()
+    assert "SoLoPO / long-PO with sharing (the strongest baseline)" in summary
+    # the estimator against the measured tensor peak (CPU allocator + live tensors), and the
+    # shared long-PO setting below the unshared one in both
+    assert len(payload["estimates"]) == 8
     assert all(-0.10 < e["error"] < 0.15 for e in payload["estimates"]), payload["estimates"]
+    est = {(e["variant"], e["long_tokens"]): e for e in payload["estimates"]}
+    for n in (256, 512):
+        shared, unshared = est[("long/shared", n)], est[("long/unshared", n)]
+        assert shared["measured_gib"] < unshared["measured_gib"]
+        assert shared["estimated_gib"] < unshared["estimated_gib"]
 
 
 def test_estimate_memory_cli_for_a_recipe_and_cluster():
@@ -221,7 +369,14 @@ def test_estimate_memory_cli_for_a_recipe_and_cluster():
         pytest.approx(report["sequence_parallel_saving_gib"], abs=0.02)
     assert all(("sequence_parallel_saving_gib" in r) == (r["tp"] > 1)
                for r in report["layouts_that_fit"])
-    assert report["microbatch_tokens"] == 1024 * 2 + 65536 + 3 * 256
+    # the packing the trainer uses (data.shared_prefix, on by default): the short pair shares
+    # its context, segments padded to CP x lcm(2, TP) = 16 tokens
+    assert report["shared_prefix"] is True
+    assert report["microbatch_tokens"] == round_up(1024 + 2 * 256 + 1, 16) + 65536 + 256
+    unshared = main(["--config", "qwen2.5-7b_solo-orpo_64k_4node", "--model", "qwen2.5-7b",
+                     "--world-size", "32", "--long-tokens", "65536", "--device-gib", "141",
+                     "data.shared_prefix=false"])
+    assert unshared["microbatch_tokens"] == 1024 * 2 + 65536 + 3 * 256
     assert report["fits"] and report["layouts_that_fit"]
     tight = main(["--config", "qwen2.5-7b_solo-orpo_8gpu", "--model", "qwen2.5-7b",
                   "--world-size", "1", "--long-tokens", "131072", "--device-gib", "40",

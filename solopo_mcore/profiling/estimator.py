@@ -41,6 +41,16 @@ layers at a time. Backward's working set adds the FC1-output and hidden-state gr
 each segment's visible global prefix, ``(2 CP + 1) / (2 CP)`` of the global tokens. (On CPU only,
 torch materializes the lower-right masks of CP chunks: ``materialized_cp_masks``.)
 
+Shared-prefix segments (``[x, y_w, x[-1], y_l]``, ``models/shared_prefix.py``) have fewer tokens
+than the two segments they replace (``x`` once, plus one repeated token), but the branch's SDPA
+call gathers its keys again: it concatenates ``x[:-1]``'s keys and values with its own and expands
+them for GQA, so the expanded k and v of a shared segment span ``L + |x| - 1`` tokens (and on CPU
+the branch's lower-right mask is materialized too). Given the packed microbatch's segments
+(:func:`segment_layouts`: padded lengths, hidden key ranges, response positions), the estimator
+walks each CP rank's query pieces with the attention's own ``query_key_ranges`` and counts the
+busiest rank's expanded keys, masks and response tokens exactly; a shared segment's ``y_w`` sits
+in its middle, not at its end.
+
 Response-only logits: the vocab-parallel cross entropy works in place on the fp32 logits
 (``n_response x V_padded / tp x 4`` bytes, with the response tokens of the busiest CP rank: a
 response ends its segment, in the last zigzag chunk, which CP rank 0 holds, so CP does not divide
@@ -60,9 +70,55 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 from solopo_mcore.models.hf_config import ModelShape, padded_vocab_size
+from solopo_mcore.models.shared_prefix import query_key_ranges
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class SegmentLayout:
+    """One THD segment of a packed microbatch, as the estimator needs it."""
+
+    length: int
+    """Padded tokens (global, before the CP split)."""
+    hidden_keys: Optional[tuple] = None
+    """A shared-prefix segment's ``(lo, hi)``: queries at ``>= hi`` do not see keys ``[lo, hi)``;
+    None for an ordinary causal segment."""
+    response_spans: tuple = ()
+    """``((start, end), ...)`` segment-relative positions where logits are computed."""
+
+
+def segment_layouts(batch) -> tuple:
+    """The :class:`SegmentLayout` of every segment of a global (unsplit) ``PackedMicrobatch``."""
+    padded = batch.cu_seqlens_padded.tolist()
+    mask = batch.loss_mask[0].tolist()
+    layouts = []
+    for index, (start, end) in enumerate(zip(padded[:-1], padded[1:])):
+        length = end - start
+        hidden = batch.hidden_keys[index] if batch.hidden_keys is not None else None
+        if hidden is not None and hidden[0] >= length:
+            hidden = None  # an ordinary segment in a microbatch that also holds shared ones
+        spans, open_at = [], None
+        for t in range(length + 1):
+            on = t < length and mask[start + t]
+            if on and open_at is None:
+                open_at = t
+            elif not on and open_at is not None:
+                spans.append((open_at, t))
+                open_at = None
+        layouts.append(SegmentLayout(length, None if hidden is None else tuple(hidden),
+                                     tuple(spans)))
+    return tuple(layouts)
+
+
+def inputs_from_batch(batch, repeat: int = 1) -> dict:
+    """The microbatch fields of :class:`EstimateInputs` from a global packed microbatch, its
+    segments repeated ``repeat`` times (a microbatch of ``repeat`` such examples)."""
+    layouts = segment_layouts(batch) * repeat
+    return dict(microbatch_tokens=sum(s.length for s in layouts),
+                response_tokens=sum(e - b for s in layouts for b, e in s.response_spans),
+                segment_tokens=tuple(s.length for s in layouts), segments=layouts)
 
 
 @dataclass
@@ -91,11 +147,16 @@ class EstimateInputs:
     segment_tokens: tuple = ()
     """Lengths of the microbatch's segments (only the CPU mask term below needs them; empty: one
     segment of microbatch_tokens)."""
+    segments: tuple = ()
+    """The microbatch's :class:`SegmentLayout` s (:func:`inputs_from_batch`); when given, the
+    expanded k/v, the CPU masks and the busiest CP rank's response tokens are counted from them
+    (shared-prefix segments included) instead of from ``segment_tokens``."""
     sequence_parallel: Optional[bool] = None
     """Megatron sequence parallelism; None: on whenever TP > 1 (the trainer's default)."""
     materialized_cp_masks: bool = False
     """CPU only: torch materializes the lower-right causal mask of each CP chunk (fp32,
-    chunk x visible prefix) and its flash kernel keeps it for backward; CUDA kernels do not."""
+    chunk x visible prefix), and of each shared-prefix branch, and its flash kernel keeps it for
+    backward; CUDA kernels do not."""
     vocab_divisible_by: int = 128
     workspace_gib: float = 3.0
     """CUDA context, NCCL buffers, allocator fragmentation: outside the tensor figures."""
@@ -148,18 +209,10 @@ def activation_bytes(shape: ModelShape, x: EstimateInputs, layers: float) -> tup
     table = activation_table(shape, x.tp, act, x.fused_swiglu, sp)
     tokens = x.microbatch_tokens / x.cp
     layer_input = shape.hidden_size * act * tokens / (x.tp if sp else 1)
-    # expanded k/v span each local chunk's visible global prefix (all of it without CP)
-    kv_tokens = tokens if x.cp == 1 else x.microbatch_tokens * (2 * x.cp + 1) / (2 * x.cp)
-    per_layer = sum(v for k, v in table.items() if k != "attention_expanded_kv") * tokens + \
-        table["attention_expanded_kv"] * kv_tokens
+    keys = attention_key_bytes(x, table["attention_expanded_kv"])
+    per_layer = sum(v for k, v in table.items() if k != "attention_expanded_kv") * tokens + keys
     attention_internals = (table["attention_q_and_output"] + table["attention_lse"]) * tokens + \
-        table["attention_expanded_kv"] * kv_tokens
-    if x.materialized_cp_masks and x.cp > 1:
-        # every rank's two chunks see (2 CP + 1) chunks of keys in all
-        masks = sum(4 * (2 * x.cp + 1) * (n / (2 * x.cp)) ** 2
-                    for n in (x.segment_tokens or (x.microbatch_tokens,)))
-        per_layer += masks
-        attention_internals += masks
+        keys
     h, f = shape.hidden_size, shape.ffn_hidden_size
     working_set = (2 * f / x.tp + 2 * h) * act * tokens
     recompute = (x.recompute or "none").lower()
@@ -183,10 +236,63 @@ def activation_bytes(shape: ModelShape, x: EstimateInputs, layers: float) -> tup
     return in_flight * kept + gather_buffer, rebuilt + working_set
 
 
+def _rank_query_pieces(segment: SegmentLayout, cp: int, rank: int):
+    """The SDPA calls CP rank ``rank`` makes for ``segment``: ``(num_queries, key_ranges)``, as
+    ``models/attention.py`` cuts them (zigzag chunks ``rank`` and ``2 CP - 1 - rank``)."""
+    length = segment.length
+    chunk = length / (2 * cp)
+    ranges = [(0, length)] if cp == 1 else \
+        [(j * chunk, (j + 1) * chunk) for j in (rank, 2 * cp - 1 - rank)]
+    for start, end in ranges:
+        for q_lo, q_hi, key_ranges in query_key_ranges(start, end,
+                                                       segment.hidden_keys or (length, length)):
+            yield q_hi - q_lo, key_ranges
+
+
+def attention_key_bytes(x: EstimateInputs, expanded_kv_per_token: float) -> float:
+    """Bytes per layer of the expanded k and v that SDPA keeps (and, with
+    ``materialized_cp_masks``, the fp32 lower-right masks), on the busiest CP rank."""
+    if not x.segments:
+        # expanded k/v span each local chunk's visible global prefix (all of it without CP)
+        kv_tokens = x.microbatch_tokens / x.cp if x.cp == 1 else \
+            x.microbatch_tokens * (2 * x.cp + 1) / (2 * x.cp)
+        masks = 0.0
+        if x.materialized_cp_masks and x.cp > 1:
+            # every rank's two chunks see (2 CP + 1) chunks of keys in all
+            masks = sum(4 * (2 * x.cp + 1) * (n / (2 * x.cp)) ** 2
+                        for n in (x.segment_tokens or (x.microbatch_tokens,)))
+        return expanded_kv_per_token * kv_tokens + masks
+    busiest = 0.0
+    for rank in range(x.cp):
+        held = 0.0
+        for segment in x.segments:
+            for num_queries, key_ranges in _rank_query_pieces(segment, x.cp, rank):
+                num_keys = sum(end - start for start, end in key_ranges)
+                held += expanded_kv_per_token * num_keys
+                if x.materialized_cp_masks and num_keys != num_queries:  # lower-right mask
+                    held += 4 * num_queries * num_keys
+        busiest = max(busiest, held)
+    return busiest
+
+
 def response_tokens_on_busiest_cp_rank(x: EstimateInputs) -> float:
     """Responses end their segments; in the zigzag layout CP rank k holds chunks k and 2CP-1-k of
     every segment, so rank 0 gets each response's tail. Equal responses per segment assumed; all
-    of them on one rank without ``segment_tokens``."""
+    of them on one rank without ``segment_tokens``. With ``segments`` (:class:`SegmentLayout`),
+    each response's own positions are used: a shared segment's ``y_w`` sits in its middle."""
+    if x.segments:
+        best = 0.0
+        for rank in range(x.cp):
+            held = 0.0
+            for segment in x.segments:
+                chunk = segment.length / (2 * x.cp)
+                for index in (rank, 2 * x.cp - 1 - rank) if x.cp > 1 else (0,):
+                    lo, hi = (index * chunk, (index + 1) * chunk) if x.cp > 1 else \
+                        (0, segment.length)
+                    held += sum(max(0.0, min(hi, end) - max(lo, start))
+                                for start, end in segment.response_spans)
+            best = max(best, held)
+        return best
     if x.cp == 1 or not x.segment_tokens:
         return float(x.response_tokens)
     response = x.response_tokens / len(x.segment_tokens)

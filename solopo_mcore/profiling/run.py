@@ -7,15 +7,16 @@ import torch
 import torch.distributed as dist
 
 from solopo_mcore.compat import MEGATRON_CORE_VERSION
-from solopo_mcore.config import load_config
+from solopo_mcore.config import ConfigError, load_config
 from solopo_mcore.log import log
 from solopo_mcore.parallel.layout import describe_layout, layout_sizes
 from solopo_mcore.platform import device_name, on_cuda
-from solopo_mcore.profiling.estimator import EstimateInputs, estimate_memory
+from solopo_mcore.profiling.estimator import EstimateInputs, estimate_memory, inputs_from_batch
 from solopo_mcore.profiling.flops import device_peak_tflops
-from solopo_mcore.profiling.report import write_report
-from solopo_mcore.profiling.sweep import (ProfileTarget, find_max_length, probe_length,
-                                          profile_length, trace_step)
+from solopo_mcore.profiling.report import ratio_rows, write_report
+from solopo_mcore.profiling.sweep import (DEFAULT_VARIANTS, ProfileTarget, find_max_length,
+                                          pack_variant, parse_variants, probe_length,
+                                          profile_length, synthetic_example, trace_step)
 from solopo_mcore.stack import build_model_stack, load_hf_weights, setup_parallel
 from solopo_mcore.training import build
 from solopo_mcore.training.optim import build_optimizer
@@ -29,8 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="recipe (file or name)")
     parser.add_argument("--out", default="runs/profile",
                         help="output folder for results, plots and summary.md")
-    parser.add_argument("--modes", default="solo,long",
-                        help="comma-separated modes to compare (solo: SoLoPO, long: long-PO)")
+    parser.add_argument("--modes", default=DEFAULT_VARIANTS,
+                        help="comma-separated variants to compare: MODE (packed as the recipe's "
+                             "data.shared_prefix), MODE/shared or MODE/unshared; modes: solo "
+                             "(SoLoPO), solo_both, long (long-PO), short. Default: SoLoPO and "
+                             "solo_both against long-PO without sharing (the paper's baseline) "
+                             "and with it (the strongest one)")
     parser.add_argument("--long-lengths", default="4096,8192,16384",
                         help="comma-separated long-context lengths to time, in tokens")
     parser.add_argument("--short-tokens", type=int, default=1024,
@@ -41,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed warm-up steps per setting")
     parser.add_argument("--find-max-len", action="store_true",
-                        help="search the longest trainable long context per mode")
+                        help="search the longest trainable long context per variant")
     parser.add_argument("--max-len-start", type=int, default=8192,
                         help="--find-max-len: first length tried (then doubled)")
     parser.add_argument("--max-len-limit", type=int, default=262144,
@@ -58,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> dict:
     config = load_config(args.config, args.overrides)
+    variants = parse_variants(args.modes, config.data.shared_prefix)
+    shared = [v.name for v in variants if v.shared_prefix]
+    if shared and config.model.layer_spec == "te":
+        raise ConfigError(f"--modes {','.join(shared)}: shared-prefix packing needs our attention "
+                          f"(model.layer_spec=auto or local), not Transformer Engine's; profile "
+                          f"MODE/unshared variants only, or set model.layer_spec=local")
     shape, pg_collection = setup_parallel(config)
     stack = build_model_stack(config, shape, pg_collection)
     if config.checkpoint.hf_init_dir:
@@ -67,41 +78,48 @@ def run(args) -> dict:
     target = ProfileTarget(stack, optimizer, config.objective, build.pad_multiple(config),
                            args.response_tokens, config.training.seed, args.memory_limit_gib,
                            device_peak_tflops(config.logging.peak_tflops))
-    modes = [m for m in args.modes.split(",") if m]
     estimates = []
     if dist.get_rank() == 0:
         from pathlib import Path
         Path(args.out).mkdir(parents=True, exist_ok=True)
     for length in _ints(args.long_lengths):
-        results = profile_length(target, modes, args.short_tokens, length, args.steps,
+        results = profile_length(target, variants, args.short_tokens, length, args.steps,
                                  args.warmup)
-        for mode, result in results.items():
+        for variant in variants:
+            result = results[variant.name]
             if result is None:
                 if dist.get_rank() == 0:
-                    log("profile", f"{mode} long={length}: out of memory")
+                    log("profile", f"{variant.name} long={length}: out of memory")
                 continue
             if args.trace and result is target.results[0]:
-                trace_step(target, mode, args.short_tokens, length,
-                           f"{args.out}/trace_{mode}_{length}.json")
-            estimates.append(_estimate(config, stack, pg_collection, mode, args, length, result))
+                trace_step(target, variant, args.short_tokens, length,
+                           f"{args.out}/trace_{variant.file_stem}_{length}.json")
+            estimates.append(_estimate(config, stack, pg_collection, target, variant, args,
+                                       length, result))
             if dist.get_rank() == 0:
-                log("profile", f"{mode} long={length}: step {result['step_sec']:.3f}s, "
+                log("profile", f"{variant.name} long={length}: step {result['step_sec']:.3f}s, "
+                               f"{result['tokens']} tokens, "
                                f"{result['tokens_per_sec_per_gpu']:.0f} tok/s/GPU, peak "
                                f"{result['peak_memory_gib']:.3f} GiB")
+        if dist.get_rank() == 0:
+            for row in ratio_rows([r for r in results.values() if r is not None]):
+                log("profile", f"long={length} {row['label']} ({row['numerator']} / "
+                               f"{row['denominator']}): step time {row['step_time_ratio']:.2f}, "
+                               f"peak memory {row['peak_memory_ratio']:.2f}")
     max_lengths = {}
     if args.find_max_len:
-        for mode in modes:
-            def fits(length, mode=mode):
-                probe_length(target, mode, args.short_tokens, length)
+        for variant in variants:
+            def fits(length, variant=variant):
+                probe_length(target, variant, args.short_tokens, length)
                 return True
             best, trials = find_max_length(fits, args.max_len_start, args.max_len_limit,
                                            args.max_len_granularity)
-            max_lengths[mode] = best
+            max_lengths[variant.name] = best
             if dist.get_rank() == 0:
                 capped = best >= args.max_len_limit
                 bound = (" - a lower bound: it reached --max-len-limit; raise it to search "
                          "further" if capped else "")
-                log("profile", f"longest trainable long context for {mode}: "
+                log("profile", f"longest trainable long context for {variant.name}: "
                                f"{'>= ' if capped else ''}{best} tokens ({len(trials)} trials)"
                                + bound)
     context = {"model": shape.architecture, "layers": shape.num_layers,
@@ -111,6 +129,7 @@ def run(args) -> dict:
                "peak_tflops": target.peak_tflops, "torch": torch.__version__,
                "megatron_core": MEGATRON_CORE_VERSION,
                "recompute": config.model.recompute_granularity,
+               "variants": [v.name for v in variants],
                "params_dtype": config.model.params_dtype}
     payload = {}
     if dist.get_rank() == 0:
@@ -123,10 +142,14 @@ def run(args) -> dict:
     return payload
 
 
-def _estimate(config, stack, pg_collection, mode, args, length, result) -> dict:
-    """The estimator's figure for this setting next to the measured tensor peak, and its error."""
+def _estimate(config, stack, pg_collection, target, variant, args, length, result) -> dict:
+    """The estimator's figure for this setting next to the measured tensor peak, and its error.
+    Its microbatch (segment lengths, shared-prefix key ranges, response positions) is the one the
+    variant packs."""
     on_gpu = on_cuda()
     model = config.model
+    example = synthetic_example(args.short_tokens, length, args.response_tokens,
+                                stack.shape.vocab_size, target.seed)
     est = estimate_memory(stack.shape, EstimateInputs(
         **layout_sizes(pg_collection),
         params_dtype=model.params_dtype,
@@ -136,13 +159,12 @@ def _estimate(config, stack, pg_collection, mode, args, length, result) -> dict:
         recompute_num_layers=model.recompute_num_layers,
         fused_swiglu=bool(stack.config.bias_activation_fusion),
         sequence_parallel=bool(stack.config.sequence_parallel),
-        microbatch_tokens=sum(result["segment_tokens"]), num_microbatches=1,
-        segment_tokens=tuple(result["segment_tokens"]),
-        response_tokens=args.response_tokens * len(result["segment_tokens"]),
+        num_microbatches=1,
+        **inputs_from_batch(pack_variant(target, example, variant)),
         vocab_divisible_by=model.make_vocab_size_divisible_by,
         materialized_cp_masks=not on_gpu, workspace_gib=0.0))
     measured = result["peak_memory_gib"]  # tensors only: CUDA max allocated / CPU allocator
-    return {"mode": mode, "long_tokens": length, "estimated_gib": est["tensors_gib"],
-            "measured_gib": measured,
+    return {"variant": variant.name, "mode": variant.mode, "long_tokens": length,
+            "estimated_gib": est["tensors_gib"], "measured_gib": measured,
             "error": (est["tensors_gib"] - measured) / measured if measured else None,
             "components": {k: v for k, v in est.items() if k.endswith("_gib")}}

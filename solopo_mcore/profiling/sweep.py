@@ -1,11 +1,16 @@
 """Profile SoLoPO against long-PO on the user's model and hardware, and find the longest long
 context that trains.
 
-Each long length runs a few full training steps (forward, backward, optimizer) per mode on
-synthetic triplets of the requested lengths, alternating the modes, plus one untimed step per mode
-whose peak tensor memory is measured; then it times fwd+bwd of the short segments and of the long
-segment(s). The max-length search doubles the long length until a step runs out of memory, then
-bisects, recovering from each out-of-memory error.
+What is compared are *variants*: a mode (``solo``, ``solo_both``, ``long``, ``short``) packed with
+or without shared prefixes (``data.shared_prefix``; ``models/shared_prefix.py``), written
+``MODE/shared`` or ``MODE/unshared`` (:func:`parse_variants`). Each long length runs a few full
+training steps (forward, backward, optimizer) per variant on synthetic triplets of the requested
+lengths, alternating the variants, plus one untimed step per variant whose peak tensor memory is
+measured; then it times fwd+bwd of the short segments and of the long segment(s), packed as the
+variant packs them. Tokens and FLOPs come from the variant's packed microbatch
+(``PackedMicrobatch.segment_shapes``): a shared segment runs its context once. The max-length
+search doubles the long length until a step runs out of memory, then bisects, recovering from
+each out-of-memory error.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from solopo_mcore.data.packing import TripletTokens, pack_triplets
+from solopo_mcore.config import ConfigError
+from solopo_mcore.data.packing import PackedMicrobatch, TripletTokens, pack_triplets
 from solopo_mcore.data.schema import Role
 from solopo_mcore.losses.objective import MODE_ROLES
 from solopo_mcore.platform import empty_cache, on_cuda, profiler_activities, synchronize
@@ -38,6 +44,63 @@ class SimulatedOOM(torch.OutOfMemoryError if hasattr(torch, "OutOfMemoryError") 
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, (SimulatedOOM, getattr(torch, "OutOfMemoryError", ()))) or \
         "out of memory" in str(exc).lower()
+
+
+SHARING = {"shared": True, "unshared": False}
+
+#: What the profiler compares by default: SoLoPO and solo_both (with the run's
+#: ``data.shared_prefix``) against long-PO without sharing (the paper's baseline) and with it
+#: (the strongest honest baseline).
+DEFAULT_VARIANTS = "solo,solo_both,long/unshared,long/shared"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One profiled setting: a mode, packed with or without shared prefixes."""
+
+    mode: str
+    shared_prefix: bool
+
+    @property
+    def name(self) -> str:
+        """``MODE/shared`` or ``MODE/unshared``: the key of its results."""
+        return f"{self.mode}/{'shared' if self.shared_prefix else 'unshared'}"
+
+    @property
+    def file_stem(self) -> str:
+        """The name in file names (no slash)."""
+        return self.name.replace("/", "-")
+
+    @property
+    def roles(self) -> tuple:
+        return MODE_ROLES[self.mode]
+
+
+def parse_variants(text: str, default_shared_prefix: bool) -> list:
+    """``--modes`` entries, comma-separated: ``MODE`` (packed as the run's ``data.shared_prefix``,
+    ``default_shared_prefix``), ``MODE/shared`` or ``MODE/unshared``. Duplicates are dropped."""
+    variants = []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        mode, _, sharing = entry.partition("/")
+        if mode not in MODE_ROLES or (sharing and sharing not in SHARING):
+            raise ConfigError(
+                f"--modes entry {entry!r}: expected MODE, MODE/shared or MODE/unshared with MODE "
+                f"one of {', '.join(MODE_ROLES)}, e.g. --modes {DEFAULT_VARIANTS}")
+        variant = Variant(mode, SHARING[sharing] if sharing else bool(default_shared_prefix))
+        if variant not in variants:
+            variants.append(variant)
+    if not variants:
+        raise ConfigError(f"--modes {text!r} names no mode: give MODE, MODE/shared or "
+                          f"MODE/unshared entries, e.g. --modes {DEFAULT_VARIANTS}")
+    return variants
+
+
+def as_variant(variant) -> Variant:
+    """A :class:`Variant`, or a bare mode name (packed without shared prefixes, as before
+    variants existed)."""
+    return variant if isinstance(variant, Variant) else Variant(str(variant), False)
 
 
 @dataclass
@@ -70,25 +133,36 @@ def synthetic_example(short_tokens: int, long_tokens: int, response_tokens: int,
                          ref_logp_sum=[-50.0] * 4)
 
 
-def _tensor_peak_gib(target: "ProfileTarget", example: TripletTokens, roles, mode: str) -> float:
+def pack_variant(target: "ProfileTarget", example: TripletTokens, variant: Variant,
+                 roles=None) -> PackedMicrobatch:
+    """The global (unsplit) microbatch ``variant`` runs for ``example`` (``roles``: a subset of
+    its roles, e.g. only the long ones, packed the same way)."""
+    return pack_triplets([example], variant.roles if roles is None else roles,
+                         pad_multiple=target.pad_multiple, shared_prefix=variant.shared_prefix)
+
+
+def _tensor_peak_gib(target: "ProfileTarget", example: TripletTokens, variant: Variant) -> float:
     """Peak tensor memory of one (untimed) training step: the CUDA allocator's maximum, or on CPU
     the tensors alive before the step plus the CPU allocator's peak during it."""
     if on_cuda():
         reset_peak()
-        _timed_pass(target, example, roles, mode, with_optimizer=True)
+        _timed_pass(target, example, variant, with_optimizer=True)
         return memory_stats()["memory/max_allocated_gib"]
     static_bytes = sum(live_storages().values())
     with AllocatorPeakTracker() as tracker:
-        _timed_pass(target, example, roles, mode, with_optimizer=True)
+        _timed_pass(target, example, variant, with_optimizer=True)
     return (static_bytes + tracker.peak_bytes) / GIB
 
 
-def _timed_pass(target: ProfileTarget, example: TripletTokens, roles, mode: str,
-                with_optimizer: bool) -> float:
+def _timed_pass(target: ProfileTarget, example: TripletTokens, variant: Variant,
+                with_optimizer: bool, roles=None) -> float:
+    """Seconds of one fwd+bwd (and optimizer step) of ``variant``'s packing of ``example``
+    (``roles``: only these of its roles, for the per-context segment times)."""
     pg_collection = target.stack.pg_collection
-    batch = pack_triplets([example], roles, pad_multiple=target.pad_multiple).for_cp_rank(
+    batch = pack_variant(target, example, variant, roles).for_cp_rank(
         pg_collection.cp.size(), pg_collection.cp.rank())
-    forward_step = make_forward_step(target.objective, mode, pg_collection.cp)
+    forward_step = make_forward_step(target.objective, variant.mode if roles is None
+                                     else "solo_both", pg_collection.cp)
     synchronize()
     start = time.time()
     run_global_batch(target.stack.model, forward_step, [batch], pg_collection)
@@ -106,71 +180,73 @@ def _check_limit(target: ProfileTarget, peak: float) -> None:
             raise SimulatedOOM(f"peak {peak:.2f} GiB > injected limit {target.memory_limit_gib}")
 
 
-def _first_step(target: ProfileTarget, example: TripletTokens, mode: str) -> None:
+def _first_step(target: ProfileTarget, example: TripletTokens, variant: Variant) -> None:
     """The run's very first step creates the optimizer state after backward, so its peak is not
     a steady-state one: take it untimed and unmeasured."""
     if not target.stepped:
-        _timed_pass(target, example, MODE_ROLES[mode], mode, with_optimizer=True)
+        _timed_pass(target, example, variant, with_optimizer=True)
         target.stepped = True
 
 
-def probe_length(target: ProfileTarget, mode: str, short_tokens: int, long_tokens: int) -> float:
-    """Peak tensor memory (GiB) of one training step; raises out-of-memory (real, or above the
-    injected limit) when it does not fit."""
+def probe_length(target: ProfileTarget, variant, short_tokens: int, long_tokens: int) -> float:
+    """Peak tensor memory (GiB) of one training step of ``variant`` (a :class:`Variant`, or a
+    mode name: unshared); raises out-of-memory (real, or above the injected limit) when it does
+    not fit."""
+    variant = as_variant(variant)
     example = synthetic_example(short_tokens, long_tokens, target.response_tokens,
                                 target.stack.shape.vocab_size, target.seed)
-    _first_step(target, example, mode)
-    peak = _tensor_peak_gib(target, example, MODE_ROLES[mode], mode)
+    _first_step(target, example, variant)
+    peak = _tensor_peak_gib(target, example, variant)
     _check_limit(target, peak)
     return peak
 
 
-def profile_length(target: ProfileTarget, modes: list, short_tokens: int, long_tokens: int,
+def profile_length(target: ProfileTarget, variants: list, short_tokens: int, long_tokens: int,
                    num_steps: int = 3, num_warmup: int = 1) -> dict:
     """Step time, throughput, model TFLOP/s, MFU, peak memory and per-context segment times of
-    each mode at one long length: ``{mode: result}``, ``None`` for a mode that ran out of memory.
+    each variant at one long length: ``{variant name: result}``, ``None`` for a variant that ran
+    out of memory (``variants``: :class:`Variant` s, or mode names: unshared).
 
-    Each mode's peak comes from its own untimed step. The timed steps then alternate between the
-    modes (solo, long, solo, long, ...), so a drift in the machine's speed affects all alike; the
-    step time is the median."""
+    Each variant's peak comes from its own untimed step. The timed steps then alternate between
+    the variants (solo, long, solo, long, ...), so a drift in the machine's speed affects all
+    alike; the step time is the median."""
+    variants = [as_variant(v) for v in variants]
     shape = target.stack.shape
     example = synthetic_example(short_tokens, long_tokens, target.response_tokens,
                                 shape.vocab_size, target.seed)
     peaks, rss, out = {}, {}, {}
-    for mode in modes:
+    for variant in variants:
         try:
             with PeakRSSSampler() as sampler:
-                peaks[mode] = probe_length(target, mode, short_tokens, long_tokens)
-            rss[mode] = sampler.peak_gib
+                peaks[variant] = probe_length(target, variant, short_tokens, long_tokens)
+            rss[variant] = sampler.peak_gib
         except Exception as exc:  # noqa: BLE001 - an OOM setting is a result, not a crash
             if not is_oom(exc):
                 raise
-            out[mode] = None
+            out[variant] = None
             _release_memory()
-    fitting = [m for m in modes if m in peaks]
-    times = {m: [] for m in fitting}
+    fitting = [v for v in variants if v in peaks]
+    times = {v: [] for v in fitting}
     for i in range(num_warmup + num_steps):
-        for mode in fitting:
-            elapsed = _timed_pass(target, example, MODE_ROLES[mode], mode, with_optimizer=True)
+        for variant in fitting:
+            elapsed = _timed_pass(target, example, variant, with_optimizer=True)
             if i >= num_warmup:
-                times[mode].append(elapsed)
-    for mode in fitting:
-        step = sorted(times[mode])[len(times[mode]) // 2]
-        out[mode] = _result(target, example, mode, short_tokens, long_tokens, step,
-                            peaks[mode], rss[mode])
-        target.results.append(out[mode])
-    return {m: out[m] for m in modes}
+                times[variant].append(elapsed)
+    for variant in fitting:
+        step = sorted(times[variant])[len(times[variant]) // 2]
+        out[variant] = _result(target, example, variant, short_tokens, long_tokens, step,
+                               peaks[variant], rss[variant])
+        target.results.append(out[variant])
+    return {v.name: out[v] for v in variants}
 
 
-def _result(target, example, mode, short_tokens, long_tokens, step, peak, peak_rss) -> dict:
+def _result(target, example, variant: Variant, short_tokens, long_tokens, step, peak,
+            peak_rss) -> dict:
     shape = target.stack.shape
-    roles = MODE_ROLES[mode]
+    roles = variant.roles
     stats = memory_stats()
-    segments = []
-    for role in roles:
-        prompt, response = example.segment(role)
-        segments.append((len(prompt) + len(response), len(response)))
-    tokens = sum(s for s, _ in segments)
+    segments = pack_variant(target, example, variant).segment_shapes()
+    tokens = sum(length for length, _, _ in segments)  # real tokens run (padding excluded)
     flops = training_step_flops(shape, segments)
     world = dist.get_world_size()
     dp = target.stack.pg_collection.dp.size()
@@ -179,12 +255,14 @@ def _result(target, example, mode, short_tokens, long_tokens, step, peak, peak_r
     seg_times = {}
     for name, rs in (("short", short_roles), ("long", long_roles)):
         seg_times[f"time/{name}_segments_sec"] = (
-            _timed_pass(target, example, rs, "solo_both", with_optimizer=False) if rs else 0.0)
-    long_flops = training_step_flops(shape, [(long_tokens, target.response_tokens)] *
-                                     len(long_roles))
+            _timed_pass(target, example, variant, with_optimizer=False, roles=rs) if rs else 0.0)
+    long_flops = (training_step_flops(shape, pack_variant(target, example, variant, long_roles)
+                                      .segment_shapes()) if long_roles else 0.0)
     return {
-        "mode": mode, "short_tokens": short_tokens, "long_tokens": long_tokens,
+        "variant": variant.name, "mode": variant.mode, "shared_prefix": variant.shared_prefix,
+        "short_tokens": short_tokens, "long_tokens": long_tokens,
         "response_tokens": target.response_tokens, "step_sec": step,
+        "tokens": tokens, "model_flops": flops,
         "tokens_per_sec_per_gpu": tokens * dp / step / world,
         "model_tflops_per_gpu": flops * dp / step / world / 1e12,
         "mfu": mfu(flops * dp, step, world, target.peak_tflops),
@@ -192,7 +270,7 @@ def _result(target, example, mode, short_tokens, long_tokens, step, peak, peak_r
                               target.peak_tflops) if long_roles else None),
         "peak_memory_gib": peak, "nvml_used_gib": stats.get("memory/nvml_used_gib"),
         "peak_rss_gib": peak_rss,
-        "segment_tokens": [n for n, _ in segments],
+        "segment_tokens": [length for length, _, _ in segments],
         **{k.split("/")[1]: v for k, v in seg_times.items()},
     }
 
@@ -202,16 +280,17 @@ def _release_memory() -> None:
     empty_cache()
 
 
-def trace_step(target: ProfileTarget, mode: str, short_tokens: int, long_tokens: int,
-                path: str) -> None:
+def trace_step(target: ProfileTarget, variant, short_tokens: int, long_tokens: int,
+               path: str) -> None:
     """A torch profiler trace (Chrome JSON) of one training step of this setting."""
+    variant = as_variant(variant)
     example = synthetic_example(short_tokens, long_tokens, target.response_tokens,
                                 target.stack.shape.vocab_size, target.seed)
     prof = torch.profiler.profile(activities=profiler_activities(), record_shapes=True)
     with silenced_native_output():
         prof.__enter__()
     try:
-        _timed_pass(target, example, MODE_ROLES[mode], mode, with_optimizer=True)
+        _timed_pass(target, example, variant, with_optimizer=True)
     finally:
         with silenced_native_output():
             prof.__exit__(None, None, None)
