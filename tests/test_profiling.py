@@ -64,7 +64,8 @@ def test_flops_of_a_shared_segment_are_its_two_causal_blocks():
 @pytest.mark.parametrize("mode", sorted(MODE_ROLES))
 def test_flops_of_an_unshared_pack_are_the_per_role_formula(mode):
     example = _example(5, 3, 2, num_long_prompt=40)
-    batch = pack_triplets([example, example], MODE_ROLES[mode], pad_multiple=4)
+    batch = pack_triplets([example, example], MODE_ROLES[mode], pad_multiple=4,
+                          shared_prefix=False)
     per_role = [(len(example.segment(r)[0]) + len(example.segment(r)[1]),
                  len(example.segment(r)[1])) for r in MODE_ROLES[mode]] * 2
     assert training_step_flops(SMALL, batch.segment_shapes()) == \
@@ -144,7 +145,7 @@ def test_estimator_counts_a_shared_branch_keys_masks_and_responses():
     assert response_tokens_on_busiest_cp_rank(EstimateInputs(cp=1, **micro)) == 5
     # an unshared pack gives the formula the estimator had (validated against measured peaks)
     plain = inputs_from_batch(pack_triplets([_example(6, 3, 2)], MODE_ROLES["short"],
-                                            pad_multiple=4))
+                                            pad_multiple=4, shared_prefix=False))
     for cp in (1, 2):
         old = dict(microbatch_tokens=plain["microbatch_tokens"],
                    response_tokens=plain["response_tokens"],
