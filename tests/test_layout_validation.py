@@ -68,3 +68,35 @@ def test_padded_segments_split_evenly_over_cp_then_tp(tp, cp, sequence_parallel)
         if parallel.sequence_parallel_enabled:
             assert sum(n // cp for n in padded) % tp == 0
     assert multiple <= 2 * cp * tp  # no more padding than a plain product would add
+
+
+def test_interleaved_pipeline_refuses_steps_that_are_all_warm_up():
+    """Our refusal rule equals megatron-core's own count: the first stage runs every microbatch in
+    warm-up (the case that deadlocked, PP2 x VPP2 with 2 microbatches on gloo) exactly when
+    :func:`check_interleaved_microbatches` refuses; the message names the keys to change."""
+    from types import SimpleNamespace
+
+    from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches
+
+    from solopo_mcore.parallel.layout import check_interleaved_microbatches
+
+    for pp in (2, 3, 4):
+        for vpp in (2, 3):
+            for num_microbatches in range(pp, 6 * pp + 1, pp):
+                group = SimpleNamespace(size=lambda pp=pp: pp, rank=lambda: 0)
+                communicator = SimpleNamespace(pp_group=group,
+                                               virtual_pipeline_model_parallel_size=vpp)
+                _, all_warmup, _, _ = get_pp_rank_microbatches(
+                    num_microbatches, vpp, pp, p2p_communicator=communicator)
+                try:
+                    check_interleaved_microbatches(pp, vpp, num_microbatches)
+                    refused = False
+                except LayoutError as err:
+                    refused = True
+                    assert "data.global_batch_size" in str(err)
+                    assert "data.micro_batch_size" in str(err)
+                assert refused == all_warmup, (pp, vpp, num_microbatches)
+    with pytest.raises(LayoutError, match="needs at least 4 microbatches per step, this step "
+                                          "has 2"):
+        check_interleaved_microbatches(2, 2, 2)
+    check_interleaved_microbatches(2, 1, 1)  # no virtual pipeline: nothing to refuse

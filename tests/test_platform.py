@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from solopo_mcore import platform
-from solopo_mcore.config import ModelConfig
+from solopo_mcore.config import ConfigError, ModelConfig
 from solopo_mcore.data.packing import pack_triplets
 from solopo_mcore.losses.objective import MODE_ROLES
 from solopo_mcore.models import builder
@@ -72,7 +72,7 @@ def test_te_spec_is_announced_once_as_unvalidated(te_and_cuda_present, monkeypat
 
 def test_te_spec_without_transformer_engine_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="layer_spec=auto"):
+    with pytest.raises(ConfigError, match="layer_spec=auto"):
         builder.use_te_spec(ModelConfig(layer_spec="te"))
 
 

@@ -79,7 +79,7 @@ def test_profiler_variants_default_to_both_long_po_baselines():
     assert [v.name for v in parse_variants("solo,long", False)] == ["solo/unshared",
                                                                     "long/unshared"]
     assert [v.name for v in parse_variants("long,long/shared", True)] == ["long/shared"]
-    for bad in ("solo/both", "longpo", ","):
+    for bad in ("solo/both", "longpo", ",", "long/"):
         with pytest.raises(ValueError, match="--modes") as info:
             parse_variants(bad, True)
         assert "MODE/shared" in str(info.value)

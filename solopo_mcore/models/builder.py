@@ -28,7 +28,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from solopo_mcore.compat import LabelledOutputGPTModel
-from solopo_mcore.config import ModelConfig, ParallelConfig
+from solopo_mcore.config import ConfigError, ModelConfig, ParallelConfig
 from solopo_mcore.log import warn
 from solopo_mcore.models.attention import TorchCoreAttention
 from solopo_mcore.models.hf_config import ModelShape, padded_vocab_size
@@ -58,8 +58,8 @@ def use_te_spec(model_cfg: ModelConfig) -> bool:
     if model_cfg.layer_spec != "te":
         return False
     if not transformer_engine_available():
-        raise RuntimeError("model.layer_spec=te but Transformer Engine is not importable "
-                           "(or no CUDA device); use model.layer_spec=auto (the tested path)")
+        raise ConfigError("model.layer_spec=te but Transformer Engine is not importable "
+                          "(or no CUDA device); use model.layer_spec=auto (the tested path)")
     return True
 
 

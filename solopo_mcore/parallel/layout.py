@@ -54,6 +54,28 @@ def validate_layout(shape: ModelShape, parallel: ParallelConfig, world_size: int
     return world_size // (tp * pp * cp)
 
 
+def check_interleaved_microbatches(pp: int, vpp: int, num_microbatches: int) -> None:
+    """Refuse a training step of the interleaved pipeline whose first stage would run every
+    microbatch in warm-up: ``M * vpp <= 2 (pp - 1) + (vpp - 1) pp`` (megatron-core's warm-up
+    count with its default group of ``pp`` microbatches). That schedule deadlocks in the pipeline's
+    shape/tensor exchange (measured on gloo with megatron-core 0.16.1, e.g. PP2 x VPP2 with 2
+    microbatches; forward-only passes are not affected), and its bubble leaves the pipeline idle
+    anyway."""
+    if vpp <= 1 or pp <= 1:
+        return
+    warmup = 2 * (pp - 1) + (vpp - 1) * pp
+    if num_microbatches * vpp > warmup:
+        return
+    needed = next(m for m in range(pp, 1000 * pp, pp) if m * vpp > warmup)
+    raise LayoutError(
+        f"parallel.virtual_pipeline_model_parallel_size={vpp} at pipeline_model_parallel_size="
+        f"{pp} needs at least {needed} microbatches per step, this step has {num_microbatches}: "
+        f"with fewer, the first stage runs them all in warm-up and the interleaved schedule "
+        f"deadlocks. Raise data.global_batch_size or lower data.micro_batch_size (microbatches "
+        f"per step = global_batch_size / (micro_batch_size x data-parallel size)), or drop the "
+        f"virtual pipeline.")
+
+
 def sequence_pad_multiple(parallel: ParallelConfig) -> int:
     """Every packed segment is padded to a multiple of this many tokens.
 

@@ -110,6 +110,9 @@ def write_report(out_dir: str, results: list, context: dict, max_lengths: dict,
                      f"{f(r['mfu'], '{:.1%}')} | {f(r['long_pass_mfu'], '{:.1%}')} | "
                      f"{r['peak_memory_gib']:.3f} | {r['short_segments_sec']:.3f} | "
                      f"{r['long_segments_sec']:.3f} |")
+    lines += ["", "tokens and tokens/s count the tokens a variant actually runs: a shared-prefix "
+              "segment runs its context once, so it shows fewer tokens/s for the same work; "
+              "compare variants by step time."]
     if ratios:
         lines += ["", "Ratios (tokens: the real tokens each variant runs; a shared-prefix segment "
                   "runs its context once):", "",

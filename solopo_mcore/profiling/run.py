@@ -66,9 +66,10 @@ def run(args) -> dict:
     variants = parse_variants(args.modes, config.data.shared_prefix)
     shared = [v.name for v in variants if v.shared_prefix]
     if shared and config.model.layer_spec == "te":
-        raise ConfigError(f"--modes {','.join(shared)}: shared-prefix packing needs our attention "
-                          f"(model.layer_spec=auto or local), not Transformer Engine's; profile "
-                          f"MODE/unshared variants only, or set model.layer_spec=local")
+        raise ConfigError(f"--modes {args.modes} profiles {','.join(shared)} with shared prefixes, "
+                          f"which need our attention (model.layer_spec=auto or local), not "
+                          f"Transformer Engine's; with model.layer_spec=te pass MODE/unshared "
+                          f"variants only, e.g. --modes solo/unshared,long/unshared")
     shape, pg_collection = setup_parallel(config)
     stack = build_model_stack(config, shape, pg_collection)
     if config.checkpoint.hf_init_dir:

@@ -83,8 +83,8 @@ def parse_variants(text: str, default_shared_prefix: bool) -> list:
     for entry in (e.strip() for e in text.split(",")):
         if not entry:
             continue
-        mode, _, sharing = entry.partition("/")
-        if mode not in MODE_ROLES or (sharing and sharing not in SHARING):
+        mode, slash, sharing = entry.partition("/")
+        if mode not in MODE_ROLES or ((slash or sharing) and sharing not in SHARING):
             raise ConfigError(
                 f"--modes entry {entry!r}: expected MODE, MODE/shared or MODE/unshared with MODE "
                 f"one of {', '.join(MODE_ROLES)}, e.g. --modes {DEFAULT_VARIANTS}")

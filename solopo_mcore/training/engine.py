@@ -11,6 +11,7 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.utils import get_model_config
 
 from solopo_mcore.data.packing import PackedMicrobatch, pad_to_length
+from solopo_mcore.parallel.layout import check_interleaved_microbatches
 from solopo_mcore.platform import default_device, is_gloo
 
 
@@ -24,6 +25,8 @@ def run_global_batch(model: list, forward_step, microbatches: Sequence[PackedMic
     ``collect_non_loss_data`` (forward-only) the loss function is called with
     ``non_loss_data=True`` and whatever it returns is collected as is."""
     device = default_device()
+    if not forward_only:
+        check_interleaved_microbatches(pg_collection.pp.size(), len(model), len(microbatches))
     if len(model) > 1 and is_gloo(pg_collection.pp):
         # Interleaved pipeline on gloo: ranks exchange activations in both directions with the
         # same peer and tag; gloo then matches messages by order, which needs equal sizes. Pad
