@@ -121,6 +121,21 @@ class RunReport:
             print(f"{self.tool}:   {key}: {value}")
 
 
+def read_jsonl_strict(path, error) -> Iterator[tuple[int, object]]:
+    """Yield ``(line_number, value)`` of every non-blank line; the first line that is not valid
+    JSON raises ``error(line_number, exc)`` (for inputs where a bad row must stop the run, unlike
+    :func:`read_jsonl`, which skips and reports it)."""
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise error(line_number, exc) from exc
+            yield line_number, value
+
+
 def read_jsonl(path: str, report: RunReport, desc: Optional[str] = None
                ) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, row)``; invalid JSON and non-object rows are reported and skipped."""

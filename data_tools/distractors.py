@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from data_tools.common import package_data_file
+from data_tools.common import package_data_file, read_jsonl_strict
 
 BUILTIN_WIKI = "builtin:wiki"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -56,16 +56,15 @@ def load_pool(source: str, max_passage_chars: int = 1200, min_passage_chars: int
         if not path.is_file():
             raise FileNotFoundError(f"distractor pool {source!r} is not a file (or {BUILTIN_WIKI})")
         if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for line_number, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                        raw.append((str(row.get("title", "")), str(row["text"])))
-                    except (json.JSONDecodeError, KeyError, AttributeError) as exc:
-                        raise ValueError(f"{source}:{line_number}: a pool row needs a 'text' "
-                                         f"field ({exc})") from exc
+            def bad_row(line_number, exc):
+                return ValueError(f"{source}:{line_number}: a pool row needs a 'text' field "
+                                  f"({exc})")
+
+            for line_number, row in read_jsonl_strict(path, bad_row):
+                try:
+                    raw.append((str(row.get("title", "")), str(row["text"])))
+                except (KeyError, AttributeError) as exc:
+                    raise bad_row(line_number, exc) from exc
         else:
             blocks = re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))
             raw.extend(("", b) for b in blocks)

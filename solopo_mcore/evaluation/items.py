@@ -17,14 +17,13 @@ Two sources, both from held-out ``data_tools.build_triplets`` rows:
 from __future__ import annotations
 
 import functools
-import json
 import random
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from data_tools.build_triplets import TokenCounter
-from data_tools.common import PASSAGE_SEPARATOR, render_prompt
+from data_tools.common import PASSAGE_SEPARATOR, read_jsonl_strict, render_prompt
 from data_tools.scoring import normalize_answer
 from solopo_mcore.errors import UserError
 
@@ -60,33 +59,30 @@ class EvalItem:
 def read_heldout(path: str, fields, limit: Optional[int] = None) -> list[dict]:
     """Rows of a build_triplets JSONL; a bad row stops the run with its line number."""
     rows, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvalInputError(f"{path}:{line_number}: not valid JSON ({exc}); the input "
-                                     f"is the output of `python -m data_tools.build_triplets`")
-            missing = [k for k in fields if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise EvalInputError(
-                    f"{path}:{line_number}: missing field(s) {', '.join(map(repr, missing))}; "
-                    f"the input is the output of `python -m data_tools.build_triplets`")
-            answers = [a for a in row["answers"] if isinstance(a, str) and a.strip()] \
-                if isinstance(row["answers"], list) else []
-            if not answers:
-                raise EvalInputError(f"{path}:{line_number}: 'answers' must be a non-empty list "
-                                     f"of strings")
-            row_id = str(row["id"])
-            if row_id in seen:
-                raise EvalInputError(f"{path}:{line_number}: id {row_id!r} already used on line "
-                                     f"{seen[row_id]}; ids must be unique")
-            seen[row_id] = line_number
-            rows.append(dict(row, id=row_id, answers=answers))
-            if limit is not None and len(rows) >= limit:
-                break
+
+    def not_json(line_number, exc):
+        return EvalInputError(f"{path}:{line_number}: not valid JSON ({exc}); the input is the "
+                              f"output of `python -m data_tools.build_triplets`")
+
+    for line_number, row in read_jsonl_strict(path, not_json):
+        missing = [k for k in fields if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise EvalInputError(
+                f"{path}:{line_number}: missing field(s) {', '.join(map(repr, missing))}; "
+                f"the input is the output of `python -m data_tools.build_triplets`")
+        answers = [a for a in row["answers"] if isinstance(a, str) and a.strip()] \
+            if isinstance(row["answers"], list) else []
+        if not answers:
+            raise EvalInputError(f"{path}:{line_number}: 'answers' must be a non-empty list "
+                                 f"of strings")
+        row_id = str(row["id"])
+        if row_id in seen:
+            raise EvalInputError(f"{path}:{line_number}: id {row_id!r} already used on line "
+                                 f"{seen[row_id]}; ids must be unique")
+        seen[row_id] = line_number
+        rows.append(dict(row, id=row_id, answers=answers))
+        if limit is not None and len(rows) >= limit:
+            break
     if not rows:
         raise EvalInputError(f"{path}: no rows")
     return rows

@@ -97,12 +97,6 @@ def parse_variants(text: str, default_shared_prefix: bool) -> list:
     return variants
 
 
-def as_variant(variant) -> Variant:
-    """A :class:`Variant`, or a bare mode name (packed without shared prefixes, as before
-    variants existed)."""
-    return variant if isinstance(variant, Variant) else Variant(str(variant), False)
-
-
 @dataclass
 class ProfileTarget:
     """What the profiler drives: a built model stack, its optimizer and the run's objective."""
@@ -188,11 +182,10 @@ def _first_step(target: ProfileTarget, example: TripletTokens, variant: Variant)
         target.stepped = True
 
 
-def probe_length(target: ProfileTarget, variant, short_tokens: int, long_tokens: int) -> float:
-    """Peak tensor memory (GiB) of one training step of ``variant`` (a :class:`Variant`, or a
-    mode name: unshared); raises out-of-memory (real, or above the injected limit) when it does
-    not fit."""
-    variant = as_variant(variant)
+def probe_length(target: ProfileTarget, variant: Variant, short_tokens: int,
+                 long_tokens: int) -> float:
+    """Peak tensor memory (GiB) of one training step of ``variant``; raises out-of-memory (real,
+    or above the injected limit) when it does not fit."""
     example = synthetic_example(short_tokens, long_tokens, target.response_tokens,
                                 target.stack.shape.vocab_size, target.seed)
     _first_step(target, example, variant)
@@ -205,12 +198,11 @@ def profile_length(target: ProfileTarget, variants: list, short_tokens: int, lon
                    num_steps: int = 3, num_warmup: int = 1) -> dict:
     """Step time, throughput, model TFLOP/s, MFU, peak memory and per-context segment times of
     each variant at one long length: ``{variant name: result}``, ``None`` for a variant that ran
-    out of memory (``variants``: :class:`Variant` s, or mode names: unshared).
+    out of memory.
 
     Each variant's peak comes from its own untimed step. The timed steps then alternate between
     the variants (solo, long, solo, long, ...), so a drift in the machine's speed affects all
     alike; the step time is the median."""
-    variants = [as_variant(v) for v in variants]
     shape = target.stack.shape
     example = synthetic_example(short_tokens, long_tokens, target.response_tokens,
                                 shape.vocab_size, target.seed)
@@ -280,10 +272,9 @@ def _release_memory() -> None:
     empty_cache()
 
 
-def trace_step(target: ProfileTarget, variant, short_tokens: int, long_tokens: int,
+def trace_step(target: ProfileTarget, variant: Variant, short_tokens: int, long_tokens: int,
                path: str) -> None:
     """A torch profiler trace (Chrome JSON) of one training step of this setting."""
-    variant = as_variant(variant)
     example = synthetic_example(short_tokens, long_tokens, target.response_tokens,
                                 target.stack.shape.vocab_size, target.seed)
     prof = torch.profiler.profile(activities=profiler_activities(), record_shapes=True)

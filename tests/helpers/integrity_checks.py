@@ -10,11 +10,21 @@ def _names(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir())
 
 
+def _strict_load_error(root: Path):
+    """The error a strict search for a verified checkpoint in ``root`` raises, or None."""
+    from solopo_mcore.training.checkpoint import CheckpointError, find_verified_checkpoint
+
+    try:
+        find_verified_checkpoint(str(root), strict=True)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
 def check_checksums_and_fallback(hf_dir: str, root: str) -> dict:
     import torch
 
-    from solopo_mcore.training.checkpoint import (CheckpointError, CheckpointManager,
-                                                  find_verified_checkpoint)
+    from solopo_mcore.training.checkpoint import CheckpointManager, find_verified_checkpoint
     from tests.helpers.layout_checks import _setup
 
     root = Path(root)
@@ -33,11 +43,7 @@ def check_checksums_and_fallback(hf_dir: str, root: str) -> dict:
     with open(shard, "r+b") as f:
         f.seek(os.path.getsize(shard) // 2)
         f.write(os.urandom(64))
-    try:
-        find_verified_checkpoint(str(root), strict=True)
-        out["strict_error"] = None
-    except CheckpointError as exc:
-        out["strict_error"] = str(exc)
+    out["strict_error"] = _strict_load_error(root)
     out["shard"] = str(shard)
     out["after_strict"] = _names(root)
 
@@ -57,11 +63,7 @@ def check_checksums_and_fallback(hf_dir: str, root: str) -> dict:
     shard6 = sorted((root / "iter_0000006").glob("*.distcp"))[-1]
     with open(shard6, "r+b") as f:
         f.truncate(os.path.getsize(shard6) - 100)
-    try:
-        find_verified_checkpoint(str(root), strict=True)
-        out["truncated_error"] = None
-    except CheckpointError as exc:
-        out["truncated_error"] = str(exc)
+    out["truncated_error"] = _strict_load_error(root)
     out["shard6"] = str(shard6)
     out["truncated_fallback"] = find_verified_checkpoint(str(root), strict=False).name
     return out

@@ -108,7 +108,7 @@ def _compare_one(model, shape, pg_collection, hf, algorithm, mode, num_microbatc
             assert_close(sums_a[key], sums_b[key], rel, f"{where} sum {key}")
         for name in grads_a:
             assert_close(grads_a[name], grads_b[name], rel, f"{where} gradient of {name}")
-    return reports[0] if len(reports) == 1 else reports
+    return reports
 
 
 def _compare_packing(model, shape, pg_collection, objective, mode, examples, num_microbatches,
@@ -169,9 +169,11 @@ def check_grads(hf_dir, tp=1, pp=1, cp=1, vpp=None, num_microbatches=1, num_exam
                                                    recompute=recompute)
     if expect_sequence_parallel is not None:
         assert tcfg.sequence_parallel == expect_sequence_parallel, tcfg.sequence_parallel
-    return _compare_one(model, shape, pg_collection, hf, algorithm, mode, num_microbatches,
-                        num_examples, rel, seed, long, parallel, require_padding=require_padding,
-                        report_norm_grads=expect_sequence_parallel is not None)
+    (report,) = _compare_one(model, shape, pg_collection, hf, algorithm, mode, num_microbatches,
+                             num_examples, rel, seed, long, parallel,
+                             require_padding=require_padding,
+                             report_norm_grads=expect_sequence_parallel is not None)
+    return report
 
 
 def check_objectives(hf_dir, tp=1, pp=1, cp=1, num_microbatches=1, num_examples=4, rel=1e-5,
@@ -183,11 +185,10 @@ def check_objectives(hf_dir, tp=1, pp=1, cp=1, num_microbatches=1, num_examples=
     reports = []
     for i, algorithm in enumerate(algorithms):
         for j, mode in enumerate(modes):
-            out = _compare_one(model, shape, pg_collection, hf, algorithm, mode,
-                               num_microbatches, num_examples, rel, seed=10 * i + j,
-                               long=(20, 40), parallel=parallel, packings=packings,
-                               require_padding=cp > 1)
-            reports.extend(out if isinstance(out, list) else [out])
+            reports.extend(_compare_one(model, shape, pg_collection, hf, algorithm, mode,
+                                        num_microbatches, num_examples, rel, seed=10 * i + j,
+                                        long=(20, 40), parallel=parallel, packings=packings,
+                                        require_padding=cp > 1))
     return reports
 
 
