@@ -115,12 +115,12 @@ def build_long(example: dict, short_tokens: int, target: int, counter: TokenCoun
     def candidates():
         for p in own:
             yield p, "own"
-        while True:
+        while pool:  # no pool (--distractor-pool none): the example's own distractors only
             title, text = pool[rng.randrange(len(pool))]
             yield render_passage(title, text), "pool"
 
     for passage, source in candidates():
-        if (source == "pool" and not pool) or misses >= max_misses:
+        if misses >= max_misses:
             break
         cost = counter.count(passage) + counter.separator
         if cost <= budget:

@@ -5,7 +5,9 @@ Backends:
   vllm  vLLM, used when installed (``--backend auto`` picks it first);
         (both from :mod:`data_tools.generation`, shared with ``examples/evaluate_qa.py``)
   rule  a rule-based answerer for the offline demo: from MuSiQue's ``question_decomposition`` it
-        writes the correct hop chain and broken chains ("wrong bridge entity") or evasive answers
+        writes the correct hop chain and broken chains (a wrong bridge entity: a same-relation
+        decoy from ``decoy_answers`` when the row has them, else a distractor passage's title;
+        or, for multi-hop questions, the bridge entity as the answer) or evasive answers
         ("the passages do not say"). It stands in for sampling when no model can be run.
 
 Scoring is sub-EM against the gold answer and aliases (SQuAD normalisation); the selection
@@ -39,8 +41,18 @@ def _chain_text(steps: list[tuple[str, str]], final: str) -> str:
     return "\n".join(lines + [f"Answer: {final}"])
 
 
+def _in_text(name: str, text: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text) is not None
+
+
 def rule_samples(row: dict, num_samples: int, rng: random.Random) -> list[str]:
-    """One correct chain plus broken or evasive ones (see module doc)."""
+    """One correct chain plus broken or evasive ones (see module doc).
+
+    A chain breaks at a random hop with a wrong bridge entity: one of that hop's
+    ``decoy_answers`` (the same relation's value for another entity, when the row carries them,
+    as :mod:`data_tools.learnable_qa` rows do) that occurs in the long context, else the title
+    of a long-context passage that is not evidence. A multi-hop chain may also stop one hop
+    early and answer with the bridge entity (a wrong hop)."""
     steps = row.get("question_decomposition")
     if not steps:
         raise RowError("no_decomposition", "the rule backend needs question_decomposition")
@@ -52,17 +64,24 @@ def rule_samples(row: dict, num_samples: int, rng: random.Random) -> list[str]:
     correct = _chain_text([(resolve(s["question"], answers), a) for s, a in zip(steps, answers)],
                           answers[-1])
     evidence_titles = set(_TITLE.findall("\n".join(row.get("evidence", []))))
-    decoys = [t for t in _TITLE.findall(row["prompt_long"]) if t not in evidence_titles
+    titles = [t for t in _TITLE.findall(row["prompt_long"]) if t not in evidence_titles
               and t not in answers] or ["an unnamed place"]
+    hop_decoys = [[d for d in s.get("decoy_answers") or []
+                   if d not in answers and _in_text(d, row["prompt_long"])] or titles
+                  for s in steps]
     samples = [correct]
     while len(samples) < num_samples:
         if rng.random() < 0.25:
             samples.append("The passages do not say enough to answer this question.\n"
                            "Answer: not mentioned")
             continue
+        if len(steps) > 1 and rng.random() < 0.25:  # a wrong hop: stop at the bridge entity
+            stop = rng.randrange(1, len(steps))
+            samples.append(_chain_text([(resolve(s["question"], answers), a) for s, a in
+                                        zip(steps[:stop], answers[:stop])], answers[stop - 1]))
+            continue
         hop = rng.randrange(len(steps))  # the chain breaks here: a wrong bridge entity
-        broken = answers[:hop] + [rng.choice(decoys)]
-        broken += [rng.choice(decoys) for _ in range(len(steps) - hop - 1)]
+        broken = answers[:hop] + [rng.choice(hop_decoys[h]) for h in range(hop, len(steps))]
         samples.append(_chain_text([(resolve(s["question"], broken), a)
                                     for s, a in zip(steps, broken)], broken[-1]))
     rng.shuffle(samples)

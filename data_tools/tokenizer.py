@@ -1,8 +1,14 @@
-"""Tokenizers, offline: any HF tokenizer directory, or the built-in Qwen2.5 tokenizer.
+"""Tokenizers, offline: any HF tokenizer directory, or a built-in one.
 
 ``builtin:qwen2.5`` rebuilds the Qwen2/Qwen2.5 BPE (151,643 ranks) from the ``qwen.tiktoken``
 file that the ``dashscope`` package ships, adds the Qwen2.5 special tokens and the ChatML chat
 template, and caches the result as a normal HF tokenizer directory. Nothing is fetched from a hub.
+
+``builtin:qa-words`` is a word-level tokenizer over the words of the learnable QA task
+(:mod:`data_tools.learnable_qa`): byte-level pre-tokenization (GPT-2's rule, so decoding gives
+the text back exactly), one id per word, the Qwen2.5 special tokens and ChatML template. Words
+outside the task become ``<unk>``. It is built in memory (it takes milliseconds) and saved with
+the model like any tokenizer.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Optional
 from data_tools.common import package_data_file
 
 BUILTIN_QWEN = "builtin:qwen2.5"
+BUILTIN_QA_WORDS = "builtin:qa-words"
 
 # Qwen2 pre-tokenizer: like GPT-4's, but digits are split one by one.
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
@@ -79,13 +86,40 @@ def build_qwen25_tokenizer(out_dir: Optional[Path] = None):
     return AutoTokenizer.from_pretrained(out_dir)
 
 
+def build_qa_words_tokenizer():
+    """The word-level tokenizer of the learnable QA task (see the module doc)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from data_tools.learnable_qa import vocabulary_words
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    words = sorted({piece for text in vocabulary_words()
+                    for piece, _ in pre.pre_tokenize_str(text)})
+    vocab = {word: i for i, word in enumerate(["<unk>"] + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in QWEN25_SPECIAL_TOKENS[:3]])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token="<unk>", bos_token=None, model_max_length=131072,
+        clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
 def load_tokenizer(name_or_path: str):
-    """``builtin:qwen2.5`` or a local HF tokenizer/model directory."""
+    """``builtin:qwen2.5``, ``builtin:qa-words`` or a local HF tokenizer/model directory."""
     if name_or_path == BUILTIN_QWEN:
         return build_qwen25_tokenizer()
+    if name_or_path == BUILTIN_QA_WORDS:
+        return build_qa_words_tokenizer()
     from transformers import AutoTokenizer
 
     if not Path(name_or_path).exists():
         raise FileNotFoundError(f"tokenizer {name_or_path!r}: not a local directory (hub downloads "
-                                f"are not used); pass a directory or {BUILTIN_QWEN!r}")
+                                f"are not used); pass a directory, {BUILTIN_QWEN!r} or "
+                                f"{BUILTIN_QA_WORDS!r}")
     return AutoTokenizer.from_pretrained(name_or_path)

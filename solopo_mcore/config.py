@@ -155,6 +155,9 @@ class TrainingConfig:
     """A NaN/Inf loss or grad skips the step; this many in a row stops the run (with a save)."""
     eval_interval: int = 0
     """Evaluate every N steps (0: never)."""
+    eval_at_start: bool = True
+    """With eval_interval > 0: also evaluate before the first step of a new run (logged at
+    step 0), so eval curves start from the initial model."""
     exit_interval: int = 0
     """Save and exit after this many steps of this invocation (0: run to train_steps); for
     schedulers with time limits, like Megatron's --exit-interval."""

@@ -31,8 +31,9 @@ def test_tp2_training_loss_decreases_and_logs_every_metric(demo_data, tmp_path):
             "optimizer/lr", "optimizer/grad_norm", "throughput/tokens_per_sec_per_gpu",
             "throughput/tflops_per_gpu", "memory/max_rss_gib", "time/step_sec"}
     assert keys <= set(train[-1]), keys - set(train[-1])
-    assert len(evals) == 2 and {"eval/accuracy/short", "eval/accuracy/long",
-                                "eval/reward/distance_chosen"} <= set(evals[0])
+    assert [r["step"] for r in evals] == [0, 5, 10]  # step 0: the initial model
+    assert {"eval/accuracy/short", "eval/accuracy/long",
+            "eval/reward/distance_chosen"} <= set(evals[0])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()

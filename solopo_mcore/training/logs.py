@@ -66,7 +66,7 @@ class RunLogger:
     def log(self, step: int, metrics: dict, prefix: str = "") -> None:
         if not self.enabled:
             return
-        if self.start_step is None:
+        if self.start_step is None and not prefix:  # the ETA counts training steps only
             self.start_step, self.start_time = step - 1, time.time() - metrics.get(
                 "time/step_sec", 0.0)
         record = {"step": step, **{prefix + k: v for k, v in metrics.items()}}

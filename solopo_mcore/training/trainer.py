@@ -277,6 +277,8 @@ class Trainer:
                 f"Raise training.train_steps to train further, or use a new "
                 f"checkpoint.save_dir for a new run.")
             return
+        if cfg.training.eval_interval and cfg.training.eval_at_start and self.step == 0:
+            self.logger.log(0, self.evaluate(), prefix="eval/")
         while self.step < total:
             metrics = self.train_step()
             if self.step % cfg.logging.log_interval == 0 or self.step == total:
