@@ -66,3 +66,12 @@ def demo_data(tmp_path_factory, qwen_tokenizer):
                    num_proc=1, model_config=str(model_dir))
     return {"root": root, "musique": musique, "triplets": root / "triplets.jsonl",
             "pairs": root / "pairs.jsonl", "prefix": str(root / "solopo"), "model": model_dir}
+
+
+@pytest.fixture(scope="session")
+def convergence_inputs(tmp_path_factory):
+    """The learnable QA task through the real data pipeline (60 examples, 192-token long
+    contexts, builtin:qa-words) and a tiny 4-layer Qwen2 with redrawn weights, for the whole-run
+    convergence tests (tests/helpers/convergence.py). Returns paths and digests."""
+    from tests.helpers.convergence import build_inputs
+    return build_inputs(tmp_path_factory.mktemp("convergence"))
