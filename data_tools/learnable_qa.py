@@ -94,17 +94,21 @@ def _question(entities: Sequence[str], num_hops: int) -> str:
 def make_example(rng: random.Random, index: int, num_hops: int, num_distractors: int) -> dict:
     """One MuSiQue-format row: ``num_hops`` supporting paragraphs, ``num_distractors`` hard
     non-supporting ones (relations of the chain's hops, about entities not in the chain), and
-    per-hop ``decoy_answers`` (the same-relation values of those distractors)."""
+    per-hop ``decoy_answers`` (the same-relation values of those distractors). A name is either
+    a distractor subject or a distractor value within one example, never both, so wherever a
+    decoy occurs in the long context it is a value."""
     if not 1 <= num_hops <= MAX_HOPS:
         raise ValueError(f"num_hops must be in 1..{MAX_HOPS}, got {num_hops}")
     entities = rng.sample(NAMES, num_hops + 1)
     others = [n for n in NAMES if n not in entities]
+    rng.shuffle(others)  # this example's distractor subjects and values: disjoint halves, so a
+    subjects, values = others[:len(others) // 2], others[len(others) // 2:]  # decoy is a value
     paragraphs = [{**_paragraph(rng, hop, entities[hop], entities[hop + 1]),
                    "is_supporting": True} for hop in range(num_hops)]
     decoys: list[list[str]] = [[] for _ in range(num_hops)]
     for _ in range(num_distractors):
         hop = rng.randrange(num_hops)
-        subject, obj = rng.sample(others, 2)
+        subject, obj = rng.choice(subjects), rng.choice(values)
         paragraphs.append({**_paragraph(rng, hop, subject, obj), "is_supporting": False})
         if obj not in decoys[hop]:
             decoys[hop].append(obj)
@@ -205,6 +209,46 @@ def question_only_baseline(train_rows: Iterable[dict], heldout_rows: Iterable[di
     return {"answer_accuracy": correct / max(num, 1),
             "pairwise_accuracy": pair_correct / num_pairs if num_pairs else float("nan"),
             "num_heldout": num, "chance_answer": 1.0 / len(NAMES)}
+
+
+#: A model the task is learnable for on 2 CPU cores: 2 layers (the fewest that can compose a
+#: lookup), heads divisible by TP=2. Passed as ``build_tiny_hf_model(overrides=...)``.
+TINY_MODEL_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)
+TOKENIZER = "builtin:qa-words"
+
+
+def pipeline_commands(python: str, out_dir, num_examples: int, long_tokens: int, seed: int = 0,
+                      model_seed: int = 0) -> list[list[str]]:
+    """The commands that turn this task into a training run's inputs, as a user types them:
+    generate -> build_triplets -> sample_pairs (rule) -> a tiny HF model -> preprocess ->
+    hf-to-mcore (verified). Outputs under ``out_dir``: ``data/{qa,triplets,pairs}.jsonl``,
+    ``data/qa.{bin,idx,meta.json}``, ``model/hf_init``, ``model/mcore_init``."""
+    from pathlib import Path
+
+    data, model = Path(out_dir) / "data", Path(out_dir) / "model"
+    build_model = (f"from solopo_mcore.models.tiny import build_tiny_hf_model; "
+                   f"from data_tools.tokenizer import load_tokenizer; "
+                   f"t = load_tokenizer({TOKENIZER!r}); "
+                   f"build_tiny_hf_model({str(model / 'hf_init')!r}, 'qwen2', vocab_size=len(t), "
+                   f"seed={model_seed}, tokenizer=t, overrides={TINY_MODEL_SHAPE!r}); "
+                   f"print('tiny Qwen2 HF model written')")
+    commands = [
+        ["-m", "data_tools.learnable_qa", "--num-examples", num_examples, "--seed", seed,
+         "--long-tokens", long_tokens, "--out", data / "qa.jsonl"],
+        ["-m", "data_tools.build_triplets", "--input", data / "qa.jsonl", "--output",
+         data / "triplets.jsonl", "--target-long-tokens", long_tokens, "--distractor-pool",
+         "none", "--tokenizer", TOKENIZER, "--seed", seed],
+        ["-m", "data_tools.sample_pairs", "--backend", "rule", "--num-samples", 8, "--seed",
+         seed, "--input", data / "triplets.jsonl", "--output", data / "pairs.jsonl"],
+        ["-c", build_model],
+        ["-m", "data_tools.preprocess", "--input", data / "pairs.jsonl", "--output-prefix",
+         data / "qa", "--tokenizer", TOKENIZER, "--max-seq-length", long_tokens + 512,
+         "--num-proc", 2, "--model-config", model / "hf_init"],
+        ["examples/convert_checkpoint.py", "hf-to-mcore", "--src", model / "hf_init", "--dst",
+         model / "mcore_init", "--verify", "--overwrite"],
+    ]
+    return [[python, *map(str, c)] for c in commands]
 
 
 def main(argv=None) -> None:

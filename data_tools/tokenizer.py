@@ -122,4 +122,20 @@ def load_tokenizer(name_or_path: str):
         raise FileNotFoundError(f"tokenizer {name_or_path!r}: not a local directory (hub downloads "
                                 f"are not used); pass a directory, {BUILTIN_QWEN!r} or "
                                 f"{BUILTIN_QA_WORDS!r}")
+    if _is_word_level(Path(name_or_path)):
+        # AutoTokenizer would pick the model type's tokenizer class (Qwen2's BPE) and rebuild the
+        # word-level vocabulary as merge-less BPE; load the saved tokenizer.json as it is
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast.from_pretrained(name_or_path)
     return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def _is_word_level(directory: Path) -> bool:
+    """Whether ``directory`` holds a saved word-level tokenizer (``builtin:qa-words``)."""
+    import json
+
+    path = directory / "tokenizer.json" if directory.is_dir() else None
+    if path is None or not path.is_file():
+        return False
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("model", {}).get("type") == "WordLevel"

@@ -1,20 +1,25 @@
-"""The main job, end to end on CPU (a few minutes on 2 cores):
+"""The main job, end to end on CPU (about 5 minutes on 2 cores): a tiny model learns a QA task.
 
-1. build synthetic multi-hop QA (MuSiQue format) and short/long contexts (Wikipedia distractors);
-2. pick chosen/rejected with the rule-based answerer (stands in for sample_pairs' model sampling);
-3. preprocess with the real Qwen2.5 tokenizer into a Megatron indexed dataset;
-4. build a tiny Qwen2-architecture HF model from a config;
-5. convert it to a Megatron checkpoint (verified against transformers);
-6. train SoLo-ORPO on 2 processes with TP=2 (use --algorithm dpo for SoLo-DPO with a reference
-   pre-pass, --cp for context parallelism instead of TP);
-7. export HF, plot the loss/reward/eval curves (curves.png), and print where everything went.
+1. generate the learnable long-context QA task (data_tools.learnable_qa: facts about made-up
+   entities; the long context hides the evidence among the same relations about other entities);
+2. build short/long contexts, pick chosen/rejected with the rule-based answerer (the rejected
+   answer is another entity's value for the same relation), tokenize with the task's word-level
+   tokenizer into a Megatron indexed dataset;
+3. build a tiny Qwen2-architecture HF model from a config and convert it to a Megatron
+   checkpoint (verified against transformers);
+4. train SoLo-ORPO from scratch on 2 processes with TP=2 (--algorithm dpo for SoLo-DPO with a
+   reference pre-pass, --cp for context parallelism instead of TP), evaluating held-out pairwise
+   accuracy from step 0;
+5. export HF, measure greedy answer accuracy (evaluate_qa) of the untrained and trained models
+   on the held-out short and long contexts, plot the curves (curves.png) and say what was learned.
 
-    python examples/demo_cpu.py [--out DIR] [--steps 30] [--algorithm orpo|dpo|simpo] [--cp]
+    python examples/demo_cpu.py [--out DIR] [--steps N] [--algorithm orpo|dpo|simpo] [--cp]
 
 Each variant (algorithm, --cp) writes to its own folder, runs/demo/ALGORITHM[-cp] by default.
 """
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -40,20 +45,12 @@ def sh(*args, **env):
                             f"status {result.returncode}; its error is printed above")
 
 
-def eval_accuracy_note(metrics: dict, num_eval_examples: int) -> str:
-    """One sentence on what the demo's eval accuracy means."""
-    last = {k: v for k, v in metrics.items() if k.startswith("eval/accuracy/")}
-    shown = ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in sorted(last.items())) or "n/a"
-    return (f"Eval accuracy ({shown}) is the fraction of the {num_eval_examples} held-out pairs "
-            f"whose chosen answer gets a higher reward than the rejected one: for a tiny "
-            f"randomly initialised model trained for a few steps it stays near chance (0.5) and "
-            f"moves in steps of 1/{num_eval_examples}, so it shows the pipeline works end to end, "
-            f"not that the model learned the task.")
-
-
 def default_out(algorithm: str, cp: bool) -> str:
     """One folder per variant, so a variant never resumes another's checkpoints."""
     return f"runs/demo/{algorithm}{'-cp' if cp else ''}"
+
+
+RECIPE = "examples/recipes/tiny_cpu_qa.yaml"
 
 
 def main():
@@ -61,9 +58,11 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="output folder (default: runs/demo/ALGORITHM[-cp], one per "
                         "variant, so a variant never resumes another's checkpoints)")
-    parser.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
-    parser.add_argument("--examples", type=int, default=72,
-                        help="synthetic QA examples to build (default: 72)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (default: the recipe's training.train_steps)")
+    parser.add_argument("--examples", type=int, default=1024,
+                        help="QA examples to build; the recipe holds out its "
+                             "data.num_eval_examples of them (default: 1024)")
     parser.add_argument("--long-tokens", type=int, default=1024,
                         help="long-context length in tokens (default: 1024)")
     parser.add_argument("--algorithm", default="orpo", choices=["orpo", "dpo", "simpo"],
@@ -75,61 +74,61 @@ def main():
     out = (REPO / (args.out or default_out(args.algorithm, args.cp))).resolve()
     print(f"demo variant {variant}: outputs go to {out}"
           + ("" if args.out else " (its own folder; --out chooses another)"), flush=True)
+    from data_tools.learnable_qa import pipeline_commands
+    from solopo_mcore.config import load_config
+
+    recipe = load_config(str(REPO / RECIPE))
+    num_eval = recipe.data.num_eval_examples
+    steps = args.steps or recipe.training.train_steps
     py = sys.executable
-    data, model, run = out / "data", out / "model", out / "run"
+    data, model, run, evals = out / "data", out / "model", out / "run", out / "eval_answers"
     torchrun = [py, "-m", "torch.distributed.run", "--nproc-per-node=2"]
 
-    sh(py, "-m", "data_tools.synthetic", "--num-examples", args.examples,
-       "--out", data / "musique_synthetic.jsonl")
-    sh(py, "-m", "data_tools.build_triplets", "--input", data / "musique_synthetic.jsonl",
-       "--output", data / "triplets.jsonl", "--target-long-tokens", args.long_tokens,
-       "--distractor-pool", "builtin:wiki", "--tokenizer", "builtin:qwen2.5")
-    sh(py, "-m", "data_tools.sample_pairs", "--backend", "rule", "--num-samples", 8,
-       "--input", data / "triplets.jsonl", "--output", data / "pairs.jsonl")
-    sh(py, "-c", "from solopo_mcore.models.tiny import build_tiny_hf_model; "
-                 "from data_tools.tokenizer import load_tokenizer; "
-                 "t = load_tokenizer('builtin:qwen2.5'); "
-                 f"build_tiny_hf_model({str(model / 'hf_init')!r}, 'qwen2', vocab_size=len(t), "
-                 "tokenizer=t); print('tiny Qwen2 HF model written')")
-    sh(py, "-m", "data_tools.preprocess", "--input", data / "pairs.jsonl",
-       "--output-prefix", data / "solopo", "--tokenizer", "builtin:qwen2.5",
-       "--max-seq-length", args.long_tokens + 512, "--num-proc", 2,
-       "--model-config", model / "hf_init")
-    sh(py, "examples/convert_checkpoint.py", "hf-to-mcore", "--src", model / "hf_init",
-       "--dst", model / "mcore_init", "--verify", "--overwrite")
+    for command in pipeline_commands(py, out, args.examples, args.long_tokens):
+        sh(*command)
     layout = (["parallel.context_parallel_size=2", "parallel.tensor_model_parallel_size=1"]
               if args.cp else [])
-    common = ["--config", "examples/recipes/tiny_cpu.yaml",
-              f"model.hf_config_path={model / 'hf_init'}", f"data.data_path={data / 'solopo'}",
-              f"objective.algorithm={args.algorithm}", *layout]
+    common = ["--config", RECIPE, f"model.hf_config_path={model / 'hf_init'}",
+              f"data.data_path={data / 'qa'}", f"objective.algorithm={args.algorithm}", *layout]
     if args.algorithm == "dpo":
-        ref = data / "solopo.ref"
+        ref = data / "qa.ref"
         sh(*torchrun, "examples/precompute_ref_logprobs.py", *common,
            f"checkpoint.load_dir={model / 'mcore_init'}", "--output", ref)
-        common += [f"data.ref_logprobs_path={ref}", "objective.alpha=3.0",
-                   "objective.beta=1.0", "optimizer.lr=1e-3"]
+        common += [f"data.ref_logprobs_path={ref}", "objective.alpha=3.0", "objective.beta=1.0"]
     sh(*torchrun, "examples/pretrain_solopo.py", *common,
        f"checkpoint.load_dir={model / 'mcore_init'}", f"checkpoint.save_dir={run / 'checkpoints'}",
-       f"checkpoint.export_hf_dir={run / 'hf_export'}", f"training.train_steps={args.steps}",
+       f"checkpoint.export_hf_dir={run / 'hf_export'}", f"training.train_steps={steps}",
        f"logging.metrics_path={run / 'metrics.jsonl'}",
        f"logging.tensorboard_dir={run / 'tensorboard'}")
-    from solopo_mcore.config import load_config
-    from solopo_mcore.training.curves import plot_curves, read_metrics
 
-    curves = plot_curves(run / "metrics.jsonl", run / "curves.png")
-    last_eval = {}
-    for record in read_metrics(run / "metrics.jsonl").values():
-        last_eval.update({k: v for k, v in record.items() if k.startswith("eval/")})
-    num_eval = load_config(str(REPO / "examples/recipes/tiny_cpu.yaml")).data.num_eval_examples
+    from solopo_mcore.evaluation.learning import (describe, evaluate_command, learning_report,
+                                                  write_heldout)
+    from solopo_mcore.training.curves import plot_curves
+
+    heldout = write_heldout(str(data / "triplets.jsonl"), str(data / "qa"), num_eval,
+                            data / "heldout_triplets.jsonl")  # the trainer's eval split
+    sh(*evaluate_command(py, heldout, evals, {"untrained": model / "hf_init",
+                                              "trained": run / "hf_export"}))
+    report = learning_report(str(run / "metrics.jsonl"), str(evals), "untrained", "trained",
+                             num_eval)
+    (out / "learning.json").write_text(json.dumps(report, indent=2) + "\n")
+    answer_points = {f"{ctx} context": [(step, a[ctx]["value"], *a[ctx]["ci95"]) for step, a in
+                                        ((0, report["answer"]["before"]),
+                                         (steps, report["answer"]["after"]))]
+                     for ctx in ("short", "long")}
+    curves = plot_curves(run / "metrics.jsonl", run / "curves.png", answer_points)
     print(f"""
 Done. Everything is under {out}:
-  data        {data}/  (musique_synthetic.jsonl, triplets.jsonl, pairs.jsonl, solopo.bin/.idx/.meta.json)
+  data        {data}/  (qa.jsonl, triplets.jsonl, pairs.jsonl, qa.bin/.idx/.meta.json, heldout_triplets.jsonl)
   HF init     {model / 'hf_init'}        Megatron init  {model / 'mcore_init'}
   checkpoints {run / 'checkpoints'}      metrics        {run / 'metrics.jsonl'}
   TensorBoard {run / 'tensorboard'}      HF export      {run / 'hf_export'}
-  curves      {curves}  (loss, rewards, eval accuracy)
+  answers     {evals}/  (per-generation results.jsonl, summary.md)
+  curves      {curves}  (loss, rewards, pairwise and answer accuracy, SoLo-RA distance)
+  figures     {out / 'learning.json'}
 
-{eval_accuracy_note(last_eval, num_eval)}
+What the model learned ({variant}, {steps} steps from random initialisation):
+{describe(report)}
 """)
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-#: Panels: (title, metric-key prefix). Eval keys carry the ``eval/`` prefix (see Trainer).
-PANELS = (("training loss", "loss/"), ("training rewards", "reward/"),
-          ("eval accuracy", "eval/accuracy/"))
+#: Panels: (title, metric-key prefix, keys left out). Eval keys carry the ``eval/`` prefix
+#: (see Trainer); the SoLo-RA distance has its own panel.
+DISTANCE_KEYS = ("reward/distance_chosen", "eval/reward/distance_chosen")
+PANELS = (("training loss", "loss/", ()), ("training rewards", "reward/", DISTANCE_KEYS),
+          ("pairwise accuracy (held-out)", "eval/accuracy/", ()))
 
 
 def read_metrics(metrics_path: str) -> dict:
@@ -22,34 +24,58 @@ def read_metrics(metrics_path: str) -> dict:
     return dict(sorted(by_step.items()))
 
 
-def plot_curves(metrics_path: str, png_path: str) -> Path:
-    """Write the curves of ``metrics_path`` to ``png_path`` (matplotlib, Agg backend)."""
+def plot_curves(metrics_path: str, png_path: str, answer_accuracy: dict | None = None) -> Path:
+    """Write the curves of ``metrics_path`` to ``png_path`` (matplotlib, Agg backend): training
+    loss, rewards, held-out pairwise accuracy, the SoLo-RA distance and, when given,
+    ``answer_accuracy`` = ``{label: [(step, value, low, high)]}`` (greedy answer accuracy with
+    its interval, e.g. before and after training, per context)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
     panels = [(title, prefix, sorted({k for r in records.values() for k in r
-                                      if k.startswith(prefix)}))
-              for title, prefix in PANELS]
+                                      if k.startswith(prefix) and k not in skip}))
+              for title, prefix, skip in PANELS]
+    panels.append(("SoLo-RA distance |r_short(y_w) - r_long(y_w)|", "",
+                   [k for k in DISTANCE_KEYS if any(k in r for r in records.values())]))
     panels = [p for p in panels if p[2]]
     if not panels:
         raise ValueError(f"{metrics_path}: no loss/, reward/ or eval/accuracy/ metrics to plot")
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
-    for ax, (title, prefix, keys) in zip(axes[0], panels):
+    num = len(panels) + bool(answer_accuracy)
+    cols = min(num, 3)
+    rows = (num + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax, (title, prefix, keys) in zip(flat, panels):
         for key in keys:
             points = [(s, r[key]) for s, r in records.items()
                       if isinstance(r.get(key), (int, float))]
             if points:
-                ax.plot(*zip(*points), marker="o" if len(points) < 8 else None, markersize=3,
-                        label=key[len(prefix):])
+                style = dict(linewidth=2.2, alpha=0.45) if key == "loss/total" else {}
+                ax.plot(*zip(*points), marker="o" if len(points) < 12 else None, markersize=3,
+                        label=key[len(prefix):], **style)
         if prefix == "eval/accuracy/":
             ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
             ax.set_ylim(-0.05, 1.05)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
+    if answer_accuracy:
+        ax = flat[len(panels)]
+        for label, points in answer_accuracy.items():
+            steps, values, lows, highs = zip(*points)
+            ax.errorbar(steps, values, yerr=[[v - lo for v, lo in zip(values, lows)],
+                                             [hi - v for v, hi in zip(values, highs)]],
+                        marker="o", capsize=4, label=label)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title("answer accuracy (greedy sub-EM, held-out)", fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in flat[num:]:
+        ax.axis("off")
     fig.tight_layout()
     out = Path(png_path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,111 @@
+"""The learnable QA task (data_tools.learnable_qa) through the real pipeline: its word-level
+tokenizer, hard distractors, plausible rejected answers, and the question-only leak check."""
+
+import json
+import random
+import re
+
+import pytest
+
+from data_tools import build_triplets, learnable_qa
+from data_tools.sample_pairs import main as sample_pairs_main
+from data_tools.scoring import final_answer, sub_em
+from data_tools.tokenizer import load_tokenizer
+
+SENTENCE = re.compile(r"The person (\w+) was born in the town of (\w+)\.")
+
+
+@pytest.fixture(scope="module")
+def qa_words():
+    return load_tokenizer("builtin:qa-words")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("learnable_qa")
+    learnable_qa.main(["--num-examples", "48", "--out", str(root / "qa.jsonl"),
+                       "--long-tokens", "512", "--seed", "5"])
+    build_triplets.run(str(root / "qa.jsonl"), str(root / "triplets.jsonl"), "builtin:qa-words",
+                       512, None, seed=0)
+    sample_pairs_main(["--backend", "rule", "--num-samples", "8", "--input",
+                       str(root / "triplets.jsonl"), "--output", str(root / "pairs.jsonl")])
+    rows = {name: [json.loads(line) for line in open(root / f"{name}.jsonl")]
+            for name in ("qa", "triplets", "pairs")}
+    return rows
+
+
+def test_every_prompt_and_answer_is_in_the_word_vocabulary(pipeline, qa_words):
+    """No <unk>, one token per name, and decoding gives the text back exactly."""
+    assert len(qa_words) < 1000
+    unk = qa_words.unk_token_id
+    for row in pipeline["pairs"]:
+        for text in (row["prompt_short"], row["prompt_long"], row["chosen"], row["rejected"]):
+            ids = qa_words(text, add_special_tokens=False).input_ids
+            assert unk not in ids, text
+            assert qa_words.decode(ids) == text
+    for name in learnable_qa.NAMES:
+        assert len(qa_words(" " + name, add_special_tokens=False).input_ids) == 1, name
+    chat = qa_words.apply_chat_template([{"role": "user", "content": "x"}],
+                                        add_generation_prompt=True, tokenize=False)
+    assert unk not in qa_words(chat.replace("x", pipeline["pairs"][0]["prompt_short"]),
+                               add_special_tokens=False).input_ids
+
+
+def test_long_context_is_evidence_among_same_relation_distractors(pipeline, qa_words):
+    for row in pipeline["triplets"]:
+        short = SENTENCE.findall(row["prompt_short"])
+        long = SENTENCE.findall(row["prompt_long"])
+        assert len(short) == 1 and short[0] in long          # the evidence, byte for byte
+        subject, answer = short[0]
+        assert row["answers"] == [answer] and subject in row["question"]
+        # hard distractors only: the same relation about other entities, to the target length
+        assert len(long) >= 15
+        others = [pair for pair in long if pair != short[0]]
+        assert all(subject not in pair and answer not in pair for pair in others)
+        measured = len(qa_words(row["prompt_long"], add_special_tokens=False).input_ids)
+        assert 512 - 40 <= measured <= 512 == row["meta"]["target_long_tokens"]
+
+
+def test_rejected_answers_are_plausible_same_relation_values(pipeline):
+    for row in pipeline["pairs"]:
+        assert sub_em(row["chosen"], row["answers"])
+        assert not sub_em(row["rejected"], row["answers"])
+        wrong = final_answer(row["rejected"])
+        # a value the long context gives for the same relation about another entity, absent
+        # from the short context: telling it apart on the long context needs the subject
+        assert (re.search(rf"born in the town of {wrong}\.", row["prompt_long"])
+                and wrong not in row["prompt_short"]), (wrong, row["id"])
+
+
+def test_multi_hop_rows_get_wrong_hop_and_wrong_bridge_answers(tmp_path):
+    learnable_qa.main(["--num-examples", "12", "--out", str(tmp_path / "qa.jsonl"),
+                       "--hops", "2", "--long-tokens", "512"])
+    build_triplets.run(str(tmp_path / "qa.jsonl"), str(tmp_path / "t.jsonl"),
+                       "builtin:qa-words", 512, None)
+    from data_tools.sample_pairs import rule_samples
+    for row in map(json.loads, open(tmp_path / "t.jsonl")):
+        bridge = row["question_decomposition"][0]["answer"]
+        samples = rule_samples(row, 40, random.Random(0))
+        finals = {final_answer(s) for s in samples}
+        assert row["answers"][0] in finals and bridge in finals  # correct, and a wrong hop
+        assert len(finals - {row["answers"][0], bridge, "not mentioned"}) >= 3
+
+
+def test_question_only_baseline_stays_at_chance(tmp_path):
+    rows = learnable_qa.generate(2000, seed=1)
+    for row in rows:  # the fields the baseline reads, as sample_pairs writes them
+        row["answers"] = [row["answer"]]
+        decoy = row["question_decomposition"][0]["decoy_answers"][0]
+        row["chosen"], row["rejected"] = f"Answer: {row['answer']}", f"Answer: {decoy}"
+    result = learnable_qa.question_only_baseline(rows[:1600], rows[1600:])
+    assert result["num_heldout"] == 400
+    assert result["answer_accuracy"] <= 0.02          # chance is 1/256
+    assert 0.4 <= result["pairwise_accuracy"] <= 0.6  # chance is 0.5
+    # the check can fail: answers that follow from the question are found at once
+    leaky = [dict(r, answer=learnable_qa.NAMES[hash(r["question"].split()[2]) % 7],
+                  answers=[learnable_qa.NAMES[hash(r["question"].split()[2]) % 7]]) for r in rows]
+    for row in leaky:
+        row["chosen"] = f"Answer: {row['answer']}"
+    subject_keyed = learnable_qa.question_only_baseline(leaky[:1600], leaky[1600:])
+    assert subject_keyed["answer_accuracy"] > 0.1
+    assert subject_keyed["pairwise_accuracy"] > 0.9
