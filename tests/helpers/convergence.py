@@ -104,10 +104,11 @@ LAYOUT_TOLERANCES = {"loss/total": (2e-4, 1e-6), "optimizer/grad_norm": (4e-3, 1
                      "optimizer/lr": (1e-9, 0.0)}
 
 #: The 1-process run against the golden file, which must also hold on CI's other leg (Python 3.12,
-#: torch 2.14.1, megatron-core 0.19.2), where other kernels and library code sum in other orders:
-#: ~100x the order-of-summation differences above and ~20x (loss) / ~10x (grad norm) what a
-#: 1e-6 relative change of every initial weight does, yet far below what the planted bugs in
-#: tests/golden/README.md did (loss 2e-3 .. 0.5 relative, grad norm 0.05 .. 3).
+#: torch 2.14.1, megatron-core 0.19.2; not run here), where other kernels and library code sum in
+#: other orders: ~100x the order-of-summation differences above and ~20x (loss) / ~10x (grad
+#: norm) what a 1e-6 relative change of every initial weight does, yet well below what the
+#: planted bugs of tests/golden/README.md did to the golden check (loss up to 0.045 and 0.14
+#: relative, 46 and 78 of 100 steps outside; grad norm 4x, and up to 1.4 relative).
 GOLDEN_TOLERANCES = {"loss/total": (2e-3, 1e-5), "optimizer/grad_norm": (2e-2, 1e-4),
                      "optimizer/lr": (1e-6, 0.0)}
 
