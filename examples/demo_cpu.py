@@ -94,7 +94,7 @@ def main():
         ref = data / "qa.ref"
         sh(*torchrun, "examples/precompute_ref_logprobs.py", *common,
            f"checkpoint.load_dir={model / 'mcore_init'}", "--output", ref)
-        common += [f"data.ref_logprobs_path={ref}", "objective.alpha=3.0", "objective.beta=1.0"]
+        common += [f"data.ref_logprobs_path={ref}", "objective.beta=1.0"]
     sh(*torchrun, "examples/pretrain_solopo.py", *common,
        f"checkpoint.load_dir={model / 'mcore_init'}", f"checkpoint.save_dir={run / 'checkpoints'}",
        f"checkpoint.export_hf_dir={run / 'hf_export'}", f"training.train_steps={steps}",

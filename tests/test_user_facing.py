@@ -312,22 +312,37 @@ def test_setup_script_prints_each_step_and_pip_progress(tmp_path):
 
 
 # ---------------------------------------------------------------- 16: demo curves
-def test_demo_curves_png_and_eval_accuracy_note(tmp_path):
+def test_demo_curves_png_and_learning_summary(tmp_path):
+    from solopo_mcore.evaluation.learning import describe, learning_report, wilson_interval
     from solopo_mcore.training.curves import plot_curves, read_metrics
 
     metrics = tmp_path / "metrics.jsonl"
-    rows = [{"step": s, "loss/total": 3.0 - 0.1 * s, "loss/po": 2.0, "reward/margin_short":
-             0.01 * s} for s in range(1, 11)]
-    rows += [{"step": 10, "eval/accuracy/short": 0.625, "eval/accuracy/long": 0.5},
+    rows = [{"step": 0, "eval/accuracy/short": 0.5, "eval/accuracy/long": 0.5,
+             "eval/reward/distance_chosen": 0.25}]
+    rows += [{"step": s, "loss/total": 3.0 - 0.1 * s, "loss/po": 2.0, "reward/margin_short":
+              0.01 * s, "reward/distance_chosen": 0.1} for s in range(1, 11)]
+    rows += [{"step": 10, "eval/accuracy/short": 0.625, "eval/accuracy/long": 0.5,
+              "eval/reward/distance_chosen": 0.125},
              {"step": 10, "loss/total": 1.5}]  # a resumed run logs step 10 again
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    png = plot_curves(str(metrics), str(tmp_path / "curves.png"))
+    for name, short in (("untrained", 0.0), ("trained", 0.75)):  # evaluate_qa's summary.json
+        (tmp_path / "eval" / name).mkdir(parents=True)
+        (tmp_path / "eval" / name / "summary.json").write_text(json.dumps({
+            "accuracy_short": {"value": short, "ci95": [short / 2, 0.9], "n": 8},
+            "accuracy_long": {"value": 0.125, "ci95": [0.0, 0.375], "n": 8}}))
+    png = plot_curves(str(metrics), str(tmp_path / "curves.png"),
+                      {"short context": [(0, 0.0, 0.0, 0.0), (10, 0.75, 0.375, 0.9)]})
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     records = read_metrics(str(metrics))
     assert records[10]["loss/total"] == 1.5 and records[10]["eval/accuracy/long"] == 0.5
-    note = _example("demo_cpu").eval_accuracy_note(records[10], 8)
-    assert "long 0.50, short 0.62" in note and "chance (0.5)" in note and "1/8" in note
-    assert note.count(".") >= 1 and "\n" not in note
+    report = learning_report(str(metrics), str(tmp_path / "eval"), "untrained", "trained", 8)
+    assert report["pairwise"]["short"]["first"]["step"] == 0
+    assert report["pairwise"]["short"]["last"]["ci95"] == list(wilson_interval(0.625, 8))
+    text = describe(report)
+    assert "short 0.50 at step 0 -> 0.62 [" in text and "short 0.00 -> 0.75 [0.38, 0.90]" in text
+    assert "0.250 at step 0 -> 0.125 at step 10" in text and "not met" in text
+    # the Wilson interval against published values (8 of 10: 0.490 to 0.943)
+    assert [round(x, 3) for x in wilson_interval(0.8, 10)] == [0.49, 0.943]
 
 
 # ---------------------------------------------------------------- 17: profiler report

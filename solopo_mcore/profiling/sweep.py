@@ -159,7 +159,8 @@ def _timed_pass(target: ProfileTarget, example: TripletTokens, variant: Variant,
                                      else "solo_both", pg_collection.cp)
     synchronize()
     start = time.time()
-    run_global_batch(target.stack.model, forward_step, [batch], pg_collection)
+    run_global_batch(target.stack.model, forward_step, [batch], pg_collection,
+                     optimizer=target.optimizer if with_optimizer else None)
     if with_optimizer:
         target.optimizer.step()
     synchronize()

@@ -17,8 +17,14 @@ from solopo_mcore.platform import default_device, is_gloo
 
 def run_global_batch(model: list, forward_step, microbatches: Sequence[PackedMicrobatch],
                      pg_collection, forward_only: bool = False,
-                     collect_non_loss_data: bool = False) -> list:
+                     collect_non_loss_data: bool = False, optimizer=None) -> list:
     """Forward (and backward unless ``forward_only``) over this rank's microbatches.
+
+    Before a backward the gradients start from zero as in Megatron's training loop: the DDP
+    buffers are zeroed and, given the ``optimizer`` that will step, ``optimizer.zero_grad()``
+    drops the ``param.grad`` references it left (megatron-core's plain fp32 optimizer points them
+    at the DDP buffer; kept, autograd would add the first microbatch's gradient into the buffer
+    and DDP's hook would add it again).
 
     ``microbatches`` are already cut for this rank's CP slice. Returns the loss function's
     outputs on the last pipeline stage (one per microbatch), [] elsewhere. With
@@ -39,6 +45,8 @@ def run_global_batch(model: list, forward_step, microbatches: Sequence[PackedMic
     if not forward_only:
         for chunk in model:
             chunk.zero_grad_buffer()
+        if optimizer is not None:
+            optimizer.zero_grad()
     iterators = [iter(batches) for _ in model] if len(model) > 1 else iter(batches)
     pp_size = pg_collection.pp.size()
     forward_backward = get_forward_backward_func(

@@ -196,7 +196,8 @@ class Trainer:
                                                MODE_ROLES[self.config.objective.mode],
                                                self.pg_collection, self.pad_multiple,
                                                self.config.data.shared_prefix)
-        outputs = run_global_batch(self.model, self.forward_step, microbatches, self.pg_collection)
+        outputs = run_global_batch(self.model, self.forward_step, microbatches, self.pg_collection,
+                                   optimizer=self.optimizer)
         metrics = reduce_metrics(outputs, self.pg_collection.dp) if self.is_last_stage else {}
         loss_ok = not self.is_last_stage or math.isfinite(metrics.get("loss/total", 0.0))
         finite = self._all_ranks(float(loss_ok and self._grads_finite()), dist.ReduceOp.MIN) > 0
