@@ -162,31 +162,46 @@ def summarize(rows: list[dict], out: Path) -> str:
     return text
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench_learning", help="output folder (resumable)")
-    parser.add_argument("--lengths", default="1024,2048",
+    parser.add_argument("--lengths", default="1024,2048", type=_int_list,
                         help="long-context lengths in tokens (user message), comma-separated")
-    parser.add_argument("--seeds", default="0,1,2", help="seeds: data, initialisation, order")
+    parser.add_argument("--seeds", default="0,1,2", type=_int_list,
+                        help="seeds: data, initialisation, order")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per arm")
     parser.add_argument("--examples", type=int, default=1024, help="examples per dataset")
     parser.add_argument("--algorithm", default="orpo", choices=["orpo", "dpo", "simpo"])
     parser.add_argument("--arms", default="solo,long/unshared,long/shared",
                         help="MODE[/shared|/unshared], comma-separated")
     args = parser.parse_args(argv)
+    modes = ("solo", "solo_both", "short", "long")
+    for arm in args.arms.split(","):  # refuse a typo before minutes of data preparation
+        mode, _, sharing = arm.partition("/")
+        if mode not in modes or sharing not in ("", "shared", "unshared"):
+            parser.error(f"--arms: {arm!r} is not MODE[/shared|/unshared] with MODE one of "
+                         f"{', '.join(modes)}")
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     num_eval = load_config(str(REPO / RECIPE)).data.num_eval_examples
     results_path = out / "results.jsonl"
     done = [json.loads(line) for line in open(results_path)] if results_path.is_file() else []
-    for length in [int(x) for x in args.lengths.split(",")]:
-        for seed in [int(x) for x in args.seeds.split(",")]:
-            root = out / f"long{length}" / f"seed{seed}"
+    for length in args.lengths:
+        for seed in args.seeds:
+            root = out / f"long{length}_examples{args.examples}" / f"seed{seed}"
             untrained = prepare(args, root, length, seed, num_eval)
-            base = {"length": length, "seed": seed, "steps": args.steps}
+            base = {"length": length, "seed": seed, "steps": args.steps,
+                    "examples": args.examples}
             if not any(r["name"] == "untrained" and r["length"] == length and r["seed"] == seed
-                       for r in done):
+                       and r.get("examples") == args.examples for r in done):
                 done.append({**base, "name": "untrained", "arm": "untrained",
                              "answer": untrained})
                 with open(results_path, "a") as f:
@@ -194,7 +209,8 @@ def main(argv=None) -> None:
             for arm in args.arms.split(","):
                 name = f"{args.algorithm}-{arm.replace('/', '-')}"
                 if any(r["name"] == name and r["length"] == length and r["seed"] == seed
-                       and r["steps"] == args.steps for r in done):
+                       and r["steps"] == args.steps and r.get("examples") == args.examples
+                       for r in done):
                     continue
                 row = {**base, **measure_arm(args, root, arm, seed, num_eval)}
                 done.append(row)

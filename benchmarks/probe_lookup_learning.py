@@ -49,6 +49,8 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if min(args.eval_every, args.steps, args.batch_size, args.facts, args.threads) < 1:
+        parser.error("--eval-every, --steps, --batch-size, --facts and --threads must be >= 1")
     torch.set_num_threads(args.threads)
     vocab = {w: i for i, w in enumerate(["Q", "?", ".", "A"] +
                                         [f"n{i}" for i in range(args.names)])}

@@ -28,7 +28,7 @@ from data_tools.common import (PASSAGE_SEPARATOR, RowError, RunReport, atomic_ou
                                refuse_overwriting_inputs,
                                render_passage, render_prompt, require, write_json)
 from data_tools.distractors import BUILTIN_WIKI, load_pool
-from data_tools.tokenizer import BUILTIN_QWEN, load_tokenizer
+from data_tools.tokenizer import BUILTIN_QA_WORDS, BUILTIN_QWEN, load_tokenizer
 from solopo_mcore.errors import entry_point
 
 
@@ -133,21 +133,25 @@ def build_long(example: dict, short_tokens: int, target: int, counter: TokenCoun
             break
     # insert evidence at sorted uniform positions among the distractors
     positions = sorted(rng.randint(0, len(chosen)) for _ in evidence)
-    documents, evidence_doc_positions = [], []
+    documents, sources, evidence_doc_positions = [], [], []
     distractor_iter = iter(chosen)
     next_evidence = 0
     for slot in range(len(chosen) + 1):
         while next_evidence < len(evidence) and positions[next_evidence] == slot:
             evidence_doc_positions.append(len(documents))
             documents.append(evidence[next_evidence])
+            sources.append("evidence")
             next_evidence += 1
         if slot < len(chosen):
-            documents.append(next(distractor_iter)[0])
+            passage, source = next(distractor_iter)
+            documents.append(passage)
+            sources.append(source)
     long_prompt = render_prompt(documents, example["question"])
     long_tokens = counter.count(long_prompt)
     while long_tokens > target and len(documents) > len(evidence):  # boundary merges: trim
         drop = max(i for i in range(len(documents)) if i not in evidence_doc_positions)
         documents.pop(drop)
+        sources.pop(drop)
         evidence_doc_positions = [p - (p > drop) for p in evidence_doc_positions]
         long_prompt = render_prompt(documents, example["question"])
         long_tokens = counter.count(long_prompt)
@@ -155,7 +159,7 @@ def build_long(example: dict, short_tokens: int, target: int, counter: TokenCoun
     meta = {
         "long_tokens": long_tokens,
         "num_distractors": len(documents) - len(evidence),
-        "num_own_distractors": sum(1 for _, s in chosen if s == "own"),
+        "num_own_distractors": sources.count("own"),
         "evidence_doc_positions": evidence_doc_positions,
         "evidence_char_offsets": offsets,
         "evidence_depths": [round(o / max(len(long_prompt), 1), 4) for o in offsets],
@@ -192,6 +196,12 @@ def run(input_path: str, output_path: str, tokenizer_name: str, target_long_toke
         "build_triplets", {"--input": input_path, "--distractor-pool": pool_file},
         {"--output": output_path, "--output (.summary.json)": output_path + ".summary.json",
          "--output (.tmp)": output_path + ".tmp"})
+    if tokenizer_name == BUILTIN_QA_WORDS and distractor_pool:
+        raise SystemExit(f"build_triplets: --tokenizer {BUILTIN_QA_WORDS} covers only the "
+                         f"learnable QA task's words; --distractor-pool {distractor_pool} would "
+                         f"fill the long context with <unk>. Use --distractor-pool none (the "
+                         f"rows' own distractors, see python -m data_tools.learnable_qa "
+                         f"--long-tokens).")
     report = RunReport("build_triplets", strict=strict)
     counter = TokenCounter(load_tokenizer(tokenizer_name))
     pool = load_pool(distractor_pool) if distractor_pool else []
@@ -214,7 +224,18 @@ def run(input_path: str, output_path: str, tokenizer_name: str, target_long_toke
             out.write(json.dumps(built, ensure_ascii=False) + "\n")
             report.written += 1
             lengths.append((built["meta"]["short_tokens"], built["meta"]["long_tokens"]))
+        report.require_written(input_path, "Fix the input or the skip reasons above (e.g. a "
+                               "--target-long-tokens above the short contexts' length).")
     if lengths:
+        # the long context ends within one passage of the target; far below it, the distractors
+        # ran out (too few own distractors and no pool): said, not hidden in a mean
+        short_of_target = sum(1 for _, long in lengths if long < 0.9 * target_long_tokens)
+        if short_of_target:
+            report.extra["rows_under_90pct_of_target"] = short_of_target
+            print(f"build_triplets: warning: {short_of_target} of {len(lengths)} long contexts "
+                  f"have under 90% of --target-long-tokens {target_long_tokens}: the distractors "
+                  f"ran out (more per row: learnable_qa --long-tokens / --num-distractors, or a "
+                  f"--distractor-pool)", flush=True)
         report.extra.update(
             mean_short_tokens=round(sum(s for s, _ in lengths) / len(lengths), 1),
             mean_long_tokens=round(sum(l for _, l in lengths) / len(lengths), 1),

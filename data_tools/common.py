@@ -112,6 +112,17 @@ class RunReport:
                 "skipped": dict(sorted(self.skipped.items())),
                 "skipped_total": sum(self.skipped.values()), **self.extra}
 
+    def require_written(self, source: str, fix: str) -> None:
+        """Raise (exit 1, counts and ``fix`` named) when nothing was written: an empty output is
+        never a success. Called inside :func:`atomic_output`, so no empty file is left."""
+        if self.written:
+            return
+        self.print_summary()
+        d = self.as_dict()
+        reasons = ", ".join(f"{k}={v}" for k, v in d["skipped"].items()) or "none"
+        raise SystemExit(f"{self.tool}: 0 rows written from {source} (read {d['read']}, skipped "
+                         f"{d['skipped_total']}: {reasons}); no output was written. {fix}")
+
     def print_summary(self) -> None:
         d = self.as_dict()
         reasons = ", ".join(f"{k}={v}" for k, v in d["skipped"].items()) or "none"

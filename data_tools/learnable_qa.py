@@ -15,7 +15,7 @@ same sentence shapes and the same names. Rows go through the real pipeline uncha
 Why it is shaped this way (docs/data.md, "The learnable task", has the measurements):
 
 * **One word, one token.** Names are single made-up words and ``builtin:qa-words`` is a word-level
-  tokenizer over exactly this task's words (:func:`vocabulary_words`, about 400 entries), so an
+  tokenizer over exactly this task's words (:func:`vocabulary_words`, 629 entries), so an
   answer is one token to copy and a tiny model spends no steps learning sub-word spelling. The
   real Qwen2.5 vocabulary path is tested elsewhere on the other synthetic generator.
 * **One hop by default.** Answering is a lookup: find the sentence whose subject is the
@@ -268,6 +268,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.num_examples < 1:
         raise SystemExit("learnable_qa: --num-examples must be >= 1")
+    if args.num_distractors is not None and args.num_distractors < 0:
+        raise SystemExit("learnable_qa: --num-distractors must be >= 0")
     num_distractors = (args.num_distractors if args.num_distractors is not None
                        else distractors_for(args.long_tokens))
     rows = generate(args.num_examples, args.seed, args.hops, num_distractors)

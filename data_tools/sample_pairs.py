@@ -150,6 +150,9 @@ def run(args) -> dict:
                 if pair is not None:
                     out.write(json.dumps(pair, ensure_ascii=False) + "\n")
                     report.written += 1
+        report.require_written(args.input, "The input must be build_triplets output (id, "
+                               "question, answers, prompt_short, prompt_long); with a model "
+                               "backend, rows with no correct or no wrong sample are skipped.")
     summary = report.as_dict()
     write_json(args.output + ".summary.json", summary)
     report.print_summary()

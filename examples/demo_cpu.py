@@ -84,8 +84,20 @@ def main():
     data, model, run, evals = out / "data", out / "model", out / "run", out / "eval_answers"
     torchrun = [py, "-m", "torch.distributed.run", "--nproc-per-node=2"]
 
-    for command in pipeline_commands(py, out, args.examples, args.long_tokens):
-        sh(*command)
+    from solopo_mcore.evaluation.learning import (describe, evaluate_command, learning_report,
+                                                  write_heldout)
+
+    if (out / "learning.json").is_file():  # a finished demo: say what it measured, redo nothing
+        print(f"\n{out} holds a finished demo (its learning.json); nothing was rerun. Use "
+              f"--out NEW_FOLDER for a new run, or delete {out}.\n\n"
+              f"{describe(json.loads((out / 'learning.json').read_text()))}")
+        return
+    if (data / "qa.meta.json").is_file() and (model / "mcore_init" / "latest").is_file():
+        print(f"reusing the dataset and initial weights already in {out} (an interrupted demo; "
+              f"delete the folder to rebuild them)", flush=True)
+    else:
+        for command in pipeline_commands(py, out, args.examples, args.long_tokens):
+            sh(*command)
     layout = (["parallel.context_parallel_size=2", "parallel.tensor_model_parallel_size=1"]
               if args.cp else [])
     common = ["--config", RECIPE, f"model.hf_config_path={model / 'hf_init'}",
@@ -101,8 +113,6 @@ def main():
        f"logging.metrics_path={run / 'metrics.jsonl'}",
        f"logging.tensorboard_dir={run / 'tensorboard'}")
 
-    from solopo_mcore.evaluation.learning import (describe, evaluate_command, learning_report,
-                                                  write_heldout)
     from solopo_mcore.training.curves import plot_curves
 
     heldout = write_heldout(str(data / "triplets.jsonl"), str(data / "qa"), num_eval,
@@ -125,7 +135,7 @@ Done. Everything is under {out}:
   TensorBoard {run / 'tensorboard'}      HF export      {run / 'hf_export'}
   answers     {evals}/  (per-generation results.jsonl, summary.md)
   curves      {curves}  (loss, rewards, pairwise and answer accuracy, SoLo-RA distance)
-  figures     {out / 'learning.json'}
+  summary     {out / 'learning.json'}  (the figures below)
 
 What the model learned ({variant}, {steps} steps from random initialisation):
 {describe(report)}

@@ -109,3 +109,28 @@ def test_question_only_baseline_stays_at_chance(tmp_path):
     subject_keyed = learnable_qa.question_only_baseline(leaky[:1600], leaky[1600:])
     assert subject_keyed["answer_accuracy"] > 0.1
     assert subject_keyed["pairwise_accuracy"] > 0.9
+
+
+def test_distractor_counts_are_of_the_long_context_as_written(pipeline):
+    for row in pipeline["triplets"]:
+        meta = row["meta"]
+        # every distractor is the row's own (no pool); counted after the trim to the target
+        assert meta["num_own_distractors"] == meta["num_distractors"] == \
+            len(SENTENCE.findall(row["prompt_long"])) - 1
+
+
+def test_bad_pipeline_inputs_are_refused_with_the_fix(tmp_path):
+    learnable_qa.main(["--num-examples", "4", "--out", str(tmp_path / "qa.jsonl")])
+    with pytest.raises(SystemExit, match="--distractor-pool none"):  # Wikipedia text: <unk>
+        build_triplets.run(str(tmp_path / "qa.jsonl"), str(tmp_path / "t.jsonl"),
+                           "builtin:qa-words", 512, "builtin:wiki")
+    with pytest.raises(SystemExit, match="0 rows written .*long_target_too_short=4"):
+        build_triplets.run(str(tmp_path / "qa.jsonl"), str(tmp_path / "t.jsonl"),
+                           "builtin:qa-words", 30, None)
+    assert not (tmp_path / "t.jsonl").exists()  # no empty output left behind
+    with pytest.raises(SystemExit, match="must be build_triplets output"):  # a skipped step
+        sample_pairs_main(["--backend", "rule", "--input", str(tmp_path / "qa.jsonl"),
+                           "--output", str(tmp_path / "p.jsonl")])
+    assert not (tmp_path / "p.jsonl").exists()
+    with pytest.raises(SystemExit, match="--num-distractors must be >= 0"):
+        learnable_qa.main(["--num-distractors", "-2", "--out", str(tmp_path / "x.jsonl")])

@@ -339,7 +339,8 @@ def test_demo_curves_png_and_learning_summary(tmp_path):
     assert report["pairwise"]["short"]["first"]["step"] == 0
     assert report["pairwise"]["short"]["last"]["ci95"] == list(wilson_interval(0.625, 8))
     text = describe(report)
-    assert "short 0.50 at step 0 -> 0.62 [" in text and "short 0.00 -> 0.75 [0.38, 0.90]" in text
+    assert "short 0.50 [0.22, 0.78] at step 0 -> 0.62 [" in text
+    assert "short 0.00 [0.00, 0.90] -> 0.75 [0.38, 0.90]" in text
     assert "0.250 at step 0 -> 0.125 at step 10" in text and "not met" in text
     # the Wilson interval against published values (8 of 10: 0.490 to 0.943)
     assert [round(x, 3) for x in wilson_interval(0.8, 10)] == [0.49, 0.943]

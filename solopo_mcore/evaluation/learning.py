@@ -127,7 +127,8 @@ def describe(report: dict) -> str:
     lines = []
     pw = report["pairwise"]
     if pw:
-        parts = [f"{ctx} {d['first']['value']:.2f} at step {d['first']['step']} -> "
+        parts = [f"{ctx} {fmt_interval(d['first']['value'], *d['first']['ci95'])} at step "
+                 f"{d['first']['step']} -> "
                  f"{fmt_interval(d['last']['value'], *d['last']['ci95'])} at step "
                  f"{d['last']['step']}" for ctx, d in pw.items()]
         lines.append(f"Pairwise accuracy on {n} held-out examples (chosen reward > rejected, "
@@ -136,7 +137,8 @@ def describe(report: dict) -> str:
     parts = []
     for ctx in ("short", "long"):
         b, a = ans["before"][ctx], ans["after"][ctx]
-        parts.append(f"{ctx} {b['value']:.2f} -> {fmt_interval(a['value'], *a['ci95'])}")
+        parts.append(f"{ctx} {fmt_interval(b['value'], *b['ci95'])} -> "
+                     f"{fmt_interval(a['value'], *a['ci95'])}")
     lines.append("Greedy answer accuracy (sub-EM, evaluate_qa, 95% bootstrap interval), "
                  "untrained -> trained: " + "; ".join(parts) + ".")
     long_pairwise = pw.get("long", {}).get("last", {}).get("value", float("nan"))

@@ -53,8 +53,11 @@ def plot_curves(metrics_path: str, png_path: str, answer_accuracy: dict | None =
                       if isinstance(r.get(key), (int, float))]
             if points:
                 style = dict(linewidth=2.2, alpha=0.45) if key == "loss/total" else {}
+                label = key[len(prefix):]
+                if key.endswith("loss/solo_ra"):
+                    label += " (before alpha)"
                 ax.plot(*zip(*points), marker="o" if len(points) < 12 else None, markersize=3,
-                        label=key[len(prefix):], **style)
+                        label=label, **style)
         if prefix == "eval/accuracy/":
             ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
             ax.set_ylim(-0.05, 1.05)
@@ -66,9 +69,10 @@ def plot_curves(metrics_path: str, png_path: str, answer_accuracy: dict | None =
         ax = flat[len(panels)]
         for label, points in answer_accuracy.items():
             steps, values, lows, highs = zip(*points)
+            colour = {"long": "C0", "short": "C1"}.get(label.split()[0])  # as the pairwise panel
             ax.errorbar(steps, values, yerr=[[v - lo for v, lo in zip(values, lows)],
                                              [hi - v for v, hi in zip(values, highs)]],
-                        marker="o", capsize=4, label=label)
+                        marker="o", capsize=4, label=label, color=colour)
         ax.set_ylim(-0.05, 1.05)
         ax.set_title("answer accuracy (greedy sub-EM, held-out)", fontsize=10)
         ax.set_xlabel("step")
