@@ -187,15 +187,16 @@ def test_preprocess_skips_too_long_and_refuses_large_vocab(tmp_path, demo_data):
 
 def test_hf_generation_backend_samples_scores_and_reports(demo_data, tmp_path):
     """The built-in transformers backend on the tiny random model: it generates, scores by sub-EM
-    and, as a random model answers nothing right, reports every example as `none_correct`."""
+    and, as a random model answers nothing right, reports every example as `none_correct`; no
+    pair written is an error (exit 1) that leaves no output."""
     rows = demo_data["triplets"].read_text().splitlines()[:3]
     src = tmp_path / "three.jsonl"
     src.write_text("\n".join(rows) + "\n")
     result = _run_tool("data_tools.sample_pairs", "--input", src, "--output", tmp_path / "p.jsonl",
                        "--backend", "hf", "--model", demo_data["model"], "--num-samples", 2,
                        "--max-new-tokens", 6, "--batch-size", 2)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "p.jsonl.summary.json").read_text())
-    assert summary["read"] == 3 and summary["written"] == 0
-    assert summary["skipped"] == {"none_correct": 3}
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "0 rows written" in result.stderr and "(read 3, skipped 3: none_correct=3)" in \
+        result.stderr, result.stderr[-3000:]
     assert "0/2 samples sub-EM correct" in result.stderr
+    assert not (tmp_path / "p.jsonl").exists()
