@@ -127,16 +127,23 @@ def test_shared_prefix_answers_do_not_see_each_other(tiny_qwen2, groups):
                             groups.cp))
         return [out[packed.loss_token_response == r] for r in range(2)]
 
+    def max_diff(a, b):
+        return float((a - b).abs().max())
+
+    # Other y_w lengths move y_l within the packed tensor, so the SDPA kernel may block its keys
+    # differently: float rounding (~1e-7 here), not bit identity, is what no leak leaves; one
+    # changed visible token moves these log-probs by orders of magnitude more (checked below).
+    noise = 1e-5
     base_w, base_l = per_response(example)
     other = [(t * 7 + 3) % shape.vocab_size for t in example.chosen] + [5, 6, 7]
     _, new_l = per_response(replace(example, chosen=other))
-    assert torch.equal(new_l, base_l), "y_l's log-probs changed with y_w's tokens"
+    assert max_diff(new_l, base_l) <= noise, "y_l's log-probs changed with y_w's tokens"
     new_w, _ = per_response(replace(example, rejected=list(reversed(example.rejected[:-2]))))
-    assert torch.equal(new_w, base_w), "y_w's log-probs changed with y_l's tokens"
+    assert max_diff(new_w, base_w) <= noise, "y_w's log-probs changed with y_l's tokens"
     context = list(example.short_prompt)
     context[len(context) // 2] = (context[len(context) // 2] + 1) % shape.vocab_size
     ctx_w, ctx_l = per_response(replace(example, short_prompt=context))
-    assert not torch.equal(ctx_w, base_w) and not torch.equal(ctx_l, base_l)
+    assert min(max_diff(ctx_w, base_w), max_diff(ctx_l, base_l)) > 100 * noise
 
 
 def test_torch_attention_equals_local_dot_product_attention(tiny_qwen2, groups):
