@@ -39,7 +39,7 @@ import json
 import random
 from typing import Iterable, Sequence
 
-from data_tools.common import INSTRUCTION, atomic_output, progress
+from data_tools.common import atomic_output, progress
 from solopo_mcore.errors import entry_point
 
 _SYLLABLES = ["ka", "lo", "mer", "vin", "ta", "sol", "dra", "bel", "nor", "thi", "qua", "ren",
