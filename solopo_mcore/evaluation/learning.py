@@ -90,8 +90,7 @@ def distance_series(metrics_path: str, key: str = "eval/reward/distance_chosen")
 def answer_accuracy(eval_dir: str, name: str) -> dict:
     """``{"short"|"long": {"value", "ci95", "n"}}`` from evaluate_qa's ``NAME/summary.json``."""
     summary = json.loads((Path(eval_dir) / name / "summary.json").read_text())
-    overall = summary.get("overall", summary)
-    return {ctx: overall[f"accuracy_{ctx}"] for ctx in ("short", "long")}
+    return {ctx: summary[f"accuracy_{ctx}"] for ctx in ("short", "long")}
 
 
 def fmt_interval(value: float, low: float, high: float) -> str:
