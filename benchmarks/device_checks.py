@@ -250,7 +250,7 @@ class Checks:
     def train_step_and_checkpoint(self):
         from solopo_mcore.config import ObjectiveConfig, OptimizerConfig
         from solopo_mcore.profiling.memory import memory_stats, reset_peak
-        from solopo_mcore.training.checkpoint import CheckpointManager
+        from solopo_mcore.storage.checkpoint import CheckpointManager
         from solopo_mcore.stack import wrap_ddp
         from solopo_mcore.training.engine import run_global_batch
         from solopo_mcore.training.forward_step import make_forward_step

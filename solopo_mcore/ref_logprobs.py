@@ -18,16 +18,16 @@ from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 
 from solopo_mcore.config import RunConfig, require_training_data, to_dict
 from solopo_mcore.data.dataset import save_reference_sidecar
-from solopo_mcore.data.schema import ROLE_NAMES
+from solopo_mcore.roles import ROLE_NAMES
 from solopo_mcore.log import log
 from solopo_mcore.losses.objective import EVAL_ROLES
 from solopo_mcore.parallel.layout import layout_sizes
 from solopo_mcore.stack import build_model_stack, load_hf_weights, setup_parallel
 from solopo_mcore.training import build
-from solopo_mcore.training.checkpoint import CheckpointManager, find_verified_checkpoint
+from solopo_mcore.storage.checkpoint import CheckpointManager, find_verified_checkpoint
 from solopo_mcore.training.engine import run_global_batch
 from solopo_mcore.training.forward_step import make_logprob_forward_step
-from solopo_mcore.training.integrity import weights_fingerprint
+from solopo_mcore.storage.integrity import weights_fingerprint
 
 
 def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) -> np.ndarray:

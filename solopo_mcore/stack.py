@@ -3,7 +3,7 @@ Megatron's DDP, HF weights streamed in through the conversion tables, and HF exp
 
 Shared by training, the reference pre-pass, the converter, the profiler and evaluation. It sits
 beside ``training`` and ``convert`` rather than in either, so neither package imports the other
-for it (``convert`` uses ``training.checkpoint``; ``training`` never imports ``convert``).
+for it (``training`` never imports ``convert``; both use ``storage`` for checkpoints).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from solopo_mcore.convert.hf_io import HFCheckpointReader, export_hf
 from solopo_mcore.convert.tables import load_hf_tensors_into_chunks
 from solopo_mcore.models.builder import build_model_chunks, build_transformer_config
 from solopo_mcore.models.hf_config import ModelShape, read_hf_config
+from solopo_mcore.models.layout_fit import check_model_fits_layout
 from solopo_mcore.parallel.layout import initialize_parallel
 from solopo_mcore.platform import default_device
 
@@ -47,7 +48,8 @@ def setup_parallel(config: RunConfig) -> tuple[ModelShape, object]:
     shape = read_hf_config(architecture_dir(config))
     if config.training.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    pg_collection = initialize_parallel(config.parallel, config.training.seed, shape)
+    check_model_fits_layout(shape, config.parallel)
+    pg_collection = initialize_parallel(config.parallel, config.training.seed)
     return shape, pg_collection
 
 

@@ -6,6 +6,7 @@ import pytest
 from solopo_mcore.config import ConfigError, RECIPES_DIR, load_config
 from solopo_mcore.models.hf_config import shape_from_dict
 from solopo_mcore.models.reference_configs import BY_NAME
+from solopo_mcore.models.layout_fit import check_model_fits_layout
 from solopo_mcore.parallel.layout import validate_layout
 
 
@@ -58,7 +59,8 @@ def test_paper_recipes_load_and_fit_their_cluster(recipe):
     cfg = load_config(recipe)
     model = "qwen2.5-7b" if recipe.startswith("qwen") else "llama3.1-8b"
     world = 32 if "4node" in recipe else 8
-    dp = validate_layout(shape_from_dict(BY_NAME[model]), cfg.parallel, world)
+    check_model_fits_layout(shape_from_dict(BY_NAME[model]), cfg.parallel)
+    dp = validate_layout(cfg.parallel, world)
     assert cfg.data.global_batch_size % (cfg.data.micro_batch_size * dp) == 0
     expected_alpha = {"solo-orpo": 4.0 if model == "llama3.1-8b" else 1.0, "solo-simpo": 1.0,
                       "solo-dpo": 3.0}

@@ -75,7 +75,8 @@ def test_bad_tensors_layouts_and_destinations_are_named(tiny_qwen2, tmp_path):
     from solopo_mcore.convert.hf_io import HFCheckpointReader
     from solopo_mcore.convert.tables import ConversionError, load_hf_tensors_into_chunks
     from solopo_mcore.models.hf_config import read_hf_config
-    from solopo_mcore.parallel.layout import LayoutError, validate_layout
+    from solopo_mcore.models.layout_fit import check_model_fits_layout
+    from solopo_mcore.parallel.layout import LayoutError
 
     shape = read_hf_config(tiny_qwen2)
     tensors = _hf_tensors(tiny_qwen2)
@@ -109,7 +110,7 @@ def test_bad_tensors_layouts_and_destinations_are_named(tiny_qwen2, tmp_path):
         load_hf_tensors_into_chunks([Chunk()], tensors.__getitem__, shape, None)
 
     with pytest.raises(LayoutError, match="does not divide the 2 KV groups"):
-        validate_layout(shape, ParallelConfig(tensor_model_parallel_size=4), 4)
+        check_model_fits_layout(shape, ParallelConfig(tensor_model_parallel_size=4))
 
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")

@@ -10,7 +10,7 @@ import torch
 from solopo_mcore.convert.tables import (TABLE, GatedMLP, InterleavedQKV, Replicated, RowParallel,
                                          VocabParallel, expected_hf_names)
 from solopo_mcore.data.packing import TripletTokens, pack_triplets
-from solopo_mcore.data.schema import Role
+from solopo_mcore.roles import Role
 from solopo_mcore.models.hf_config import ModelShape, padded_vocab_size, shape_from_dict
 from solopo_mcore.parallel.context import (gathered_to_global_index, split_for_cp_rank,
                                            zigzag_local_index)

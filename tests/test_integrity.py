@@ -136,7 +136,7 @@ def test_reference_sidecar_from_other_weights_is_refused(demo_data, tiny_qwen2, 
     from solopo_mcore.data.dataset import DatasetError, TripletDataset, save_reference_sidecar
     from solopo_mcore.models.hf_config import read_hf_config
     from solopo_mcore.training import build
-    from solopo_mcore.training.integrity import weights_fingerprint
+    from solopo_mcore.storage.integrity import weights_fingerprint
 
     dataset = TripletDataset(demo_data["prefix"])
     sidecar = str(tmp_path / "ref")
@@ -195,7 +195,7 @@ def test_demo_variants_get_their_own_output_folders():
 def test_run_fingerprint_names_each_difference(demo_data):
     from solopo_mcore.config import load_config
     from solopo_mcore.models.hf_config import read_hf_config
-    from solopo_mcore.training.integrity import compare_run_fingerprints, run_fingerprint
+    from solopo_mcore.training.run_fingerprint import compare_run_fingerprints, run_fingerprint
 
     shape = read_hf_config(demo_data["model"])
     base = load_config("tiny_cpu")

@@ -7,7 +7,7 @@ import torch
 
 from solopo_mcore.config import ObjectiveConfig
 from solopo_mcore.losses import rewards
-from solopo_mcore.data.schema import Role
+from solopo_mcore.roles import Role
 from solopo_mcore.losses.objective import SequenceStats, solopo_objective
 from tests.helpers.hf_reference import MODE_ROLE_IDS, written_objective
 

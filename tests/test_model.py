@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from solopo_mcore.config import ModelConfig, ParallelConfig
 from solopo_mcore.convert.tables import load_hf_tensors_into_chunks
 from solopo_mcore.data.packing import pack_triplets
-from solopo_mcore.data.schema import Role
+from solopo_mcore.roles import Role
 from solopo_mcore.losses.objective import MODE_ROLES
 from solopo_mcore.models.builder import build_model_chunks, build_transformer_config
 from solopo_mcore.models.hf_config import read_hf_config

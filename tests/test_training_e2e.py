@@ -149,7 +149,7 @@ def test_dpo_reference_sidecar_matches_on_the_fly_and_is_checked(demo_data, tmp_
     from solopo_mcore.data.dataset import TripletDataset
     dataset = TripletDataset(demo_data["prefix"])
     assert meta["dataset_fingerprint"] == dataset.fingerprint
-    from solopo_mcore.training.integrity import weights_fingerprint
+    from solopo_mcore.storage.integrity import weights_fingerprint
     assert meta["model_fingerprint"] == weights_fingerprint(demo_data["model"])
     run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 1, extra=[
         "objective.algorithm=dpo", f"data.ref_logprobs_path={ref}", "checkpoint.save_dir=null",

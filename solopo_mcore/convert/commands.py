@@ -27,7 +27,7 @@ from solopo_mcore.log import log
 from solopo_mcore.models.hf_config import read_hf_config, shape_from_dict
 from solopo_mcore.platform import default_device
 from solopo_mcore.stack import build_model_stack, load_hf_weights, setup_parallel
-from solopo_mcore.training.checkpoint import (CheckpointManager, find_checkpoint, read_marker,
+from solopo_mcore.storage.checkpoint import (CheckpointManager, find_checkpoint, read_marker,
                                               save_model_only)
 
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}

@@ -15,7 +15,7 @@ from solopo_mcore.data.schema import (FORMAT, META_EXAMPLE_IDS, META_FILE_CHECKS
                                       META_FINGERPRINT, META_FORMAT, META_NUM_EXAMPLES,
                                       META_PAD_TOKEN_ID, META_SEQUENCES, SEQUENCES_PER_EXAMPLE)
 from solopo_mcore.log import warn
-from solopo_mcore.training.integrity import sampled_sha256, sha256_file
+from solopo_mcore.storage.integrity import sampled_sha256, sha256_file
 
 
 class DatasetError(UserError, ValueError):

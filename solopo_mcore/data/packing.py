@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from solopo_mcore.data.schema import Role
+from solopo_mcore.roles import Role
 from solopo_mcore.models.shared_prefix import SharedPrefixPackedSeqParams
 from solopo_mcore.parallel.context import split_for_cp_rank
 

@@ -4,15 +4,14 @@
 ``PREFIX.bin/.idx`` is a Megatron indexed dataset: example ``i`` is document ``i``, holding
 :data:`SEQUENCES_PER_EXAMPLE` token sequences in that order. ``PREFIX.meta.json`` (written last)
 holds the keys named below. A training *segment* is a prompt followed by a response; the four
-segments of an example are indexed by :class:`Role`.
+segments of an example are indexed by :class:`solopo_mcore.roles.Role`.
 """
 
 from __future__ import annotations
 
-import enum
 import os
 
-from solopo_mcore.training.integrity import sampled_sha256, sha256_file
+from solopo_mcore.storage.integrity import sampled_sha256, sha256_file
 
 FORMAT = "solopo-triplets-v1"
 """``meta["format"]`` of the datasets this version reads and writes."""
@@ -20,29 +19,6 @@ FORMAT = "solopo-triplets-v1"
 SEQUENCES_PER_EXAMPLE = ("short_prompt", "long_prompt", "chosen", "rejected")
 """The token sequences of one example (one indexed-dataset document), in order."""
 
-
-class Role(enum.IntEnum):
-    """A segment of an example: which prompt, followed by which response."""
-
-    SHORT_CHOSEN = 0
-    SHORT_REJECTED = 1
-    LONG_CHOSEN = 2
-    LONG_REJECTED = 3
-
-    @property
-    def prompt_sequence(self) -> int:
-        """Index into :data:`SEQUENCES_PER_EXAMPLE` of this segment's prompt."""
-        return 0 if self in (Role.SHORT_CHOSEN, Role.SHORT_REJECTED) else 1
-
-    @property
-    def response_sequence(self) -> int:
-        """Index into :data:`SEQUENCES_PER_EXAMPLE` of this segment's response."""
-        return 2 if self in (Role.SHORT_CHOSEN, Role.LONG_CHOSEN) else 3
-
-
-ROLE_NAMES = tuple(role.name.lower() for role in Role)
-"""``short_chosen, short_rejected, long_chosen, long_rejected``: the columns of a reference
-sidecar's ``[N, 4]`` table, by Role."""
 
 # Keys of PREFIX.meta.json that the reader relies on (preprocess writes more: lengths, report).
 META_FORMAT, META_SEQUENCES, META_NUM_EXAMPLES = "format", "sequences_per_example", "num_examples"

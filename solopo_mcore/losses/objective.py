@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from solopo_mcore.config import ObjectiveConfig
-from solopo_mcore.data.schema import Role
+from solopo_mcore.roles import Role
 from solopo_mcore.losses import rewards
 
 

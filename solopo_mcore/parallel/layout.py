@@ -10,7 +10,6 @@ import datetime
 import math
 import os
 import random
-from typing import Optional
 
 import numpy as np
 import torch
@@ -18,7 +17,6 @@ import torch.distributed as dist
 
 from solopo_mcore.config import ParallelConfig
 from solopo_mcore.errors import UserError
-from solopo_mcore.models.hf_config import ModelShape
 from solopo_mcore.platform import (apply_cpu_patches, apply_megatron_fixes, distributed_backend,
                                    set_local_device)
 
@@ -27,26 +25,13 @@ class LayoutError(UserError, ValueError):
     pass
 
 
-def validate_layout(shape: ModelShape, parallel: ParallelConfig, world_size: int) -> int:
-    """Check the layout against the model and world size; return the data-parallel size."""
+def validate_layout(parallel: ParallelConfig, world_size: int) -> int:
+    """Check the layout against the world size; return the data-parallel size. (Whether the
+    model's heads and layers split over it is the model's check:
+    :func:`solopo_mcore.models.layout_fit.check_model_fits_layout`.)"""
     tp = parallel.tensor_model_parallel_size
     pp = parallel.pipeline_model_parallel_size
     cp = parallel.context_parallel_size
-    vpp = parallel.virtual_pipeline_model_parallel_size or 1
-    if shape.num_attention_heads % tp:
-        raise LayoutError(
-            f"parallel.tensor_model_parallel_size={tp} does not divide num_attention_heads="
-            f"{shape.num_attention_heads}; choose a TP that divides it")
-    if shape.num_query_groups % tp:
-        raise LayoutError(
-            f"parallel.tensor_model_parallel_size={tp} does not divide the "
-            f"{shape.num_query_groups} KV groups (num_key_value_heads); choose a TP that divides "
-            f"it, e.g. {max(d for d in range(1, tp + 1) if shape.num_query_groups % d == 0)}")
-    if shape.num_layers % (pp * vpp):
-        raise LayoutError(
-            f"num_layers={shape.num_layers} is not divisible by pipeline_model_parallel_size "
-            f"x virtual_pipeline_model_parallel_size = {pp} x {vpp}; choose sizes whose product "
-            f"divides the layer count")
     if world_size % (tp * pp * cp):
         raise LayoutError(
             f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = "
@@ -122,15 +107,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def initialize_parallel(parallel: ParallelConfig, seed: int,
-                        shape: Optional[ModelShape] = None):
+def initialize_parallel(parallel: ParallelConfig, seed: int):
     """Initialise Megatron's model-parallel groups and RNG; return a ``ProcessGroupCollection``."""
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     init_distributed()
-    if shape is not None:
-        validate_layout(shape, parallel, dist.get_world_size())
+    validate_layout(parallel, dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

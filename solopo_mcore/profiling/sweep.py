@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from solopo_mcore.config import ConfigError
 from solopo_mcore.data.packing import PackedMicrobatch, TripletTokens, pack_triplets
-from solopo_mcore.data.schema import Role
+from solopo_mcore.roles import Role
 from solopo_mcore.losses.objective import MODE_ROLES
 from solopo_mcore.platform import empty_cache, on_cuda, profiler_activities, synchronize
 from solopo_mcore.profiling.flops import mfu, training_step_flops

@@ -10,7 +10,7 @@ from solopo_mcore.data.dataset import TripletDataset
 from solopo_mcore.data.packing import PackedMicrobatch, pack_triplets
 from solopo_mcore.models.hf_config import ModelShape
 from solopo_mcore.parallel.layout import sequence_pad_multiple
-from solopo_mcore.training.integrity import weights_fingerprint
+from solopo_mcore.storage.integrity import weights_fingerprint
 
 
 def pad_multiple(config: RunConfig) -> int:

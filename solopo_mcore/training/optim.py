@@ -6,6 +6,7 @@ import torch
 from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.utils import get_model_config
 
 from solopo_mcore.config import OptimizerConfig, ParallelConfig
 from solopo_mcore.platform import transformer_engine_available, unsupported_on_cpu
@@ -27,6 +28,7 @@ def build_optimizer(model: list, opt: OptimizerConfig, parallel: ParallelConfig,
         adam_eps=opt.adam_eps,
         clip_grad=opt.clip_grad,
         bf16=params_dtype == torch.bfloat16,
+        initial_loss_scale=opt.initial_loss_scale,
         fp16=params_dtype == torch.float16,
         params_dtype=params_dtype,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
@@ -41,8 +43,14 @@ def build_optimizer(model: list, opt: OptimizerConfig, parallel: ParallelConfig,
         exp_avg_dtype=torch.float32,
         exp_avg_sq_dtype=torch.float32,
     )
-    return get_megatron_optimizer(config, model, pg_collection=pg_collection,
-                                  use_gloo_process_groups=False)
+    optimizer = get_megatron_optimizer(config, model, pg_collection=pg_collection,
+                                       use_gloo_process_groups=False)
+    # fp16: the schedule multiplies each microbatch's loss by the optimizer's loss scale before
+    # backward (Megatron's training loop sets the same hook); the optimizer unscales the grads,
+    # and on inf/NaN skips the update and lowers the scale. bf16/fp32 have no scaler.
+    get_model_config(model[0]).grad_scale_func = optimizer.scale_loss \
+        if params_dtype == torch.float16 else None
+    return optimizer
 
 
 def build_scheduler(optimizer, opt: OptimizerConfig, train_steps: int) -> OptimizerParamScheduler:

@@ -26,11 +26,11 @@ from solopo_mcore.profiling.memory import memory_stats, reset_peak
 from solopo_mcore.stack import (build_model_stack, load_hf_weights, maybe_export,
                                  setup_parallel)
 from solopo_mcore.training import build
-from solopo_mcore.training.checkpoint import (CheckpointManager, find_verified_checkpoint,
+from solopo_mcore.storage.checkpoint import (CheckpointManager, find_verified_checkpoint,
                                               read_marker)
 from solopo_mcore.training.engine import run_global_batch
 from solopo_mcore.training.forward_step import make_forward_step, reduce_metrics
-from solopo_mcore.training.integrity import compare_run_fingerprints, run_fingerprint
+from solopo_mcore.training.run_fingerprint import compare_run_fingerprints, run_fingerprint
 from solopo_mcore.training.logs import RunLogger
 from solopo_mcore.training.optim import build_optimizer, build_scheduler
 
@@ -200,17 +200,24 @@ class Trainer:
                                    optimizer=self.optimizer)
         metrics = reduce_metrics(outputs, self.pg_collection.dp) if self.is_last_stage else {}
         loss_ok = not self.is_last_stage or math.isfinite(metrics.get("loss/total", 0.0))
-        finite = self._all_ranks(float(loss_ok and self._grads_finite()), dist.ReduceOp.MIN) > 0
+        loss_finite = self._all_ranks(float(loss_ok), dist.ReduceOp.MIN) > 0
+        # fp16's loss scaler checks the (scaled) gradients itself and must see an overflow to
+        # lower the scale; without one, a non-finite gradient is ours to catch
+        scaled = self.stack.config.params_dtype == torch.float16
+        grads_ok = scaled or self._all_ranks(float(self._grads_finite()), dist.ReduceOp.MIN) > 0
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (Megatron's warmup
         # starts at 0, so with lr_warmup_steps > 0 the first step does not change the weights)
-        if finite:
-            _, grad_norm, _ = self.optimizer.step()
+        updated, grad_norm = False, float("nan")
+        if loss_finite and grads_ok:
+            # ``updated`` is False when the fp16 scaler found inf/NaN gradients (scale lowered)
+            updated, grad_norm, _ = self.optimizer.step()
+        if updated:
             self.scheduler.step(increment=1)
             self.num_nonfinite_in_row = 0
         else:
-            grad_norm = float("nan")
-            self.num_nonfinite_in_row += 1
             self.num_skipped_steps += 1
+            if not (scaled and loss_finite):  # a loss-scale overflow is not a failing run
+                self.num_nonfinite_in_row += 1
         self.step += 1
         seconds = time.time() - start
         metrics.update(self._throughput(microbatches, seconds))
@@ -219,7 +226,11 @@ class Trainer:
                         else float("nan"),
                         "optimizer/skipped_steps": float(self.num_skipped_steps),
                         "time/step_sec": seconds, "data/epoch": self.sampler.epoch})
-        if not finite:
+        if not updated and scaled and loss_finite:
+            self.logger.message(f"[solopo] step {self.step}: fp16 gradients overflowed, step "
+                                f"skipped, loss scale lowered to "
+                                f"{self.optimizer.get_loss_scale().item():g}")
+        elif not updated:
             self.logger.message(f"[solopo] step {self.step}: non-finite loss or gradient, step "
                                 f"skipped ({self.num_nonfinite_in_row} in a row)")
         return metrics

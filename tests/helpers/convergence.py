@@ -70,6 +70,10 @@ LAYOUTS = {
     "dp2_plain_optimizer": (2, ["parallel.tensor_model_parallel_size=1",
                                 "parallel.use_distributed_optimizer=false",
                                 "training.exit_interval=30"]),
+    # fp16 with Megatron's dynamic loss scaler, started at 2^20 so that the first steps
+    # overflow and are skipped (the scale halves), for the first 20 steps
+    "1proc_fp16": (1, ["parallel.tensor_model_parallel_size=1", "model.params_dtype=fp16",
+                       "optimizer.initial_loss_scale=1048576", "training.exit_interval=20"]),
 }
 
 #: name -> (the layout the trainer reports at start-up, microbatches per step on each rank).
@@ -77,7 +81,7 @@ EXPECTED_LAYOUT = {
     "1proc": ("TP1 PP1 CP1 DP1", 4), "tp2_sp": ("TP2 PP1 CP1 DP1", 2),
     "pp2": ("TP1 PP2 CP1 DP1", 2), "pp2_vpp2": ("TP1 PP2 CP1 DP1", 4),
     "cp2": ("TP1 PP1 CP2 DP1", 2), "dp2_distopt": ("TP1 PP1 CP1 DP2", 2),
-    "dp2_plain_optimizer": ("TP1 PP1 CP1 DP2", 2),
+    "dp2_plain_optimizer": ("TP1 PP1 CP1 DP2", 2), "1proc_fp16": ("TP1 PP1 CP1 DP1", 4),
 }
 
 #: The per-step values compared between runs and stored in the golden file.

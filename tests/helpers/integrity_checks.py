@@ -12,7 +12,7 @@ def _names(root: Path) -> list[str]:
 
 def _strict_load_error(root: Path):
     """The error a strict search for a verified checkpoint in ``root`` raises, or None."""
-    from solopo_mcore.training.checkpoint import CheckpointError, find_verified_checkpoint
+    from solopo_mcore.storage.checkpoint import CheckpointError, find_verified_checkpoint
 
     try:
         find_verified_checkpoint(str(root), strict=True)
@@ -24,7 +24,7 @@ def _strict_load_error(root: Path):
 def check_checksums_and_fallback(hf_dir: str, root: str) -> dict:
     import torch
 
-    from solopo_mcore.training.checkpoint import CheckpointManager, find_verified_checkpoint
+    from solopo_mcore.storage.checkpoint import CheckpointManager, find_verified_checkpoint
     from tests.helpers.layout_checks import _setup
 
     root = Path(root)

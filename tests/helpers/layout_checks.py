@@ -17,6 +17,7 @@ def _setup(hf_dir, tp=1, pp=1, cp=1, vpp=None, distributed_optimizer=False,
     from solopo_mcore.convert.tables import load_hf_tensors_into_chunks
     from solopo_mcore.models.builder import build_model_chunks, build_transformer_config
     from solopo_mcore.models.hf_config import read_hf_config
+    from solopo_mcore.models.layout_fit import check_model_fits_layout
     from solopo_mcore.parallel.layout import initialize_parallel
     from solopo_mcore.stack import wrap_ddp
     from transformers import AutoModelForCausalLM
@@ -26,7 +27,8 @@ def _setup(hf_dir, tp=1, pp=1, cp=1, vpp=None, distributed_optimizer=False,
                               use_distributed_optimizer=distributed_optimizer,
                               sequence_parallel=sequence_parallel)
     shape = read_hf_config(hf_dir)
-    pg_collection = initialize_parallel(parallel, seed=7, shape=shape)
+    check_model_fits_layout(shape, parallel)
+    pg_collection = initialize_parallel(parallel, seed=7)
     model_cfg = ModelConfig(params_dtype="fp32", recompute_granularity=recompute)
     tcfg = build_transformer_config(shape, model_cfg, parallel)
     chunks = build_model_chunks(shape, model_cfg, parallel, pg_collection, tcfg)

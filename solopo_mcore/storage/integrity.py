@@ -4,9 +4,6 @@
   ``dist_checkpointing.save`` has finished and before the checkpoint is marked complete. Each rank
   hashes the shard files it wrote, so the cost is spread over the ranks. Load verifies them
   (the file list is split round-robin over the ranks) before ``dist_checkpointing`` reads a byte.
-* **Run fingerprint**: the settings that decide what is being optimised (model shape, objective,
-  optimizer, data order, the dataset's and the reference sidecar's fingerprints), recorded in
-  the checkpoint and compared on resume. docs/design.md lists the keys that may differ.
 * **Weights fingerprint**: a cheap, layout-independent identity of a set of weight files (HF or
   Megatron): the names and sizes of the weight files plus a sample of their bytes.
 """
@@ -136,34 +133,3 @@ def weights_fingerprint(path) -> str:
     for name in names:
         digest.update(f"{name}\0{sampled_sha256(directory / name)}\0".encode())
     return digest.hexdigest()
-
-
-RESUME_CHECKED_SECTIONS = ("objective", "optimizer")
-"""Config sections compared in full on resume (besides the keys listed below)."""
-RESUME_CHECKED_KEYS = ("model.params_dtype", "data.num_eval_examples", "data.shuffle",
-                       "training.seed")
-"""Single keys compared on resume: numerics and what decides the training order."""
-
-
-def run_fingerprint(config, shape, dataset_fingerprint: str,
-                    reference_fingerprint: Optional[str]) -> dict:
-    """The flat ``{key: value}`` a checkpoint records and a resume must match."""
-    from solopo_mcore.config import to_dict
-
-    tree = to_dict(config)
-    out = {f"model_shape.{k}": v for k, v in sorted(vars(shape).items()) if k != "raw"}
-    for section in RESUME_CHECKED_SECTIONS:
-        out.update({f"{section}.{k}": v for k, v in tree[section].items()})
-    out.pop("optimizer.optimizer_cpu_offload", None)
-    for key in RESUME_CHECKED_KEYS:
-        section, name = key.split(".")
-        out[key] = tree[section][name]
-    out["data.fingerprint"] = dataset_fingerprint
-    out["data.reference_fingerprint"] = reference_fingerprint
-    return json.loads(json.dumps(out, default=str))  # JSON-normal (tuples -> lists)
-
-
-def compare_run_fingerprints(saved: dict, current: dict) -> list[tuple]:
-    """``(key, saved value, current value)`` for every key that differs."""
-    return [(k, saved.get(k, "<not recorded>"), current.get(k, "<not recorded>"))
-            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]

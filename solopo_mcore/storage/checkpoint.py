@@ -36,7 +36,7 @@ from solopo_mcore.errors import UserError
 from solopo_mcore.log import log, warn
 from solopo_mcore.platform import (device_rng_state, protect_checkpoint_writer,
                                    set_device_rng_state)
-from solopo_mcore.training.integrity import (CHECKSUMS, complete_checksums, files_written_by,
+from solopo_mcore.storage.integrity import (CHECKSUMS, complete_checksums, files_written_by,
                                              hash_files, read_checksums, verify_files,
                                              write_checksums)
 

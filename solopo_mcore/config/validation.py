@@ -1,0 +1,101 @@
+"""Checks of a whole configuration that need no process group and no model file."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Literal
+
+from solopo_mcore.config.sections import ConfigError, RunConfig
+from solopo_mcore.config.values import coerce
+
+
+def _check_choices(section, prefix: str) -> None:
+    """Every ``Literal[...]`` field holds one of its values (the annotation is the only list of
+    allowed values; this also covers configs built in code rather than loaded)."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+            continue
+        hint = hints[f.name]
+        options = [a for a in typing.get_args(hint) if a is not type(None)] \
+            if typing.get_origin(hint) is typing.Union else [hint]
+        for option in options:
+            if typing.get_origin(option) is Literal:
+                coerce(value, hint, prefix + f.name)
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(config: RunConfig) -> None:
+    """Checks that need no process group or model file. Layout checks against the model's shape
+    and the world size are in :func:`solopo_mcore.parallel.layout.validate_layout`."""
+    p, d, o, opt, t = (config.parallel, config.data, config.objective, config.optimizer,
+                       config.training)
+    _check_choices(config, "")
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                "context_parallel_size"):
+        _positive(f"parallel.{key}", getattr(p, key))
+    if p.virtual_pipeline_model_parallel_size is not None:
+        _positive("parallel.virtual_pipeline_model_parallel_size",
+                  p.virtual_pipeline_model_parallel_size)
+        if p.pipeline_model_parallel_size < 2:
+            raise ConfigError("parallel.virtual_pipeline_model_parallel_size needs "
+                              "parallel.pipeline_model_parallel_size >= 2")
+    _positive("data.micro_batch_size", d.micro_batch_size)
+    _positive("data.global_batch_size", d.global_batch_size)
+    _positive("data.num_eval_examples", d.num_eval_examples, allow_zero=True)
+    _positive("objective.alpha", o.alpha, allow_zero=True)
+    _positive("objective.beta", o.beta)
+    if not 0.0 <= o.label_smoothing < 0.5:
+        raise ConfigError(f"objective.label_smoothing: must be in [0, 0.5), got {o.label_smoothing}")
+    _positive("optimizer.lr", opt.lr, allow_zero=True)
+    _positive("optimizer.clip_grad", opt.clip_grad, allow_zero=True)
+    _positive("optimizer.initial_loss_scale", opt.initial_loss_scale)
+    if opt.optimizer_cpu_offload and not p.use_distributed_optimizer:
+        raise ConfigError("optimizer.optimizer_cpu_offload needs parallel.use_distributed_optimizer")
+    _positive("training.train_steps", t.train_steps)
+    _positive("training.max_consecutive_nonfinite_steps", t.max_consecutive_nonfinite_steps)
+    _positive("checkpoint.keep_last", config.checkpoint.keep_last)
+    _positive("logging.log_interval", config.logging.log_interval)
+    tags = config.logging.wandb_tags
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise ConfigError(f"logging.wandb_tags: expected a list of strings, got {tags!r}")
+    if d.shared_prefix and config.model.layer_spec == "te":
+        raise ConfigError("data.shared_prefix=true needs our attention (model.layer_spec=auto or "
+                          "local): Transformer Engine's THD attention cannot hide y_w from y_l. "
+                          "Set data.shared_prefix=false to use model.layer_spec=te.")
+    if o.algorithm == "dpo" and d.data_path and not d.ref_logprobs_path:
+        raise ConfigError("objective.algorithm=dpo needs data.ref_logprobs_path (run "
+                          "examples/precompute_ref_logprobs.py first)")
+
+
+def require_training_data(config: RunConfig, need_reference: bool = True) -> None:
+    """Training and the reference pre-pass need a dataset: check ``data.data_path`` names one
+    whose files exist, before any process group or model is built; and, for DPO training
+    (``need_reference``; not the pre-pass that writes it), the reference sidecar."""
+    prefix = config.data.data_path
+    if not prefix:
+        raise ConfigError("data.data_path is not set: pass data.data_path=PREFIX, the "
+                          "--output-prefix given to python -m data_tools.preprocess")
+    missing = [prefix + ext for ext in (".bin", ".idx", ".meta.json")
+               if not Path(prefix + ext).is_file()]
+    if missing:
+        raise ConfigError(f"data.data_path={prefix}: {', '.join(missing)} "
+                          f"{'does' if len(missing) == 1 else 'do'} not exist; build the dataset "
+                          f"with python -m data_tools.preprocess --output-prefix {prefix}")
+    ref = config.data.ref_logprobs_path
+    if need_reference and config.objective.algorithm == "dpo" and ref:
+        base = ref
+        for suffix in (".npy", ".json"):
+            base = base[:-len(suffix)] if base.endswith(suffix) else base
+        gone = [base + ext for ext in (".npy", ".json") if not Path(base + ext).is_file()]
+        if gone:
+            raise ConfigError(f"data.ref_logprobs_path={ref}: {', '.join(gone)} missing; run "
+                              f"examples/precompute_ref_logprobs.py --output {base}")
