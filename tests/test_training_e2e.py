@@ -88,7 +88,9 @@ def test_resume_at_a_different_tensor_parallel_layout(demo_data, tmp_path):
 def test_sigterm_saves_a_loadable_checkpoint(demo_data, tmp_path):
     """SIGTERM to the launcher's whole process group (as torchrun and Slurm deliver it) after
     earlier saves: the save the signal asks for completes (dist_checkpointing's writer server,
-    started by the earlier saves, must survive the same signal)."""
+    started by the earlier saves, must survive the same signal). While it trains, a second run
+    into the same checkpoint.save_dir is refused, naming the first; after the first exits, its
+    lock is gone and the folder resumes."""
     cmd = torchrun_cmd(1, "examples/pretrain_solopo.py", "--config", TINY_RECIPE,
                        *tiny_run_overrides(demo_data, tmp_path, 500,
                                            extra=["data.num_eval_examples=0",
@@ -101,6 +103,15 @@ def test_sigterm_saves_a_loadable_checkpoint(demo_data, tmp_path):
     while time.time() < deadline and (not metrics.exists() or
                                       len(metrics.read_text().splitlines()) < 2):
         time.sleep(0.5)
+    second = subprocess.run(torchrun_cmd(1, "examples/pretrain_solopo.py", "--config",
+                                         TINY_RECIPE, *tiny_run_overrides(
+                                             demo_data, tmp_path / "second", 500, extra=[
+                                                 f"checkpoint.save_dir={tmp_path / 'ckpt'}"])),
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert second.returncode != 0 and "is in use by another run" in second.stderr, \
+        second.stderr[-3000:]
+    assert proc.poll() is None  # the first run went on
     os.killpg(proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
     announced = re.search(r"SIGTERM: saving at step (\d+)", output)
@@ -109,6 +120,7 @@ def test_sigterm_saves_a_loadable_checkpoint(demo_data, tmp_path):
     assert step == int(announced.group(1)), output[-3000:]
     assert "BrokenPipeError" not in output, output[-3000:]
     assert step >= 2 and (tmp_path / "ckpt" / f"iter_{step:07d}" / "solopo_state.json").is_file()
+    assert not (tmp_path / "ckpt" / ".solopo-run.lock").exists()
     result = run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, step + 1,
                                 extra=["data.num_eval_examples=0"]))
     assert f"resumed from {tmp_path / 'ckpt'}/iter_{step:07d} at step {step}" in result.stdout

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,9 +30,35 @@ def _fmt_seconds(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(seconds, 0))))
 
 
+def rewind_metrics(path: Path, step: int) -> int:
+    """Keep the records of ``path`` (metrics.jsonl) up to ``step``, the step a run resumes from
+    (those after it were logged by an attempt whose state was lost and are about to be logged
+    again); rewritten atomically. Returns the number of records dropped."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            if number == len(lines):  # a line cut short by the crash itself
+                continue
+            raise ValueError(f"{path}:{number}: not a metrics record; move the file away or "
+                             f"set logging.metrics_path to a new file") from None
+        if record_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
 class RunLogger:
     def __init__(self, cfg: LoggingConfig, total_steps: int, enabled: bool,
-                 run_config: Optional[dict] = None):
+                 run_config: Optional[dict] = None, start_step: int = 0):
+        """``start_step``: the step the run starts or resumes from. Records of later steps,
+        left by an attempt that stopped after its last checkpoint, are dropped from
+        metrics.jsonl and purged from TensorBoard, so each series reads once, increasing."""
         self.cfg = cfg
         self.total_steps = total_steps
         self.enabled = enabled
@@ -49,10 +76,24 @@ class RunLogger:
                                       cfg.wandb_tags, cfg.wandb_run_id, cfg.wandb_dir, run_config)
         if cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(cfg.tensorboard_dir)
+            # events at steps > start_step (all, on a new run) in the folder's older files are
+            # hidden from readers
+            self.writer = SummaryWriter(cfg.tensorboard_dir,
+                                        purge_step=start_step + 1 if start_step else 0)
         if cfg.metrics_path:
-            Path(cfg.metrics_path).parent.mkdir(parents=True, exist_ok=True)
-            self.metrics_file = open(cfg.metrics_path, "a", encoding="utf-8")
+            path = Path(cfg.metrics_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_file() and path.stat().st_size and not start_step:
+                kept = path.with_name(f"{path.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(path, kept)
+                print(f"[solopo] {path} holds records of an earlier run; this new run starts "
+                      f"it again (the old one is now {kept})")
+            elif path.is_file():
+                dropped = rewind_metrics(path, start_step)
+                if dropped:
+                    print(f"[solopo] {path}: dropped {dropped} records after step {start_step}, "
+                          f"where this run resumes (they are logged again)")
+            self.metrics_file = open(path, "a", encoding="utf-8")
         if cfg.progress_bar and sys.stdout.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, dynamic_ncols=True, leave=False)

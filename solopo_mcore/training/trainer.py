@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -25,9 +26,10 @@ from solopo_mcore.profiling.flops import device_peak_tflops, mfu, training_step_
 from solopo_mcore.profiling.memory import memory_stats, reset_peak
 from solopo_mcore.stack import (build_model_stack, load_hf_weights, maybe_export,
                                  setup_parallel)
-from solopo_mcore.training import build
 from solopo_mcore.storage.checkpoint import (CheckpointManager, find_verified_checkpoint,
                                               read_marker)
+from solopo_mcore.storage.lock import RunLock
+from solopo_mcore.training import build
 from solopo_mcore.training.engine import run_global_batch
 from solopo_mcore.training.forward_step import make_forward_step, reduce_metrics
 from solopo_mcore.training.run_fingerprint import compare_run_fingerprints, run_fingerprint
@@ -49,6 +51,10 @@ class Trainer:
     def __init__(self, config: RunConfig):
         require_training_data(config)  # before any process group or model
         self.config = config
+        self.run_lock = None
+        if config.checkpoint.save_dir and int(os.environ.get("RANK", "0")) == 0:
+            # one run per save_dir (storage/lock.py); the job's rank 0 holds it
+            self.run_lock = RunLock(config.checkpoint.save_dir).acquire()
         self.shape, self.pg_collection = setup_parallel(config)
         obj = config.objective
         checkpoint, resuming = self._checkpoint_to_load()
@@ -95,7 +101,7 @@ class Trainer:
         self.is_logging_rank = self.is_last_stage and all(
             getattr(self.pg_collection, name).rank() == 0 for name in ("tp", "cp", "dp"))
         self.logger = RunLogger(config.logging, config.training.train_steps, self.is_logging_rank,
-                                run_config=to_dict(config))
+                                run_config=to_dict(config), start_step=self.step)
         self.peak_tflops = device_peak_tflops(config.logging.peak_tflops)
         self._stop_requested = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -327,3 +333,5 @@ class Trainer:
     def close(self) -> None:
         self.logger.close()
         destroy_parallel()
+        if self.run_lock is not None:
+            self.run_lock.release()
