@@ -39,7 +39,7 @@ def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) 
     checkpoint = find_verified_checkpoint(config.checkpoint.load_dir, strict=True) \
         if config.checkpoint.load_dir else None
     if checkpoint is not None:
-        CheckpointManager.load(checkpoint, stack.model, load_rng=False)
+        CheckpointManager.load(checkpoint, stack.model, load_rng=False, verified=True)
         source = {"megatron_checkpoint": str(checkpoint)}
         start_weights = str(checkpoint)
     elif config.checkpoint.hf_init_dir:

@@ -133,3 +133,13 @@ def test_trained_checkpoint_exports_and_verifies(demo_data, tmp_path):
     exported, initial = _hf_tensors(tmp_path / "hf"), _hf_tensors(demo_data["model"])
     assert not torch.equal(exported["model.norm.weight"], initial["model.norm.weight"])
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    # a reader outside the trainer verifies too: 1 MiB overwritten inside a shard is refused,
+    # naming the shard, and nothing is exported
+    shard = sorted((tmp_path / "ckpt" / "iter_0000003").glob("*.distcp"))[0]
+    with open(shard, "r+b") as f:
+        f.seek(max(0, shard.stat().st_size // 2 - (1 << 19)))
+        f.write(os.urandom(min(1 << 20, shard.stat().st_size)))
+    bad = convert("mcore-to-hf", "--src", tmp_path / "ckpt", "--dst", tmp_path / "hf_bad",
+                  check=False)
+    assert bad.returncode != 0 and f"{shard}: SHA-256 differs" in bad.stderr, bad.stderr[-3000:]
+    assert "unexpected" not in bad.stderr and not (tmp_path / "hf_bad").exists()

@@ -171,6 +171,7 @@ def test_corrupt_or_truncated_shard_is_named_and_the_previous_checkpoint_used(ti
     assert f"{out['shard']}: SHA-256 differs from the one recorded at save time" in \
         out["strict_error"] and "checkpoint.strict_load=true" in out["strict_error"]
     assert "iter_0000004" in out["after_strict"]  # strict: nothing moved
+    assert f"{out['shard']}: SHA-256 differs" in out["direct_load_error"]
     assert out["fallback"] == "iter_0000002" and out["loaded_step2_weights"]
     assert "iter_0000004.corrupt" in out["after_fallback"]  # moved aside, never deleted
     # the next save prunes with keep_last=2: the intact step 2 survives, the corrupt one is kept

@@ -101,6 +101,23 @@ def verify_checkpoint(path: Path) -> Optional[list[str]]:
     return sorted(p for part in gathered for p in part)
 
 
+def require_intact(path: Path) -> None:
+    """Collective. Raise :class:`CheckpointError` naming every file of ``path`` that fails its
+    checksum (a checkpoint without checksums, saved by an older version, is loaded with a
+    warning). For readers that must not fall back to another checkpoint: export, evaluation,
+    the reference pre-pass."""
+    problems = verify_checkpoint(path)
+    if problems is None:
+        if dist.get_rank() == 0:
+            warn("checkpoint", f"{path} has no {CHECKSUMS} (saved by an older version): "
+                               f"loading it unverified")
+        return
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is corrupt:\n  " + "\n  ".join(problems) +
+                              "\nRestore its files (or the run's previous checkpoint) from a "
+                              "copy; nothing was read from it.")
+
+
 def _move_aside(path: Path) -> Path:
     target = path.with_name(path.name + ".corrupt")
     k = 1
@@ -235,12 +252,18 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
     @staticmethod
-    def load(path: Path, model: list, optimizer=None, scheduler=None, load_rng: bool = True
-             ) -> dict:
-        """Load into the (already built, wrapped) model and optimizer; return the marker state."""
+    def load(path: Path, model: list, optimizer=None, scheduler=None, load_rng: bool = True,
+             verified: bool = False) -> dict:
+        """Collective. Load into the (already built, wrapped) model and optimizer; return the
+        marker state. The files are checked against their checksums first
+        (:func:`require_intact`) unless the caller has just done so (``verified``: a checkpoint
+        :func:`find_verified_checkpoint` returned)."""
+        path = Path(path)
         if not is_complete(path):
             raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} "
                                   f"or metadata.json)")
+        if not verified:
+            require_intact(path)
         marker = json.loads((path / COMPLETE_MARKER).read_text())
         sharded = _model_state(model)
         if optimizer is not None:

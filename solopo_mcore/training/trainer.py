@@ -80,7 +80,7 @@ class Trainer:
         if checkpoint is None and config.checkpoint.hf_init_dir:
             load_hf_weights(self.stack, config.checkpoint.hf_init_dir)
         if weights_only:  # before the optimizer copies the weights into its main params
-            CheckpointManager.load(checkpoint, self.model, load_rng=False)
+            CheckpointManager.load(checkpoint, self.model, load_rng=False, verified=True)
             log("solopo", f"initialised weights from {checkpoint}")
         dtype = self.stack.config.params_dtype
         self.optimizer = build_optimizer(self.model, config.optimizer, config.parallel, dtype,
@@ -159,7 +159,8 @@ class Trainer:
             f"docs/design.md (Failure behaviour).")
 
     def _resume(self, path) -> SamplerState:
-        marker = CheckpointManager.load(path, self.model, self.optimizer, self.scheduler)
+        marker = CheckpointManager.load(path, self.model, self.optimizer, self.scheduler,
+                                        verified=True)
         self.step = int(marker["step"])
         self.num_skipped_steps = int(marker.get("num_skipped_steps", 0))
         log("solopo", f"resumed from {path} at step {self.step}")

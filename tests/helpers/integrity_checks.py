@@ -44,6 +44,12 @@ def check_checksums_and_fallback(hf_dir: str, root: str) -> dict:
         f.seek(os.path.getsize(shard) // 2)
         f.write(os.urandom(64))
     out["strict_error"] = _strict_load_error(root)
+    from solopo_mcore.storage.checkpoint import CheckpointError
+    try:  # a reader given the path itself (the converter, evaluation) verifies it as well
+        CheckpointManager.load(root / "iter_0000004", model, load_rng=False)
+        out["direct_load_error"] = None
+    except CheckpointError as exc:
+        out["direct_load_error"] = str(exc)
     out["shard"] = str(shard)
     out["after_strict"] = _names(root)
 
