@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 from tqdm import tqdm
 
 from solopo_mcore.errors import UserError
+from solopo_mcore.storage.paths import OutputOverlapsInputError, refuse_overlaps
 
 #: The instruction I that follows the context in x_short = [c_rel; I] and x_long = [c_rel, c_irr; I].
 INSTRUCTION = (
@@ -49,30 +50,19 @@ def package_data_file(package: str, relative: str, needed_for: str, pip_spec: st
     return path
 
 
-class OutputIsInputError(UserError, ValueError):
+class OutputIsInputError(OutputOverlapsInputError):
     """An output path that is (or resolves to) one of the tool's inputs."""
 
 
-def _same_path(a: str, b: str) -> bool:
-    pa, pb = Path(a), Path(b)
-    if pa.exists() and pb.exists():
-        return os.path.samefile(pa, pb)  # also hard links
-    return pa.resolve() == pb.resolve()  # relative paths, symlinks, ".."
-
-
 def refuse_overwriting_inputs(tool: str, inputs: dict, outputs: dict) -> None:
-    """Raise :class:`OutputIsInputError` when a file this tool writes is one it reads.
+    """Raise :class:`OutputIsInputError` when a file this tool writes is, contains or lies inside
+    one it reads (:func:`solopo_mcore.storage.paths.refuse_overlaps`, the check every entry point
+    runs).
 
     ``inputs`` / ``outputs`` map a name (the option, e.g. ``--input``) to a path; ``None`` paths
     are ignored. Outputs include every derived file (``.summary.json``, ``.bin``, ``.tmp``)."""
-    for out_name, out_path in outputs.items():
-        for in_name, in_path in inputs.items():
-            if out_path is None or in_path is None:
-                continue
-            if _same_path(str(out_path), str(in_path)):
-                raise OutputIsInputError(
-                    f"{tool}: {out_name} {out_path} is the same file as {in_name} {in_path}; "
-                    f"writing it would destroy the input. Choose another output path.")
+    refuse_overlaps(tool, inputs, outputs, "Choose another output path.",
+                    error=OutputIsInputError)
 
 
 class RowError(ValueError):

@@ -67,3 +67,29 @@ def test_paper_recipes_load_and_fit_their_cluster(recipe):
     algo = next(k for k in expected_alpha if k in recipe)
     assert cfg.objective.alpha == expected_alpha[algo]  # the paper's alpha
     assert cfg.model.params_dtype == "bf16" and cfg.objective.mode == "solo"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["checkpoint.hf_init_dir={d}/hf", "checkpoint.export_hf_dir={d}/hf"],
+     "checkpoint.export_hf_dir {d}/hf is the same path as checkpoint.hf_init_dir"),
+    (["checkpoint.hf_init_dir={d}/hf", "checkpoint.export_hf_dir={d}/hf/../hf/"],
+     "is the same path as checkpoint.hf_init_dir"),
+    (["checkpoint.load_dir={d}/ck", "checkpoint.save_dir={d}/ck/new"],
+     "checkpoint.save_dir {d}/ck/new lies inside checkpoint.load_dir"),
+    (["data.data_path={d}/data/qa", "checkpoint.export_hf_dir={d}/data"],
+     r"checkpoint.export_hf_dir {d}/data contains data.data_path \(.bin\)"),
+    (["model.hf_config_path={d}/hf", "logging.tensorboard_dir={d}"],
+     "logging.tensorboard_dir {d} contains model.hf_config_path"),
+    (["data.ref_logprobs_path={d}/ref.npy", "logging.metrics_path={d}/ref.json"],
+     r"logging.metrics_path {d}/ref.json is the same path as data.ref_logprobs_path \(.json\)"),
+])
+def test_no_output_is_contains_or_lies_inside_an_input(overrides, message, tmp_path):
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(ConfigError, match=message.format(d=tmp_path) + ".*Point each output"):
+        load_config("tiny_cpu", [o.format(d=tmp_path) for o in overrides])
+
+
+def test_load_dir_equal_to_save_dir_is_megatrons_resume_idiom(tmp_path):
+    cfg = load_config("tiny_cpu", [f"checkpoint.load_dir={tmp_path}/ck",
+                                   f"checkpoint.save_dir={tmp_path}/ck/."])
+    assert cfg.checkpoint.load_dir

@@ -19,7 +19,7 @@ ALLOWED = {
     "platform": {"processes"},
     "compat": set(),
     "roles": set(),
-    "config": BASE,
+    "config": BASE | {"storage.paths"},
     "storage": BASE,
     "parallel": BASE | {"config"},
     "models": BASE | {"config", "parallel"},
@@ -36,8 +36,9 @@ ALLOWED = {
 }
 """What each unit (a subpackage or a top-level module) may import. ``pkg.mod`` allows that one
 module of another unit only: ``stack`` loads and exports HF weights through convert's tables,
-``training`` reports FLOPs/MFU and memory through profiling's measurement functions, and
-``evaluation`` reads training curves."""
+``training`` reports FLOPs/MFU and memory through profiling's measurement functions,
+``evaluation`` reads training curves, and config validation keeps outputs apart from inputs
+with the one check every entry point uses."""
 
 
 def _module_name(path: Path) -> str:

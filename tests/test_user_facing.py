@@ -106,7 +106,7 @@ def test_data_tools_refuse_an_output_that_is_an_input(tmp_path, monkeypatch):
         lambda: preprocess.run("data.meta.json", "data", "builtin:qwen2.5", 64),  # prefix-derived
     ]
     for i, case in enumerate(cases):
-        with pytest.raises(OutputIsInputError, match="is the same file as .*Choose another"):
+        with pytest.raises(OutputIsInputError, match="is the same path as .*Choose another"):
             case()
         assert snapshot() == before, f"case {i} changed a file"
 
@@ -120,11 +120,12 @@ def test_converter_refuses_src_dst_overlap(tiny_qwen2, tmp_path):
     shutil.copytree(tiny_qwen2, src)
     before = sorted(p.name for p in src.iterdir())
     (tmp_path / "alias").symlink_to(src)
-    for dst, message in [(src, "is the source"), (tmp_path / "alias", "is the source"),
-                         (src / "mcore", "lies inside --src"), (tmp_path, "--src .* lies inside")]:
+    for dst, message in [(src, "is the same path as --src"),
+                         (tmp_path / "alias", "is the same path as --src"),
+                         (src / "mcore", "lies inside --src"), (tmp_path, "contains --src")]:
         with pytest.raises(ConversionError, match=message):
             commands.hf_to_mcore(str(src), str(dst), overwrite=True)
-        with pytest.raises(ConversionError, match="is the source|lies inside"):
+        with pytest.raises(ConversionError, match="is the same path as|lies inside|contains"):
             commands.mcore_to_hf(str(dst), str(src), overwrite=True)
     assert sorted(p.name for p in src.iterdir()) == before
 

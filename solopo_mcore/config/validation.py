@@ -9,6 +9,7 @@ from typing import Literal
 
 from solopo_mcore.config.sections import ConfigError, RunConfig
 from solopo_mcore.config.values import coerce
+from solopo_mcore.storage.paths import overlap, refuse_overlaps
 
 
 def _check_choices(section, prefix: str) -> None:
@@ -71,9 +72,44 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("data.shared_prefix=true needs our attention (model.layer_spec=auto or "
                           "local): Transformer Engine's THD attention cannot hide y_w from y_l. "
                           "Set data.shared_prefix=false to use model.layer_spec=te.")
+    check_outputs_apart_from_inputs(config)
     if o.algorithm == "dpo" and d.data_path and not d.ref_logprobs_path:
         raise ConfigError("objective.algorithm=dpo needs data.ref_logprobs_path (run "
                           "examples/precompute_ref_logprobs.py first)")
+
+
+INPUT_KEYS = ("model.hf_config_path", "checkpoint.hf_init_dir", "checkpoint.load_dir")
+OUTPUT_KEYS = ("checkpoint.save_dir", "checkpoint.export_hf_dir", "logging.tensorboard_dir",
+               "logging.metrics_path", "logging.wandb_dir")
+
+
+def _get(config: RunConfig, dotted: str):
+    section, name = dotted.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def check_outputs_apart_from_inputs(config: RunConfig) -> None:
+    """No output key may be, contain or lie inside an input key's path (the dataset's and the
+    reference sidecar's files count as inputs). ``checkpoint.load_dir`` equal to
+    ``checkpoint.save_dir`` is allowed (Megatron's ``--load`` = ``--save`` idiom: the folder's
+    own checkpoint is resumed)."""
+    inputs = {key: _get(config, key) for key in INPUT_KEYS}
+    if config.data.data_path:
+        for ext in (".bin", ".idx", ".meta.json"):
+            inputs[f"data.data_path ({ext})"] = config.data.data_path + ext
+    ref = config.data.ref_logprobs_path
+    if ref:
+        base = ref
+        for suffix in (".npy", ".json"):
+            base = base[:-len(suffix)] if base.endswith(suffix) else base
+        for ext in (".npy", ".json"):
+            inputs[f"data.ref_logprobs_path ({ext})"] = base + ext
+    save, load = config.checkpoint.save_dir, config.checkpoint.load_dir
+    if save and load and overlap(save, load) == "is":
+        inputs.pop("checkpoint.load_dir")
+    refuse_overlaps("config", inputs, {key: _get(config, key) for key in OUTPUT_KEYS},
+                    "Point each output key at its own folder, outside every input.",
+                    error=ConfigError)
 
 
 def require_training_data(config: RunConfig, need_reference: bool = True) -> None:

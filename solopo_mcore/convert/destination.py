@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from solopo_mcore.convert.tables import ConversionError
+from solopo_mcore.storage.paths import refuse_overlaps
 
 
 def _dist():
@@ -36,16 +37,8 @@ def _barrier() -> None:
 def check_source_and_destination(src: str, dst: str) -> None:
     """Refuse a destination that is, contains or lies inside the source (after resolving
     relative paths and symlinks): ``--overwrite`` would delete the source."""
-    s, d = Path(src).resolve(), Path(dst).resolve()
-    fix = "choose a --dst outside --src"
-    if s == d:
-        raise ConversionError(f"--dst {dst} is the source --src {src}: converting would "
-                              f"overwrite the source; {fix}")
-    if s in d.parents:
-        raise ConversionError(f"--dst {dst} lies inside --src {src}; {fix}")
-    if d in s.parents:
-        raise ConversionError(f"--src {src} lies inside --dst {dst}: replacing --dst would "
-                              f"delete the source; {fix}")
+    refuse_overlaps("convert", {"--src": src}, {"--dst": dst}, "Choose a --dst outside --src.",
+                    error=ConversionError)
 
 
 class StagedDestination:

@@ -29,6 +29,7 @@ from solopo_mcore.stack import (build_model_stack, load_hf_weights, maybe_export
 from solopo_mcore.storage.checkpoint import (CheckpointManager, find_verified_checkpoint,
                                               read_marker)
 from solopo_mcore.storage.lock import RunLock
+from solopo_mcore.storage.paths import overlap
 from solopo_mcore.training import build
 from solopo_mcore.training.engine import run_global_batch
 from solopo_mcore.training.forward_step import make_forward_step, reduce_metrics
@@ -129,7 +130,7 @@ class Trainer:
                     log("solopo", f"checkpoint.finetune applies to checkpoint.load_dir; "
                                   f"checkpoint.save_dir already holds {found}, which is resumed")
                 return found, not read_marker(found).get("weights_only", False)
-        if ck.load_dir:
+        if ck.load_dir and not (ck.save_dir and overlap(ck.load_dir, ck.save_dir) == "is"):
             found = find_verified_checkpoint(ck.load_dir, ck.strict_load)
             if found is None:
                 raise FileNotFoundError(f"checkpoint.load_dir={ck.load_dir}: no complete "
