@@ -11,11 +11,11 @@ from solopo_mcore.parallel.layout import validate_layout
 
 
 def test_overrides_are_typed_and_applied():
-    cfg = load_config("tiny_cpu", ["objective.alpha=3", "optimizer.lr=1e-4",
+    cfg = load_config("tiny_cpu", ["objective.alpha=3", "optimizer.lr=1e-3",
                                    "parallel.tensor_model_parallel_size=1",
                                    "checkpoint.save_dir=null"])
     assert cfg.objective.alpha == 3.0 and isinstance(cfg.objective.alpha, float)
-    assert cfg.optimizer.lr == 1e-4 and cfg.parallel.tensor_model_parallel_size == 1
+    assert cfg.optimizer.lr == 1e-3 and cfg.parallel.tensor_model_parallel_size == 1
     assert cfg.checkpoint.save_dir is None and cfg.training.train_steps == 30
 
 
@@ -93,3 +93,65 @@ def test_load_dir_equal_to_save_dir_is_megatrons_resume_idiom(tmp_path):
     cfg = load_config("tiny_cpu", [f"checkpoint.load_dir={tmp_path}/ck",
                                    f"checkpoint.save_dir={tmp_path}/ck/."])
     assert cfg.checkpoint.load_dir
+
+
+# ------------------------------------------------ consistency, before any process group or model
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optimizer.lr=1e-5", "optimizer.min_lr=1e-4"],
+     r"optimizer.min_lr=0.0001 is above optimizer.lr=1e-05.*set min_lr <= lr"),
+    (["optimizer.min_lr=-1e-6"], r"optimizer.min_lr: must be >= 0"),
+    (["optimizer.lr=-1e-6"], r"optimizer.lr: must be >= 0"),
+])
+def test_learning_rates_are_checked_on_load(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny_cpu", overrides)
+
+
+def _dataset_and_model(tmp_path, num_examples=10, data_vocab=600, model_vocab=629):
+    import json
+    prefix = tmp_path / "data" / "qa"
+    prefix.parent.mkdir(parents=True)
+    for ext in (".bin", ".idx"):
+        prefix.with_name("qa" + ext).write_bytes(b"")
+    prefix.with_name("qa.meta.json").write_text(json.dumps(
+        {"num_examples": num_examples, "vocab_size": data_vocab, "tokenizer": "builtin:x"}))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"vocab_size": model_vocab}))
+    return [f"data.data_path={prefix}", f"model.hf_config_path={tmp_path / 'model'}",
+            "checkpoint.save_dir=null", "data.num_eval_examples=2"]
+
+
+@pytest.mark.parametrize("case,overrides,message", [
+    ("eval", ["data.num_eval_examples=10"],
+     r"data.num_eval_examples=10 leaves no training examples: .* has 10; hold out fewer"),
+    ("batch", ["data.num_eval_examples=4", "data.global_batch_size=8"],
+     r"6 training examples \(10 in .* minus data.num_eval_examples=4\) are fewer than "
+     r"data.global_batch_size=8"),
+    ("vocab", [], r"tokenized with builtin:x \(700 tokens\), more than the model's vocab_size "
+                  r"629 .*--tokenizer MODEL_DIR --model-config MODEL_DIR.*model.hf_config_path"),
+    ("no config.json", ["model.hf_config_path={tmp}/nowhere"],
+     r"model.hf_config_path=.*/nowhere: no config.json there"),
+])
+def test_dataset_header_is_checked_against_config_and_model(case, overrides, message, tmp_path):
+    from solopo_mcore.config import require_training_data
+    base = _dataset_and_model(tmp_path, data_vocab=700 if case == "vocab" else 600)
+    cfg = load_config("tiny_cpu", base + [o.format(tmp=tmp_path) for o in overrides])
+    with pytest.raises(ConfigError, match=message):
+        require_training_data(cfg)
+    require_training_data(load_config("tiny_cpu", _dataset_and_model(tmp_path / "fine")))
+
+
+@pytest.mark.parametrize("world,overrides,message", [
+    (3, ["parallel.tensor_model_parallel_size=2"],
+     r"3 processes were launched, not a multiple of TP x PP x CP = 2 x 1 x 1 = 2"),
+    (4, ["parallel.tensor_model_parallel_size=1", "data.global_batch_size=6",
+         "data.micro_batch_size=1"],
+     r"data.global_batch_size=6 is not divisible by data.micro_batch_size x data-parallel "
+     r"size = 1 x 4 .*a multiple of 4"),
+])
+def test_launch_size_is_checked_before_any_process_group(world, overrides, message):
+    from solopo_mcore.config import check_launch
+    with pytest.raises(ConfigError, match=message):
+        check_launch(load_config("tiny_cpu", overrides), world)
+    assert check_launch(load_config("tiny_cpu", ["parallel.tensor_model_parallel_size=1"]), 2) == 2

@@ -18,9 +18,9 @@ from solopo_mcore.config.sections import (CheckpointConfig, ConfigError, DataCon
                                           LoggingConfig, ModelConfig, ObjectiveConfig,
                                           OptimizerConfig, ParallelConfig, RunConfig,
                                           TrainingConfig)
-from solopo_mcore.config.validation import require_training_data, validate
+from solopo_mcore.config.validation import check_launch, require_training_data, validate
 
 __all__ = ["RECIPES_DIR", "CheckpointConfig", "ConfigError", "DataConfig", "LoggingConfig",
            "ModelConfig", "ObjectiveConfig", "OptimizerConfig", "ParallelConfig", "RunConfig",
-           "TrainingConfig", "load_config", "require_training_data", "resolve_recipe", "to_dict",
+           "TrainingConfig", "check_launch", "load_config", "require_training_data", "resolve_recipe", "to_dict",
            "validate"]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 from solopo_mcore.config.sections import ConfigError, RunConfig
 from solopo_mcore.config.values import coerce
@@ -57,6 +58,11 @@ def validate(config: RunConfig) -> None:
     if not 0.0 <= o.label_smoothing < 0.5:
         raise ConfigError(f"objective.label_smoothing: must be in [0, 0.5), got {o.label_smoothing}")
     _positive("optimizer.lr", opt.lr, allow_zero=True)
+    _positive("optimizer.min_lr", opt.min_lr, allow_zero=True)
+    if opt.min_lr > opt.lr:
+        raise ConfigError(f"optimizer.min_lr={opt.min_lr} is above optimizer.lr={opt.lr}: the "
+                          f"cosine decays from lr to min_lr; set min_lr <= lr (a recipe's "
+                          f"min_lr stays when only lr is overridden)")
     _positive("optimizer.clip_grad", opt.clip_grad, allow_zero=True)
     _positive("optimizer.initial_loss_scale", opt.initial_loss_scale)
     if opt.optimizer_cpu_offload and not p.use_distributed_optimizer:
@@ -112,6 +118,81 @@ def check_outputs_apart_from_inputs(config: RunConfig) -> None:
                     error=ConfigError)
 
 
+def check_launch(config: RunConfig, world_size: int) -> int:
+    """The layout and the batch against the number of processes launched (``WORLD_SIZE`` from
+    torchrun, before any process group): TP x PP x CP divides it, and the global batch divides
+    into micro batches over the data-parallel ranks. Returns the data-parallel size."""
+    p, d = config.parallel, config.data
+    model_parallel = (p.tensor_model_parallel_size * p.pipeline_model_parallel_size *
+                      p.context_parallel_size)
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"{world_size} processes were launched, not a multiple of TP x PP x CP = "
+            f"{p.tensor_model_parallel_size} x {p.pipeline_model_parallel_size} x "
+            f"{p.context_parallel_size} = {model_parallel}; launch a multiple of "
+            f"{model_parallel} (torchrun --nproc-per-node x --nnodes) or change parallel.*")
+    dp = world_size // model_parallel
+    if d.global_batch_size % (d.micro_batch_size * dp):
+        raise ConfigError(
+            f"data.global_batch_size={d.global_batch_size} is not divisible by "
+            f"data.micro_batch_size x data-parallel size = {d.micro_batch_size} x {dp} "
+            f"({world_size} processes / TP x PP x CP = {model_parallel}); choose a global batch "
+            f"that is a multiple of {d.micro_batch_size * dp}")
+    return dp
+
+
+def _architecture_config(config: RunConfig) -> Optional[tuple[str, dict]]:
+    path = config.model.hf_config_path or config.checkpoint.hf_init_dir
+    if not path:
+        return None
+    file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        key = "model.hf_config_path" if config.model.hf_config_path else "checkpoint.hf_init_dir"
+        raise ConfigError(f"{key}={path}: no config.json there; point it at a Hugging Face "
+                          f"model folder (or its config.json)")
+    try:
+        return str(file), json.loads(file.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{file}: not valid JSON ({exc})") from None
+
+
+def check_dataset_fits(config: RunConfig) -> None:
+    """The dataset's header (``.meta.json``) against the config and the model, before any
+    process group: held-out examples leave a global batch to train on, and the token ids fit
+    the model's vocabulary."""
+    prefix = config.data.data_path
+    meta_path = Path(prefix + ".meta.json")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{meta_path}: not valid JSON ({exc}); rebuild the dataset with "
+                          f"python -m data_tools.preprocess") from None
+    num_examples = meta.get("num_examples")
+    d = config.data
+    if isinstance(num_examples, int):
+        if d.num_eval_examples >= num_examples:
+            raise ConfigError(f"data.num_eval_examples={d.num_eval_examples} leaves no training "
+                              f"examples: {prefix} has {num_examples}; hold out fewer")
+        if num_examples - d.num_eval_examples < d.global_batch_size:
+            raise ConfigError(
+                f"{num_examples - d.num_eval_examples} training examples ({num_examples} in "
+                f"{prefix} minus data.num_eval_examples={d.num_eval_examples}) are fewer than "
+                f"data.global_batch_size={d.global_batch_size}; lower one of them")
+    arch = _architecture_config(config)
+    vocab = meta.get("vocab_size")
+    if arch is not None and isinstance(vocab, int):
+        file, hf = arch
+        model_vocab = hf.get("vocab_size", (hf.get("text_config") or {}).get("vocab_size"))
+        if isinstance(model_vocab, int) and vocab > model_vocab:
+            raise ConfigError(
+                f"{prefix} was tokenized with {meta.get('tokenizer', 'a tokenizer')} "
+                f"({vocab} tokens), more than the model's vocab_size {model_vocab} ({file}); "
+                f"either preprocess again with the model's tokenizer (python -m "
+                f"data_tools.preprocess --tokenizer MODEL_DIR --model-config MODEL_DIR), or set "
+                f"model.hf_config_path / checkpoint.hf_init_dir to the model the data was "
+                f"tokenized for")
+
+
 def require_training_data(config: RunConfig, need_reference: bool = True) -> None:
     """Training and the reference pre-pass need a dataset: check ``data.data_path`` names one
     whose files exist, before any process group or model is built; and, for DPO training
@@ -135,3 +216,4 @@ def require_training_data(config: RunConfig, need_reference: bool = True) -> Non
         if gone:
             raise ConfigError(f"data.ref_logprobs_path={ref}: {', '.join(gone)} missing; run "
                               f"examples/precompute_ref_logprobs.py --output {base}")
+    check_dataset_fits(config)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 
-from solopo_mcore.config import RunConfig, require_training_data, to_dict
+from solopo_mcore.config import RunConfig, check_launch, require_training_data, to_dict
 from solopo_mcore.data.sampler import SamplerState, TripletSampler
 from solopo_mcore.errors import UserError
 from solopo_mcore.log import log, warn
@@ -51,6 +51,7 @@ class Trainer:
 
     def __init__(self, config: RunConfig):
         require_training_data(config)  # before any process group or model
+        check_launch(config, int(os.environ.get("WORLD_SIZE", "1")))
         self.config = config
         self.run_lock = None
         if config.checkpoint.save_dir and int(os.environ.get("RANK", "0")) == 0:
