@@ -220,3 +220,32 @@ def test_cli_megatron_checkpoint_matches_its_hf_source(demo_data, tmp_path):
     assert not list((tmp_path / "eval" / "mcore").glob("hf_export.*"))
     settings = json.loads((tmp_path / "eval" / "mcore" / "settings.json").read_text())
     assert settings["model"]["kind"] == "megatron" and settings["backend"] == "hf"
+
+
+def test_a_missing_or_broken_checkpoint_is_named_and_the_others_evaluated(demo_data, tmp_path):
+    from solopo_mcore.evaluation.runner import ModelsFailedError
+
+    rows = items_mod.read_heldout(str(demo_data["triplets"]), items_mod.TRIPLET_FIELDS)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+
+    def factory(name, path):
+        if name == "broken":  # what transformers raises on a truncated safetensors file
+            raise OSError(f"Unable to load weights from {path}/model.safetensors")
+        return _oracle(rows)
+    cfg = EvalConfig(str(demo_data["triplets"]), str(tmp_path / "out"),
+                     models=[("missing", str(tmp_path / "nowhere")), ("broken", str(broken)),
+                             ("good", str(demo_data["model"]))], limit=3, num_bootstrap=50)
+    with pytest.raises(ModelsFailedError) as err:
+        run_evaluation(cfg, factory)
+    message = str(err.value)
+    assert "2 of 3 checkpoints could not be evaluated" in message
+    assert f"missing: model '{tmp_path / 'nowhere'}' is not a directory" in message
+    assert f"broken: {broken}: OSError: Unable to load weights" in message
+    assert "the other 1 were evaluated" in message
+    good = json.loads((tmp_path / "out" / "good" / "summary.json").read_text())
+    assert good["accuracy_short"]["value"] == 1.0
+    assert [s["name"] for s in json.loads((tmp_path / "out" / "summary.json").read_text())[
+        "checkpoints"]] == ["good"]
+    assert not (tmp_path / "out" / "broken" / "summary.json").exists()

@@ -113,6 +113,8 @@ def verify_against_hf(stack, hf_dir: str, tolerance: float, seq_len: int = 64,
 def hf_to_mcore(src: str, dst: str, tp: int = 1, pp: int = 1, dtype: Optional[str] = None,
                 verify: bool = False, tolerance: float = 1e-3, overwrite: bool = False) -> dict:
     start = time.time()
+    if not Path(src).exists():
+        raise ConversionError(f"--src {src} does not exist")
     check_source_and_destination(src, dst)
     destination = StagedDestination(dst, overwrite)
     destination.check()
@@ -143,6 +145,8 @@ def mcore_to_hf(src: str, dst: str, tp: int = 1, pp: int = 1, hf_config: Optiona
                 verify: bool = False, tolerance: float = 1e-3, overwrite: bool = False,
                 dtype: Optional[str] = None) -> dict:
     start = time.time()
+    if not Path(src).exists():
+        raise ConversionError(f"--src {src} does not exist")
     check_source_and_destination(src, dst)
     destination = StagedDestination(dst, overwrite)
     destination.check()

@@ -29,6 +29,7 @@ from data_tools.common import write_json
 from solopo_mcore.evaluation import items as items_mod
 from solopo_mcore.evaluation import models, plots, summary as summary_mod
 from solopo_mcore.evaluation.items import EvalInputError, EvalItem
+from solopo_mcore.errors import UserError
 from solopo_mcore.log import log
 
 RESULTS_FILE = "results.jsonl"
@@ -192,16 +193,32 @@ def build_items(cfg: EvalConfig) -> list:
 
 def default_tokenizer(cfg: EvalConfig) -> str:
     for _, path in cfg.models:
-        if models.checkpoint_kind(path) == "hf":
-            return str(Path(path).resolve())
+        try:
+            if models.checkpoint_kind(path) == "hf":
+                return str(Path(path).resolve())
+        except EvalInputError:
+            continue  # a missing checkpoint is named (and skipped) by run_evaluation
     return "builtin:qwen2.5"
+
+
+class ModelsFailedError(UserError, RuntimeError):
+    """Some checkpoints could not be evaluated (each is named); the others were."""
+
+
+class _UnusableModel(Exception):
+    """A checkpoint that could not be found, exported or loaded (the message says why)."""
 
 
 def run_evaluation(cfg: EvalConfig, generator_factory: Optional[Callable] = None) -> list:
     """Evaluate every checkpoint of ``cfg``; returns their summaries.
 
     ``generator_factory(name, hf_dir)`` returns ``generate(prompts) -> responses``; the default
-    is greedy :func:`models.transformers_generate`. (Tests inject oracles here.)"""
+    is greedy :func:`models.transformers_generate`. (Tests inject oracles here.)
+
+    A checkpoint that is missing, or fails to export or load, is named and skipped; the others
+    are evaluated and summarised, and then :class:`ModelsFailedError` lists the failures (a
+    non-zero exit). Settings that differ from an output folder's earlier run still refuse the
+    whole run before any work."""
     if not cfg.models:
         raise EvalInputError("no checkpoint given: --model NAME=PATH (repeatable)")
     names = [name for name, _ in cfg.models]
@@ -213,36 +230,63 @@ def run_evaluation(cfg: EvalConfig, generator_factory: Optional[Callable] = None
 
     backend = "injected" if generator_factory else resolve_backend(cfg.backend)
     out_dir = Path(cfg.output_dir)
-    settings = {name: run_settings(cfg, path, backend) for name, path in cfg.models}
-    for name, _ in cfg.models:  # refuse before any work
+    failures = {}
+    settings = {}
+    for name, path in cfg.models:
+        try:
+            settings[name] = run_settings(cfg, path, backend)
+        except EvalInputError as exc:
+            failures[name] = str(exc)
+            log("evaluate_qa", f"skipping {name}: {exc}")
+    usable = [(name, path) for name, path in cfg.models if name not in failures]
+    for name, _ in usable:  # refuse before any work
         folder = out_dir / name
         if (folder / SETTINGS_FILE).is_file() or (folder / RESULTS_FILE).exists():
             check_settings(folder, settings[name])
     eval_items = build_items(cfg)
     summaries = []
-    for name, path in cfg.models:
+    for name, path in usable:
         folder = out_dir / name
         check_settings(folder, settings[name])
         with contextlib.ExitStack() as stack:
-            def make_generate(name=name, path=path, stack=stack):
+            def load(name=name, path=path, stack=stack):
                 if generator_factory is not None and models.checkpoint_kind(path) == "hf":
                     return generator_factory(name, path)
                 hf_dir = stack.enter_context(models.hf_directory(path, str(folder)))
                 if generator_factory is not None:
                     return generator_factory(name, hf_dir)
                 return models.transformers_generate(hf_dir, cfg.backend, cfg.max_new_tokens)
-            rows = generate_results(eval_items, None, folder / RESULTS_FILE, cfg.batch_size,
-                                    cfg.mode, make_generate, desc=name)
+
+            def make_generate(load=load, path=path):
+                try:
+                    return load()
+                except Exception as exc:  # noqa: BLE001 - named, and the run ends non-zero
+                    raise _UnusableModel(f"{path}: {type(exc).__name__}: {exc}") from exc
+            try:
+                rows = generate_results(eval_items, None, folder / RESULTS_FILE,
+                                        cfg.batch_size, cfg.mode, make_generate, desc=name)
+            except _UnusableModel as exc:
+                failures[name] = str(exc)
+                log("evaluate_qa", f"skipping {name}: could not load {exc}")
+                continue
         summary = summary_mod.summarize(rows, name, cfg.num_bootstrap, cfg.seed)
         summary["settings"] = {k: v for k, v in asdict(cfg).items() if k != "models"}
         write_json(str(folder / "summary.json"), summary)
         (folder / "summary.md").write_text(summary_mod.summary_markdown([summary], name))
         plots.heatmap(summary, str(folder / "heatmap.png"))
         summaries.append(summary)
-    every = summaries + earlier_summaries(out_dir, names, next(iter(settings.values())))
-    write_json(str(out_dir / "summary.json"), {"checkpoints": every})
-    (out_dir / "summary.md").write_text(summary_mod.summary_markdown(every))
-    plots.comparison_bars(every, str(out_dir / "comparison.png"))
+    if summaries:
+        every = summaries + earlier_summaries(out_dir, names, settings[summaries[0]["name"]])
+        write_json(str(out_dir / "summary.json"), {"checkpoints": every})
+        (out_dir / "summary.md").write_text(summary_mod.summary_markdown(every))
+        plots.comparison_bars(every, str(out_dir / "comparison.png"))
+    if failures:
+        lines = "\n".join(f"  {name}: {why}" for name, why in failures.items())
+        done = (f"the other {len(summaries)} were evaluated (results in {out_dir})"
+                if summaries else "no checkpoint was evaluated")
+        raise ModelsFailedError(f"{len(failures)} of {len(cfg.models)} checkpoints could not be "
+                                f"evaluated:\n{lines}\n{done}. Fix or drop those --model "
+                                f"entries and run again: finished checkpoints are not redone.")
     return summaries
 
 

@@ -37,6 +37,10 @@ class UnsupportedModelError(UserError, ValueError):
     pass
 
 
+class MissingHFConfigError(UserError, FileNotFoundError):
+    """No ``config.json`` where a Hugging Face model was expected."""
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """Everything Megatron needs to know about an HF decoder's architecture."""
@@ -91,7 +95,9 @@ def read_hf_config(path: Union[str, Path]) -> ModelShape:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no HF config at {path}")
+        raise MissingHFConfigError(f"no Hugging Face config.json at {path}: point it at an HF "
+                                   f"model folder (config.json, *.safetensors) or its "
+                                   f"config.json")
     cfg = json.loads(path.read_text())
     return shape_from_dict(cfg, source=str(path))
 
