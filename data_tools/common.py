@@ -179,6 +179,46 @@ def atomic_output(path: str, mode: str = "w"):
     os.replace(tmp, path)
 
 
+PREVIOUS_SET = ".previous"
+
+
+def commit_file_set(staged: dict) -> None:
+    """Move complete staged files (``{staged path: final path}``) over their final paths as one
+    set: the set they replace stays whole until the new one is in place.
+
+    The current finals are first hard-linked to ``FINAL.previous`` (no copy); the staged files
+    are then renamed over them, and the ``.previous`` links removed. An error while renaming
+    puts the previous set back and removes the staged files; after a hard crash in that window,
+    the ``.previous`` files are the whole previous set (the dataset reader names them)."""
+    backups = {}
+    for final in staged.values():
+        if os.path.exists(final):
+            backup = final + PREVIOUS_SET
+            if os.path.exists(backup):
+                os.remove(backup)
+            os.link(final, backup)
+            backups[final] = backup
+    done = []
+    try:
+        for tmp, final in staged.items():
+            os.replace(tmp, final)
+            done.append(final)
+    except BaseException:
+        for final in done:
+            if final in backups:
+                os.replace(backups.pop(final), final)
+            else:
+                os.remove(final)
+        for backup in backups.values():  # their finals were never replaced
+            os.remove(backup)
+        for tmp in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+    for backup in backups.values():
+        os.remove(backup)
+
+
 def write_json(path: str, obj) -> None:
     with atomic_output(path) as f:
         json.dump(obj, f, indent=2, sort_keys=True)

@@ -26,7 +26,8 @@ from typing import Optional
 
 import numpy as np
 
-from data_tools.common import (RowError, RunReport, read_jsonl, refuse_overwriting_inputs, require,
+from data_tools.common import (RowError, RunReport, commit_file_set, read_jsonl,
+                               refuse_overwriting_inputs, require,
                                write_json)
 from data_tools.tokenizer import BUILTIN_QWEN, load_tokenizer
 from solopo_mcore.data.schema import FORMAT, SEQUENCES_PER_EXAMPLE, file_checks
@@ -99,7 +100,8 @@ def run(input_path: str, output_prefix: str, tokenizer_name: str, max_seq_length
 
     refuse_overwriting_inputs("preprocess", {"--input": input_path}, {
         f"--output-prefix ({ext})": str(output_prefix) + ext
-        for ext in (".bin", ".idx", ".meta.json", ".tmp.bin", ".tmp.idx")})
+        for ext in (".bin", ".idx", ".meta.json", ".tmp.bin", ".tmp.idx", ".tmp.meta.json",
+                    ".bin.previous", ".idx.previous", ".meta.json.previous")})
     report = RunReport("preprocess", strict=strict)
     tokenizer = load_tokenizer(tokenizer_name)
     check_model(tokenizer, model_config, max_seq_length)
@@ -153,8 +155,6 @@ def run(input_path: str, output_prefix: str, tokenizer_name: str, max_seq_length
                          f"skipped {d['skipped_total']}: {reasons}); nothing was written to "
                          f"{prefix}.*. Fix the input, or raise --max-seq-length if rows were "
                          f"too_long.")
-    for ext in (".bin", ".idx"):
-        os.replace(str(tmp_prefix) + ext, str(prefix) + ext)
     meta = {
         "format": FORMAT,
         "sequences_per_example": list(SEQUENCES_PER_EXAMPLE),
@@ -165,15 +165,18 @@ def run(input_path: str, output_prefix: str, tokenizer_name: str, max_seq_length
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         "max_seq_length": max_seq_length,
-        "fingerprint": _sha256([str(prefix) + ".bin", str(prefix) + ".idx"]),
-        "file_checks": file_checks(str(prefix)),
+        "fingerprint": _sha256([str(tmp_prefix) + ".bin", str(tmp_prefix) + ".idx"]),
+        "file_checks": file_checks(str(tmp_prefix)),  # sizes and hashes, not names
         "source": str(input_path),
         "source_sha256": _sha256([input_path]),
         "lengths": {k: _histogram(v) for k, v in lengths.items()},
         "report": report.as_dict(),
         "example_ids": ids,
     }
-    write_json(str(prefix) + ".meta.json", meta)
+    write_json(str(tmp_prefix) + ".meta.json", meta)
+    # .bin, .idx and .meta.json replace a previous dataset under this prefix as one set
+    commit_file_set({str(tmp_prefix) + ext: str(prefix) + ext
+                     for ext in (".bin", ".idx", ".meta.json")})
     report.extra.update(num_tokens=num_tokens, output=str(prefix) + ".{bin,idx,meta.json}")
     report.print_summary()
     return meta

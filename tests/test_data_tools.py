@@ -1,6 +1,7 @@
 """data_tools on a MuSiQue-format fixture, with the real Qwen2.5 tokenizer."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -200,3 +201,40 @@ def test_hf_generation_backend_samples_scores_and_reports(demo_data, tmp_path):
         result.stderr, result.stderr[-3000:]
     assert "0/2 samples sub-EM correct" in result.stderr
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_preprocess_replaces_a_dataset_as_one_set(tmp_path, monkeypatch):
+    """A new .bin/.idx/.meta.json set replaces the previous one only when complete: a failure
+    while writing or committing the new set leaves the previous set whole and loadable."""
+    import data_tools.common as common
+    from data_tools import preprocess
+    from solopo_mcore.data.dataset import TripletDataset
+
+    rows = [{"id": str(i), "prompt_short": f"short {i}", "prompt_long": f"long context {i}",
+             "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(6)]
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prefix = str(tmp_path / "out" / "ds")
+    preprocess.run(str(source), prefix, "builtin:qa-words", 256)
+    before = {ext: open(prefix + ext, "rb").read() for ext in (".bin", ".idx", ".meta.json")}
+
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    real_replace = os.replace
+    calls = []
+
+    def failing_replace(src, dst):  # the third rename (.meta.json) fails
+        calls.append(dst)
+        if str(dst).endswith(".meta.json") and str(src).endswith(".tmp.meta.json"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+    monkeypatch.setattr(common.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        preprocess.run(str(source), prefix, "builtin:qa-words", 256)
+    monkeypatch.setattr(common.os, "replace", real_replace)
+    assert {ext: open(prefix + ext, "rb").read() for ext in before} == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
+        ["ds.bin", "ds.idx", "ds.meta.json"]  # no .previous links, no staged files left
+    assert len(TripletDataset(prefix)) == 6
+    preprocess.run(str(source), prefix, "builtin:qa-words", 256)
+    assert len(TripletDataset(prefix)) == 3
+    assert not list((tmp_path / "out").glob("*.previous"))

@@ -30,6 +30,9 @@ def check_files_against_meta(prefix: str, meta: dict) -> None:
                      f"preprocess): .bin/.idx identity not verified")
         return
     fix = "Copy the three files of one preprocess run together, or preprocess again."
+    if any(os.path.exists(prefix + ext + ".previous") for ext in (".bin", ".idx", ".meta.json")):
+        fix += (f" A preprocess run stopped while replacing this dataset: {prefix}.*.previous "
+                f"are the whole previous set (rename them back to use it).")
     size = os.path.getsize(prefix + ".bin")
     if size != recorded["bin_num_bytes"]:
         raise DatasetError(f"{prefix}.bin holds {size} bytes, but {prefix}.meta.json records "
