@@ -182,6 +182,38 @@ def test_corrupt_or_truncated_shard_is_named_and_the_previous_checkpoint_used(ti
     assert out["truncated_fallback"] == "iter_0000002"
 
 
+def test_full_disk_during_a_save_is_one_clear_error_and_keeps_the_last_checkpoint(tiny_qwen2,
+                                                                               tmp_path):
+    root = tmp_path / "ckpt"
+    out = run_distributed(1, "tests.helpers.integrity_checks:check_disk_full_during_save",
+                          hf_dir=tiny_qwen2, root=str(root))[0]
+    assert out["error"].startswith(f"no space left on the device while saving step 4 to "
+                                   f"{root}/iter_0000004: about ")
+    assert "GiB needed (the size of iter_0000002)" in out["error"]
+    assert f"the last good checkpoint {root}/iter_0000002 is intact and stays latest" in \
+        out["error"] and "run the same command again to resume" in out["error"]
+    assert out["after"] == ["iter_0000002", "latest"]  # the partial save is gone
+    assert out["latest"] == "2" and out["loads"] == 2
+
+
+def test_too_little_free_space_for_the_next_checkpoint_is_warned(tmp_path, monkeypatch):
+    import collections
+
+    from solopo_mcore.storage import checkpoint as storage
+    step = tmp_path / "iter_0000002"
+    step.mkdir()
+    for name, size in (("metadata.json", 10), ("solopo_state.json", 10), ("__0_0.distcp", 3000)):
+        (step / name).write_bytes(b"x" * size)
+    (tmp_path / "latest").write_text("2")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: usage(10**9, 0, 10**6))
+    assert storage.CheckpointManager(str(tmp_path), 2).space_problem() is None
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: usage(10**9, 0, 2000))
+    problem = storage.CheckpointManager(str(tmp_path), 2).space_problem()
+    assert problem.startswith(f"{tmp_path}: 0.00 GiB free, the next checkpoint needs about") \
+        and "(the size of iter_0000002)" in problem and "checkpoint.keep_last" in problem
+
+
 # ------------------------------------------------------------------ item 1: resume
 
 def test_demo_variants_get_their_own_output_folders():

@@ -19,6 +19,7 @@ position, the LR schedule, the config and each rank's RNG state are in the check
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -196,10 +197,52 @@ def _materialize_optimizer_state(optimizer) -> None:
         inner.zero_grad(set_to_none=True)
 
 
+def _is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps: a cause, a context, dist_checkpointing's per-rank
+    failures) is ENOSPC / EDQUOT."""
+    seen, todo = set(), [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        todo += [err.__cause__, err.__context__]
+        failures = getattr(err, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f for f in failures.values() if isinstance(f, BaseException)]
+    text = str(exc)
+    return "No space left on device" in text or "[Errno 28]" in text
+
+
+def checkpoint_num_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _gib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB"
+
+
 class CheckpointManager:
     def __init__(self, save_dir: Optional[str], keep_last: int):
         self.save_dir = save_dir
         self.keep_last = keep_last
+
+    def space_problem(self) -> Optional[str]:
+        """A warning when the disk under ``save_dir`` has less free space than the newest
+        complete checkpoint there takes (the next save needs as much), else None."""
+        if not self.save_dir or not Path(self.save_dir).is_dir():
+            return None
+        newest = find_checkpoint(self.save_dir)
+        if newest is None:
+            return None
+        needed, free = checkpoint_num_bytes(newest), shutil.disk_usage(self.save_dir).free
+        if free >= needed:
+            return None
+        return (f"{self.save_dir}: {_gib(free)} free, the next checkpoint needs about "
+                f"{_gib(needed)} (the size of {newest.name}); free space, lower "
+                f"checkpoint.keep_last, or move checkpoint.save_dir to a larger disk")
 
     def save(self, step: int, model: list, optimizer, scheduler, state: dict) -> Path:
         """Collective. ``state`` (JSON-able: data position, counters, config) goes in the marker."""
@@ -220,7 +263,16 @@ class CheckpointManager:
         sharded["rng_state"] = _rng_object(rank, world)
         sharded["scheduler"] = scheduler.state_dict() if scheduler is not None else None
         protect_checkpoint_writer()
-        dist_checkpointing.save(sharded, str(partial))
+        if rank == 0:
+            problem = self.space_problem()
+            if problem:
+                warn("checkpoint", problem)
+        try:
+            dist_checkpointing.save(sharded, str(partial))
+        except Exception as exc:
+            if not _is_disk_full(exc):
+                raise
+            self._fail_disk_full(step, final, partial, rank)
         dist.barrier()
         exclude = (COMPLETE_MARKER, CHECKSUMS)
         mine = hash_files(partial, files_written_by(partial, rank, exclude))
@@ -241,6 +293,22 @@ class CheckpointManager:
             log("checkpoint", f"saved {final} in {time.time() - start:.1f}s")
         dist.barrier()
         return final
+
+    def _fail_disk_full(self, step: int, final: Path, partial: Path, rank: int) -> None:
+        """The disk filled up during a save: remove the partial save and raise one line."""
+        latest = find_checkpoint(self.save_dir)
+        needed = checkpoint_num_bytes(latest) if latest is not None else None
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        free = shutil.disk_usage(self.save_dir).free
+        need = f"about {_gib(needed)} needed (the size of {latest.name}), " if needed else ""
+        kept = (f"the last good checkpoint {latest} is intact and stays latest"
+                if latest is not None else "no earlier checkpoint exists")
+        raise CheckpointError(
+            f"no space left on the device while saving step {step} to {final}: {need}"
+            f"{_gib(free)} free after removing the partial save; {kept}. Free space (or lower "
+            f"checkpoint.keep_last, or move checkpoint.save_dir to a larger disk) and run the "
+            f"same command again to resume.")
 
     def _prune(self) -> None:
         """Keep the newest ``keep_last`` complete checkpoints. The newest is the one just saved

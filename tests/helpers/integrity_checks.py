@@ -73,3 +73,39 @@ def check_checksums_and_fallback(hf_dir: str, root: str) -> dict:
     out["shard6"] = str(shard6)
     out["truncated_fallback"] = find_verified_checkpoint(str(root), strict=False).name
     return out
+
+
+def check_disk_full_during_save(hf_dir: str, root: str) -> dict:
+    """A save that hits ENOSPC inside dist_checkpointing (simulated: it writes a shard, then the
+    disk is full): one clear error, the partial save removed, ``latest`` and the previous
+    checkpoint untouched and loadable."""
+    import errno
+
+    from megatron.core import dist_checkpointing
+
+    from solopo_mcore.storage import checkpoint as storage
+    from tests.helpers.layout_checks import _setup
+
+    root = Path(root)
+    _, _, _, model, _, _ = _setup(hf_dir)
+    manager = storage.CheckpointManager(str(root), keep_last=2)
+    manager.save(2, model, None, None, {})
+    real_save = dist_checkpointing.save
+
+    def full_disk_save(sharded, directory, *args, **kwargs):
+        (Path(directory) / "__0_0.distcp").write_bytes(b"x" * 1000)
+        raise RuntimeError("CheckpointException ranks:dict_keys([0])") from OSError(
+            errno.ENOSPC, "No space left on device")
+    storage.dist_checkpointing.save = full_disk_save
+    try:
+        manager.save(4, model, None, None, {})
+        out = {"error": None}
+    except storage.CheckpointError as exc:
+        out = {"error": str(exc)}
+    finally:
+        storage.dist_checkpointing.save = real_save
+    out["after"] = _names(root)
+    out["latest"] = (root / "latest").read_text()
+    out["loads"] = storage.CheckpointManager.load(root / "iter_0000002", model,
+                                                  load_rng=False)["step"]
+    return out
