@@ -19,8 +19,10 @@ examples written is an error (with the skip counts), and nothing is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +34,7 @@ from data_tools.common import (RowError, RunReport, commit_file_set, read_jsonl,
 from data_tools.tokenizer import BUILTIN_QWEN, load_tokenizer
 from solopo_mcore.data.schema import FORMAT, SEQUENCES_PER_EXAMPLE, file_checks
 from solopo_mcore.errors import entry_point
+from solopo_mcore.processes import exit_with_parent
 
 FIELDS = ("prompt_short", "prompt_long", "chosen", "rejected")
 
@@ -53,6 +56,48 @@ def tokenize_row(row: dict, tokenizer) -> dict:
     return {"short_prompt": _prompt_ids(tokenizer, row["prompt_short"]),
             "long_prompt": _prompt_ids(tokenizer, row["prompt_long"]),
             "chosen": response(row["chosen"]), "rejected": response(row["rejected"])}
+
+
+_FORKING_WORKERS = False
+
+
+def _after_fork_in_child() -> None:
+    """Every process ``datasets`` forks for ``--num-proc`` (the workers and the pool's manager)
+    dies with preprocess: a ``kill -9`` of preprocess must not leave them behind."""
+    if _FORKING_WORKERS:
+        exit_with_parent(signal.SIGKILL)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@contextlib.contextmanager
+def _worker_pool_guard():
+    """Around ``datasets``' ``map(num_proc=N)``. The processes forked meanwhile die with this
+    one (:func:`_after_fork_in_child`). Ctrl-C surfaces from the pool as whatever it raises
+    (``TimeoutError``): the signal is remembered and reported as the interrupt it was. The
+    workers and the pool's manager (forked while this handler is set) ignore it: the main process
+    stops them, and a worker or manager dying of it first left the pool waiting forever."""
+    received = []
+    main = os.getpid()
+
+    def on_sigint(signum, frame):
+        if os.getpid() != main:
+            return
+        received.append(signum)
+        raise KeyboardInterrupt
+    global _FORKING_WORKERS
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    _FORKING_WORKERS = True
+    try:
+        yield
+    except Exception:
+        if received:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        _FORKING_WORKERS = False
+        signal.signal(signal.SIGINT, previous)
 
 
 def _histogram(values: list, bins: int = 10) -> dict:
@@ -121,8 +166,9 @@ def run(input_path: str, output_prefix: str, tokenizer_name: str, max_seq_length
     datasets.disable_progress_bars()
     table = datasets.Dataset.from_list(rows) if rows else None
     if table is not None:
-        table = table.map(lambda r: tokenize_row(r, tokenizer), num_proc=max(1, num_proc),
-                          remove_columns=list(FIELDS), desc="tokenizing")
+        with _worker_pool_guard():
+            table = table.map(lambda r: tokenize_row(r, tokenizer), num_proc=max(1, num_proc),
+                              remove_columns=list(FIELDS), desc="tokenizing")
 
     prefix = Path(output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,8 @@
 import json
 import os
 import subprocess
+import time
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -12,6 +14,8 @@ from data_tools import build_triplets, preprocess
 from data_tools.scoring import normalize_answer, select_pair, sub_em
 from solopo_mcore.data.dataset import DatasetError, TripletDataset
 from solopo_mcore.data.sampler import SamplerState, TripletSampler
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _rows(path):
@@ -238,3 +242,53 @@ def test_preprocess_replaces_a_dataset_as_one_set(tmp_path, monkeypatch):
     preprocess.run(str(source), prefix, "builtin:qa-words", 256)
     assert len(TripletDataset(prefix)) == 3
     assert not list((tmp_path / "out").glob("*.previous"))
+
+
+def _start_preprocess_with_workers(tmp_path, num_rows=40000):
+    """preprocess --num-proc 2 on enough rows that it is still tokenizing when its two workers
+    exist; returns (process, worker pids)."""
+    import psutil
+    words = "alpha beta gamma delta epsilon " * 40
+    rows = [{"id": str(i), "prompt_short": f"{words} {i}", "prompt_long": f"{words} {words}",
+             "chosen": "yes", "rejected": "no"} for i in range(num_rows)]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = subprocess.Popen([sys.executable, "-m", "data_tools.preprocess", "--input", str(source),
+                             "--output-prefix", str(tmp_path / "out" / "ds"), "--tokenizer",
+                             "builtin:qa-words", "--max-seq-length", "4096", "--num-proc", "2"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        if len(workers) >= 2:
+            time.sleep(1.0)  # let them start tokenizing
+            return proc, workers
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"preprocess never had 2 workers: {proc.communicate()}")
+
+
+def test_preprocess_ctrl_c_is_interrupted_and_kill_leaves_no_worker(tmp_path):
+    import psutil
+    import signal
+
+    proc, workers = _start_preprocess_with_workers(tmp_path / "int")
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's whole process group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "preprocess: interrupted" in err, err[-3000:]
+    assert "unexpected" not in err and not list((tmp_path / "int" / "out").glob("ds.*"))
+
+    proc, workers = _start_preprocess_with_workers(tmp_path / "kill")
+    proc.kill()  # kill -9 of preprocess itself
+    proc.communicate(timeout=60)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status()
+                                         != psutil.STATUS_ZOMBIE for p in workers):
+        time.sleep(0.2)
+    left = [p for p in workers if psutil.pid_exists(p)
+            and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"workers outlived preprocess: {left}"
