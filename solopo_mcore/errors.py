@@ -6,7 +6,12 @@ Every entry script (``examples/*.py``, ``python -m data_tools.*``) runs its ``ma
 - prints ``[rank R] ErrorType: message`` (``tool: ErrorType: message`` outside torchrun) on one
   line to stderr. Errors raised for users derive from :class:`UserError` and their message
   already names the file, key or row and the fix;
-- prints an identical line only once per node: ranks that raise the same error stay quiet;
+- prints an identical line only once per node and launch: ranks that raise the same error stay
+  quiet. A launch is torchrun's run id *and* its agent's PID (the ranks' parent): under a static
+  rendezvous every run's id is ``none``, and a later run's error must still be printed. Markers of
+  launches whose agent is gone are removed;
+- names a rank stopped by a lost peer as such, and says whether the failing rank was on this
+  node (its line is above) or on another node (its line is in that node's output);
 - writes the full traceback to a log file and names it (``SOLOPO_TRACEBACK=1`` prints it too);
 - writes the same short line to torchrun's error file (``TORCHELASTIC_ERROR_FILE``), so
   torchrun's failure summary shows it instead of a pointer to the docs;
@@ -50,10 +55,46 @@ def _rank() -> Optional[int]:
     return int(rank) if rank is not None and rank.isdigit() else None
 
 
+def _launch_key() -> Optional[str]:
+    """This torchrun launch on this node: its run id and its agent's PID, or None alone."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    return None if run is None else f"{run}-{os.getppid()}"
+
+
+_MARKER_PREFIX = "solopo-reported-"
+
+
+def _marker_dir() -> Optional[Path]:
+    key = _launch_key()
+    if key is None:
+        return None
+    path = Path(tempfile.gettempdir()) / f"{_MARKER_PREFIX}{key}"
+    try:
+        path.mkdir(exist_ok=True)
+    except OSError:
+        return None
+    return path
+
+
+def _sweep_finished_launches() -> None:
+    """Remove the report markers of launches whose agent process has exited."""
+    import shutil
+    for folder in Path(tempfile.gettempdir()).glob(f"{_MARKER_PREFIX}*-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def error_log_path(tool: str, rank: Optional[int] = None) -> Path:
     """Where the full traceback of this process's failure is written."""
     base = Path(os.environ.get(LOG_DIR_ENV) or tempfile.gettempdir())
-    run = os.environ.get("TORCHELASTIC_RUN_ID") or str(os.getpid())
+    run = _launch_key() or str(os.getpid())
     suffix = f"-rank{rank}" if rank is not None else ""
     return base / f"solopo-error-{tool}-{run}{suffix}.log"
 
@@ -63,19 +104,41 @@ def short_line(exc: BaseException, tool: str, rank: Optional[int] = None) -> str
     message = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     prefix = f"[rank {rank}]" if rank is not None else f"{tool}:"
     if rank is not None and any(text in message for text in PEER_GONE):
-        return f"{prefix} stopped: a peer rank failed (its error is above)"
+        if _failure_on_this_node():
+            return f"{prefix} stopped: a peer rank failed (its error is above)"
+        return (f"{prefix} stopped: a rank on another node failed (its error is in that node's "
+                f"output; this node's ranks lost their connection to it)")
     kind = type(exc).__name__ if isinstance(exc, UserError) else \
         f"unexpected {type(exc).__name__}"
     return f"{prefix} {kind}: {message}" if message else f"{prefix} {kind}"
 
 
-def _first_on_node(line_without_rank: str) -> bool:
-    """True for the first rank of this torchrun job on this node to report this message."""
-    run = os.environ.get("TORCHELASTIC_RUN_ID")
-    if run is None:
+def _failure_on_this_node(wait_s: float = 3.0) -> bool:
+    """Whether a rank of this launch on this node failed with its own error (not a lost peer).
+    All ranks on one node: yes. Otherwise the failing rank reports before its peers notice it
+    is gone; allow it ``wait_s`` to do so."""
+    world, local = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
+    if world is None or world == local:
         return True
-    digest = hashlib.sha1(f"{run}\0{line_without_rank}".encode()).hexdigest()[:16]
-    marker = Path(tempfile.gettempdir()) / f"solopo-reported-{digest}"
+    folder = _marker_dir()
+    if folder is None:
+        return True
+    deadline = time.time() + wait_s
+    while True:
+        if any(folder.glob("failed-rank*")):
+            return True
+        if time.time() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+def _first_on_node(line_without_rank: str) -> bool:
+    """True for the first rank of this torchrun launch on this node to report this message."""
+    folder = _marker_dir()
+    if folder is None:
+        return True
+    digest = hashlib.sha1(line_without_rank.encode()).hexdigest()[:16]
+    marker = folder / digest
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         return True
@@ -107,6 +170,12 @@ def report_exception(exc: BaseException, tool: str, stream=None) -> int:
         log.write_text(full)
     except OSError:
         log = None
+    message = str(exc)
+    folder = _marker_dir()
+    if folder is not None and rank is not None and \
+            not any(text in message for text in PEER_GONE):
+        with contextlib.suppress(OSError):  # this node has a failure of its own
+            (folder / f"failed-rank{rank}").touch()
     line = short_line(exc, tool, rank)
     _write_torchelastic_error_file(line, log)
     if _first_on_node(short_line(exc, tool, None)):
@@ -115,6 +184,7 @@ def report_exception(exc: BaseException, tool: str, stream=None) -> int:
         where = f"full traceback: {log}" if log else "traceback not written"
         print(f"{line}\n  ({where}; set {TRACEBACK_ENV}=1 to print it)", file=stream,
               flush=True)
+    _sweep_finished_launches()
     return 1
 
 

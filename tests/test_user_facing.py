@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -182,6 +183,52 @@ def test_entry_point_prints_one_line_once_and_logs_the_traceback(tmp_path, monke
     gone = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:9")
     assert short_line(gone, "tool", 0) == "[rank 0] stopped: a peer rank failed (its error is " \
         "above)"
+
+
+def test_each_launch_reports_its_own_errors_and_lost_peers_name_the_node(tmp_path, monkeypatch,
+                                                                         capsys):
+    """Under a static rendezvous (run id ``none`` for every run), a later launch's identical
+    error is still printed, into its own traceback log; markers of finished launches are
+    removed; a rank that lost its peers says whether the failure was on this node or another."""
+    import subprocess as sp
+
+    from solopo_mcore import errors
+    from solopo_mcore.config import ConfigError
+
+    monkeypatch.setenv("SOLOPO_ERROR_LOG_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    monkeypatch.setattr("solopo_mcore.processes.exit_with_parent", lambda: True)
+    agents = []
+    for _ in range(2):  # two launches, one after the other, each by its own (exited) agent
+        agent = sp.Popen([sys.executable, "-c", "pass"])
+        agent.wait()
+        agents.append(agent.pid)
+    logs = []
+    for agent in agents:
+        monkeypatch.setattr(errors.os, "getppid", lambda agent=agent: agent)
+        with pytest.raises(SystemExit):
+            with errors.entry_point("tool"):
+                raise ConfigError("same mistake")
+        logs.append(errors.error_log_path("tool", 0))
+    err = capsys.readouterr().err
+    assert err.count("[rank 0] ConfigError: same mistake") == 2, err
+    assert logs[0] != logs[1] and all(p.is_file() for p in logs)
+    assert not list(Path(tempfile.gettempdir()).glob(f"solopo-reported-none-{agents[0]}"))
+
+    gone = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:9")
+    monkeypatch.setattr(errors.os, "getppid", lambda: os.getpid())  # a live agent
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", f"multinode-{time.time()}")
+    assert errors.short_line(gone, "tool", 2) == (
+        "[rank 2] stopped: a rank on another node failed (its error is in that node's output; "
+        "this node's ranks lost their connection to it)")
+    monkeypatch.setenv("RANK", "3")
+    errors.report_exception(ConfigError("a local failure"), "tool")
+    assert errors.short_line(gone, "tool", 2) == \
+        "[rank 2] stopped: a peer rank failed (its error is above)"
 
 
 _TORCH_LOG = re.compile(r"^[DIWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ ")
