@@ -208,8 +208,6 @@ def run(input_path: str, output_path: str, tokenizer_name: str, target_long_toke
     lengths = []
     with atomic_output(output_path) as out:
         for line_number, row in read_jsonl(input_path, report):
-            if limit is not None and report.written >= limit:
-                break
             where = f"{input_path}:{line_number}"
             try:
                 fmt = input_format if input_format != "auto" else (
@@ -224,6 +222,8 @@ def run(input_path: str, output_path: str, tokenizer_name: str, target_long_toke
             out.write(json.dumps(built, ensure_ascii=False) + "\n")
             report.written += 1
             lengths.append((built["meta"]["short_tokens"], built["meta"]["long_tokens"]))
+            if limit is not None and report.written >= limit:
+                break  # before reading (and counting) another row
         report.require_written(input_path, "Fix the input or the skip reasons above (e.g. a "
                                "--target-long-tokens above the short contexts' length).")
     if lengths:

@@ -133,6 +133,10 @@ def test_trained_checkpoint_exports_and_verifies(demo_data, tmp_path):
     exported, initial = _hf_tensors(tmp_path / "hf"), _hf_tensors(demo_data["model"])
     assert not torch.equal(exported["model.norm.weight"], initial["model.norm.weight"])
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    for shard in (tmp_path / "hf").glob("*.safetensors"):  # as any new file: not 0600
+        assert shard.stat().st_mode & 0o777 == 0o666 & ~umask, oct(shard.stat().st_mode)
     # a reader outside the trainer verifies too: 1 MiB overwritten inside a shard is refused,
     # naming the shard, and nothing is exported
     shard = sorted((tmp_path / "ckpt" / "iter_0000003").glob("*.distcp"))[0]

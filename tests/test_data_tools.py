@@ -61,6 +61,11 @@ def test_build_triplets_is_deterministic(demo_data, tmp_path):
     build_triplets.run(str(demo_data["musique"]), str(out), "builtin:qwen2.5", 512,
                        "builtin:wiki", seed=0)
     assert out.read_bytes() == demo_data["triplets"].read_bytes()
+    # --limit N reads N rows (when none is skipped), not N + 1, and writes N
+    limited = build_triplets.run(str(demo_data["musique"]), str(tmp_path / "8.jsonl"),
+                                 "builtin:qwen2.5", 512, "builtin:wiki", seed=0, limit=8)
+    assert (limited["read"], limited["written"]) == (8, 8)
+    assert out.read_text().splitlines()[:8] == (tmp_path / "8.jsonl").read_text().splitlines()
 
 
 @pytest.mark.parametrize("prediction,golds,expected", [

@@ -7,6 +7,7 @@ stage (each stage writes its own shard file) after an all-gather over tensor-par
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -78,6 +79,13 @@ def _gather_tp(tensor: torch.Tensor, tp_group) -> list:
     return parts
 
 
+def _follow_umask(path: Path) -> None:
+    """Give ``path`` the mode an ordinary new file gets (0666 less the umask, e.g. 0644)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def export_hf(chunks: list, shape: ModelShape, out_dir: str, pg_collection,
               source_dir: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> None:
     """Write an HF checkpoint: one safetensors shard per pipeline stage plus the index.
@@ -101,6 +109,7 @@ def export_hf(chunks: list, shape: ModelShape, out_dir: str, pg_collection,
     if writer and tp.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out / file), metadata={"format": "pt"})
+        _follow_umask(out / file)  # safetensors creates its file 0600
     names_by_stage = [None] * num_stages
     stage_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     dist.all_gather_object(names_by_stage, (file, sorted(tensors), stage_bytes), group=pp)
