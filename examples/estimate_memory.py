@@ -42,9 +42,11 @@ def main(argv=None):
                         help="tokens per chosen/rejected response (default: 256)")
     parser.add_argument("--device-gib", type=float, default=80.0,
                         help="memory per GPU in GiB (default: 80)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the report as JSON (default: a table)")
     parser.add_argument("overrides", nargs="*",
                         help="dotted recipe overrides, e.g. parallel.context_parallel_size=4")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     known = "{" + ",".join(sorted(BY_NAME)) + "}"
     if args.model:
@@ -111,8 +113,39 @@ def main(argv=None):
                                                   segment_tokens=microbatch["segment_tokens"],
                                                   segments=microbatch["segments"],
                                                   **common)[:8]}
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2) if args.json else describe(report))
     return report
+
+
+def describe(report: dict) -> str:
+    """The report as a few aligned lines and a table of the layouts that fit."""
+    layout = report["recipe_layout"]
+    gib = report["per_gpu_gib"]
+    sp = "on" if layout["sequence_parallel"] else "off"
+    lines = [
+        f"{report['model']}, mode {report['mode']}, shared prefix "
+        f"{'on' if report['shared_prefix'] else 'off'}: {report['microbatch_tokens']} tokens "
+        f"per microbatch",
+        f"recipe layout TP{layout['tp']} PP{layout['pp']} CP{layout['cp']} DP{layout['dp']} "
+        f"(sequence parallel {sp}): {gib['total_gib']:.1f} GiB per GPU of "
+        f"{report['device_gib']:g} -> {'fits' if report['fits'] else 'DOES NOT FIT'}",
+        "  " + ", ".join(f"{k[:-4]} {v:.1f}" for k, v in gib.items()
+                         if k not in ("total_gib", "tensors_gib")) + " (GiB)",
+    ]
+    if layout["tp"] > 1:
+        lines.append(f"  sequence parallelism saves {report['sequence_parallel_saving_gib']:.1f} "
+                     f"GiB per GPU here")
+    fitting = report["layouts_that_fit"]
+    if fitting:
+        lines += ["layouts that fit (first 8):", "   TP  PP  CP  DP  GiB/GPU"]
+        lines += [f"  {r['tp']:3d} {r['pp']:3d} {r['cp']:3d} {r['dp']:3d}  {r['total_gib']:7.1f}"
+                  for r in fitting]
+    else:
+        world = layout["tp"] * layout["pp"] * layout["cp"] * layout["dp"]
+        lines.append(f"no TP/PP/CP layout of {world} GPUs fits {report['device_gib']:g} GiB "
+                     f"per GPU")
+    lines.append("(--json prints every figure)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def main():
     parser.add_argument("--config", help="YAML recipe (the training recipe)")
     parser.add_argument("--output", help="sidecar path (default: data.ref_logprobs_path)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.data_path=X")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     # The sidecar is what this run writes: --output stands for data.ref_logprobs_path.
     extra = [f"data.ref_logprobs_path={args.output}"] if args.output else []
     config = load_config(args.config, args.overrides + extra)

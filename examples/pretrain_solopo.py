@@ -15,7 +15,7 @@ def parse_args():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe (examples/recipes/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.alpha=3")
-    return parser.parse_args()
+    return parser.parse_intermixed_args()
 
 
 def main():

@@ -20,7 +20,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     try:
         run(args)
     finally:

@@ -428,3 +428,23 @@ def test_cpu_allocator_tracker_prints_no_usdt_lines(tmp_path):
                          timeout=120, env=ENV)
     assert out.returncode == 0, out.stderr
     assert "USDT" not in out.stdout + out.stderr and out.stdout.count("peak ") == 2, out
+
+
+def test_estimate_memory_prints_a_table_and_json_on_request_with_overrides_anywhere():
+    cmd = [sys.executable, "examples/estimate_memory.py", "--config",
+           "qwen2.5-7b_solo-orpo_8gpu", "parallel.context_parallel_size=2",  # an override
+           "--model", "qwen2.5-7b", "--world-size", "8", "--long-tokens", "32768",  # then options
+           "--device-gib", "141"]
+    table = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+    report = subprocess.run(cmd + ["--json"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env=ENV)
+    assert table.returncode == 0 and report.returncode == 0, table.stderr[-2000:]
+    figures = json.loads(report.stdout)
+    assert figures["recipe_layout"]["cp"] == 2
+    lines = table.stdout.splitlines()
+    assert lines[1] == (f"recipe layout TP2 PP1 CP2 DP2 (sequence parallel on): "
+                        f"{figures['per_gpu_gib']['total_gib']:.1f} GiB per GPU of 141 -> fits")
+    rows = lines[lines.index("   TP  PP  CP  DP  GiB/GPU") + 1:-1]
+    assert [[float(x) for x in row.split()] for row in rows] == [
+        [r["tp"], r["pp"], r["cp"], r["dp"], round(r["total_gib"], 1)]
+        for r in figures["layouts_that_fit"]]
