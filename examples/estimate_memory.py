@@ -35,9 +35,11 @@ def main(argv=None):
     parser.add_argument("--world-size", type=int, required=True,
                         help="number of GPUs (ranks) of the run")
     parser.add_argument("--long-tokens", type=int, required=True,
-                        help="tokens in the long context (prompt) of one example")
+                        help="tokens of one long segment: the long context plus one response "
+                             "(what profile_solopo.py's --long-lengths counts)")
     parser.add_argument("--short-tokens", type=int, default=1024,
-                        help="tokens in the short context of one example (default: 1024)")
+                        help="tokens of one short segment: the short context plus one response "
+                             "(default: 1024)")
     parser.add_argument("--response-tokens", type=int, default=256,
                         help="tokens per chosen/rejected response (default: 256)")
     parser.add_argument("--device-gib", type=float, default=80.0,
@@ -64,8 +66,14 @@ def main(argv=None):
     p = cfg.parallel
     # one example packed as the trainer packs it, repeated micro_batch_size times
     response_ids = [1] * args.response_tokens
-    example = TripletTokens(short_prompt=[1] * args.short_tokens,
-                            long_prompt=[1] * args.long_tokens, chosen=response_ids,
+    for name in ("short_tokens", "long_tokens"):
+        if getattr(args, name) <= args.response_tokens:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must exceed "
+                              f"--response-tokens {args.response_tokens}: a segment is a context "
+                              f"plus one response")
+    example = TripletTokens(short_prompt=[1] * (args.short_tokens - args.response_tokens),
+                            long_prompt=[1] * (args.long_tokens - args.response_tokens),
+                            chosen=response_ids,
                             rejected=response_ids, index=0)
     batch = pack_triplets([example], MODE_ROLES[cfg.objective.mode],
                           pad_multiple=sequence_pad_multiple(p),

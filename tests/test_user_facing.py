@@ -66,6 +66,7 @@ def test_every_cli_option_has_help_text(script, monkeypatch):
         raise SystemExit(0)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_intermixed_args", capture)
     monkeypatch.setattr(sys, "argv", [str(script)])
     module = f"data_tools.{script.stem}" if script.parent.name == "data_tools" else None
     with pytest.raises(SystemExit):

@@ -37,9 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "solo_both against long-PO without sharing (the paper's baseline) "
                              "and with it (the strongest one)")
     parser.add_argument("--long-lengths", default="4096,8192,16384",
-                        help="comma-separated long-context lengths to time, in tokens")
+                        help="comma-separated long-segment lengths to time, in tokens: the long "
+                             "context plus one response (what estimate_memory.py's --long-tokens "
+                             "counts)")
     parser.add_argument("--short-tokens", type=int, default=1024,
-                        help="short-context length in tokens")
+                        help="short-segment length in tokens: the short context plus one "
+                             "response")
     parser.add_argument("--response-tokens", type=int, default=128,
                         help="tokens per chosen/rejected response")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per setting")
