@@ -204,3 +204,17 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_save(demo_data, 
     step = int((tmp_path / "ckpt" / "latest").read_text())
     state = json.loads((tmp_path / "ckpt" / f"iter_{step:07d}" / "solopo_state.json").read_text())
     assert state["num_skipped_steps"] == 2
+
+
+def test_long_po_evaluates_its_own_objective_and_every_accuracy(demo_data, tmp_path):
+    """mode=long (the long-PO baseline): the eval loss is long-PO's (no alignment term), while
+    eval still runs all four segments for both contexts' accuracies."""
+    run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 1, extra=[
+        "objective.mode=long", "training.eval_interval=1", "checkpoint.save_dir=null"]))
+    train, evals = read_metrics(tmp_path / "metrics.jsonl")
+    assert train[0]["loss/solo_ra"] == 0.0 and "accuracy/long" in train[0]
+    assert [r["step"] for r in evals] == [0, 1]
+    for r in evals:
+        assert r["eval/loss/solo_ra"] == 0.0 and r["eval/loss/total"] == r["eval/loss/po"]
+        assert {"eval/accuracy/short", "eval/accuracy/long",
+                "eval/reward/distance_chosen"} <= set(r)

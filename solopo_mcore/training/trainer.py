@@ -100,7 +100,8 @@ class Trainer:
             self.pg_collection.dp.rank(), self.pg_collection.dp.size(), config.training.seed,
             config.data.shuffle, sampler_state)
         self.forward_step = make_forward_step(obj, obj.mode, self.pg_collection.cp)
-        self.eval_forward_step = make_forward_step(obj, "solo_both", self.pg_collection.cp)
+        # all four segments (every accuracy), scored with the training objective
+        self.eval_forward_step = make_forward_step(obj, obj.mode, self.pg_collection.cp)
         self.is_last_stage = is_pp_last_stage(self.pg_collection.pp)
         self.is_logging_rank = self.is_last_stage and all(
             getattr(self.pg_collection, name).rank() == 0 for name in ("tp", "cp", "dp"))
