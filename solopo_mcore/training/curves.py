@@ -52,7 +52,11 @@ def plot_curves(metrics_path: str, png_path: str, answer_accuracy: dict | None =
             points = [(s, r[key]) for s, r in records.items()
                       if isinstance(r.get(key), (int, float))]
             if points:
-                style = dict(linewidth=2.2, alpha=0.45) if key == "loss/total" else {}
+                # the total is a wide pale band underneath; po (often equal to it at a small
+                # alpha) is dashed on top, so both stay visible
+                style = {"loss/total": dict(linewidth=3.5, alpha=0.35, zorder=1),
+                         "loss/po": dict(linestyle="--", zorder=3)}.get(
+                             key.removeprefix("eval/"), {})
                 label = key[len(prefix):]
                 if key.endswith("loss/solo_ra"):
                     label += " (before alpha)"
