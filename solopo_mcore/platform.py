@@ -291,8 +291,18 @@ def apply_cpu_patches() -> bool:
         return False
     if _APPLIED:
         return True
+    import warnings
+
     from megatron.core.tensor_parallel import random as mcore_random
 
+    # Warnings the CPU path itself causes, printed per rank: CUDA_DEVICE_MAX_CONNECTIONS means
+    # nothing without CUDA, and megatron-core reading ``.grad`` of a non-leaf tensor is reported
+    # at our torch-function mode below (the same read on CUDA is silent).
+    warnings.filterwarnings("ignore", message=r"When using sequence parallelism it is recommended "
+                                              r"to set the environment variable "
+                                              r"CUDA_DEVICE_MAX_CONNECTIONS")
+    warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a "
+                                              r"leaf Tensor", module=r"solopo_mcore\.platform")
     # rotary_pos_embedding.py / param buffers: ``torch.cuda.current_device()`` used as a device.
     torch.cuda.current_device = lambda: "cpu"
     # schedules.py p2p shape exchange, dist_checkpointing: ``torch.cuda.synchronize()``.

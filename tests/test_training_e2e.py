@@ -17,9 +17,13 @@ pytestmark = pytest.mark.e2e
 
 
 def test_tp2_training_loss_decreases_and_logs_every_metric(demo_data, tmp_path):
-    run_torchrun(2, tiny_run_overrides(demo_data, tmp_path, 10, tp=2, extra=[
+    result = run_torchrun(2, tiny_run_overrides(demo_data, tmp_path, 10, tp=2, extra=[
         f"logging.tensorboard_dir={tmp_path / 'tb'}", "training.eval_interval=5",
-        "checkpoint.save_interval=5", f"checkpoint.export_hf_dir={tmp_path / 'hf'}"]))
+        "checkpoint.save_interval=5", f"checkpoint.export_hf_dir={tmp_path / 'hf'}"]),
+        show_warnings=True)
+    # a user's bare torchrun command: no page of third-party warnings from every rank
+    warned = [line for line in result.stderr.splitlines() if "Warning:" in line]
+    assert not warned, "\n".join(warned)
     train, evals = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in train] == list(range(1, 11))
     first = sum(r["loss/total"] for r in train[:3]) / 3

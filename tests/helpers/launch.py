@@ -28,11 +28,15 @@ def torchrun_cmd(nproc: int, script: str, *args) -> list:
 
 
 def run_torchrun(nproc, overrides, script="examples/pretrain_solopo.py", timeout=600,
-                 extra=()):
-    """Run ``script --config tiny_cpu.yaml [extra] [overrides]``; fail with its output."""
+                 extra=(), show_warnings=False):
+    """Run ``script --config tiny_cpu.yaml [extra] [overrides]``; fail with its output.
+    Python warnings are silenced unless ``show_warnings`` (as a user's bare command runs)."""
     cmd = torchrun_cmd(nproc, script, "--config", TINY_RECIPE, *extra, *overrides)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    if not show_warnings:
+        env["PYTHONWARNINGS"] = "ignore"
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                            env=env)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)}\nexit {result.returncode}\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
