@@ -90,3 +90,37 @@ def test_eval_summary_is_logged_to_the_named_run(offline):
     assert summary["eval_qa/solo/accuracy_short"] == 0.5
     assert summary["eval_qa/solo/gap_ci95_low"] == -0.25
     assert summary["eval_qa/solo/accuracy_long_n"] == 8
+
+
+def test_a_resumed_run_rewinds_its_wandb_run_to_the_checkpoint_step(monkeypatch, tmp_path):
+    """Resuming at step 3 asks W&B to rewind the run to step 3 (so the interrupted attempt's
+    steps 4.. are replaced, not kept); a server that refuses gets the plain resume."""
+    from solopo_mcore.training import wandb_log
+
+    calls = []
+
+    class FakeRun:
+        def log(self, *a, **k):
+            pass
+
+        def finish(self):
+            pass
+
+    class FakeWandb:
+        refuse_rewind = False
+
+        @classmethod
+        def init(cls, **kwargs):
+            calls.append(kwargs)
+            if "resume_from" in kwargs and cls.refuse_rewind:
+                raise RuntimeError("rewind is not enabled")
+            return FakeRun()
+    monkeypatch.setattr(wandb_log, "_wandb", lambda: FakeWandb)
+    cfg = LoggingConfig(progress_bar=False, wandb_project="p", wandb_run_id="run-7")
+    RunLogger(cfg, 10, True, start_step=3).close()
+    assert calls[-1]["resume_from"] == "run-7?_step=3" and "resume" not in calls[-1]
+    RunLogger(cfg, 10, True, start_step=0).close()  # a new run: plain id + resume
+    assert calls[-1]["id"] == "run-7" and calls[-1]["resume"] == "allow"
+    FakeWandb.refuse_rewind = True
+    RunLogger(cfg, 10, True, start_step=3).close()
+    assert "resume_from" in calls[-2] and calls[-1]["resume"] == "allow"

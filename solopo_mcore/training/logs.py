@@ -73,7 +73,8 @@ class RunLogger:
         if cfg.wandb_project:
             from solopo_mcore.training.wandb_log import init_run
             self.wandb_run = init_run(cfg.wandb_project, cfg.wandb_entity, cfg.wandb_run_name,
-                                      cfg.wandb_tags, cfg.wandb_run_id, cfg.wandb_dir, run_config)
+                                      cfg.wandb_tags, cfg.wandb_run_id, cfg.wandb_dir, run_config,
+                                      start_step=start_step)
         if cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
             # events at steps > start_step (all, on a new run) in the folder's older files are

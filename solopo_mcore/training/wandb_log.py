@@ -25,17 +25,33 @@ def _wandb():
 
 def init_run(project: str, entity: Optional[str] = None, name: Optional[str] = None,
              tags: Optional[list] = None, run_id: Optional[str] = None,
-             directory: Optional[str] = None, config: Optional[dict] = None):
-    """A wandb run; with ``run_id`` an existing run is resumed (or created with that id)."""
+             directory: Optional[str] = None, config: Optional[dict] = None,
+             start_step: int = 0):
+    """A wandb run; with ``run_id`` an existing run is resumed (or created with that id).
+
+    A training run resuming from a checkpoint at ``start_step`` > 0 rewinds the W&B run to that
+    step (``resume_from="ID?_step=N"``): the steps an interrupted attempt logged after its last
+    checkpoint are logged again, and W&B keeps only the new ones. Where the server refuses a
+    rewind, the run is resumed as it is, with a warning (W&B then ignores the repeated steps
+    and shows the earlier attempt's values for them)."""
     wandb = _wandb()
     if directory:
         import os
         os.makedirs(directory, exist_ok=True)
     kwargs = dict(project=project, entity=entity, name=name, tags=list(tags or []) or None,
                   config=config, dir=directory)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if run_id and start_step > 0:
+        try:
+            return wandb.init(**kwargs, resume_from=f"{run_id}?_step={start_step}")
+        except Exception as exc:  # noqa: BLE001 - an older server or a plan without rewind
+            from solopo_mcore.log import warn
+            warn("wandb", f"could not rewind W&B run {run_id} to step {start_step} ({exc}); "
+                          f"resuming it as it is: steps after {start_step} show the earlier "
+                          f"attempt's values")
     if run_id:
         kwargs.update(id=run_id, resume="allow")
-    return wandb.init(**{k: v for k, v in kwargs.items() if v is not None})
+    return wandb.init(**kwargs)
 
 
 def finite_scalars(record: dict) -> dict:
