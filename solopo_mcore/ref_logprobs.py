@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 
-from solopo_mcore.config import RunConfig, require_training_data, to_dict
+from solopo_mcore.config import ConfigError, RunConfig, require_training_data, to_dict
 from solopo_mcore.data.dataset import save_reference_sidecar
 from solopo_mcore.roles import ROLE_NAMES
 from solopo_mcore.log import log
@@ -47,7 +47,7 @@ def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) 
         source = {"hf_checkpoint": config.checkpoint.hf_init_dir}
         start_weights = config.checkpoint.hf_init_dir
     else:
-        raise ValueError("set checkpoint.hf_init_dir or checkpoint.load_dir: the reference "
+        raise ConfigError("set checkpoint.hf_init_dir or checkpoint.load_dir: the reference "
                          "model is the policy's starting point")
     dataset = build.open_dataset(config, shape, need_reference=False)
     forward_step = make_logprob_forward_step(pg_collection.cp)

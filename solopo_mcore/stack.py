@@ -16,7 +16,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from solopo_mcore.config import ParallelConfig, RunConfig
+from solopo_mcore.config import ConfigError, ParallelConfig, RunConfig
 from solopo_mcore.convert.hf_io import HFCheckpointReader, export_hf
 from solopo_mcore.convert.tables import load_hf_tensors_into_chunks
 from solopo_mcore.models.builder import build_model_chunks, build_transformer_config
@@ -39,7 +39,7 @@ class ModelStack:
 def architecture_dir(config: RunConfig) -> str:
     path = config.model.hf_config_path or config.checkpoint.hf_init_dir
     if path is None:
-        raise ValueError("model.hf_config_path (or checkpoint.hf_init_dir) must name an HF model "
+        raise ConfigError("model.hf_config_path (or checkpoint.hf_init_dir) must name an HF model "
                          "directory or config.json for the architecture")
     return path
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from solopo_mcore.config import RunConfig
-from solopo_mcore.data.dataset import TripletDataset
+from solopo_mcore.config import ConfigError, RunConfig
+from solopo_mcore.data.dataset import DatasetError, TripletDataset
 from solopo_mcore.data.packing import PackedMicrobatch, pack_triplets
 from solopo_mcore.models.hf_config import ModelShape
 from solopo_mcore.parallel.layout import sequence_pad_multiple
@@ -30,7 +30,7 @@ def open_dataset(config: RunConfig, shape: ModelShape, need_reference: bool,
     dataset = TripletDataset(config.data.data_path)
     vocab = dataset.meta.get("vocab_size", 0)
     if vocab > shape.vocab_size:
-        raise ValueError(f"dataset {config.data.data_path} was tokenized with {vocab} tokens, more "
+        raise DatasetError(f"dataset {config.data.data_path} was tokenized with {vocab} tokens, more "
                          f"than the model's vocab_size {shape.vocab_size}")
     dataset.check_max_length(shape.max_position_embeddings)
     if need_reference:
@@ -54,7 +54,7 @@ def make_microbatches(dataset: TripletDataset, index_lists: Sequence[Sequence[in
 
 def split_indices(num_examples: int, num_eval: int) -> tuple[range, range]:
     if num_eval >= num_examples:
-        raise ValueError(f"data.num_eval_examples={num_eval} leaves no training examples "
+        raise ConfigError(f"data.num_eval_examples={num_eval} leaves no training examples "
                          f"(dataset has {num_examples})")
     return range(0, num_examples - num_eval), range(num_examples - num_eval, num_examples)
 

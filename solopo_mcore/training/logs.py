@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from solopo_mcore.config import LoggingConfig
+from solopo_mcore.config import ConfigError, LoggingConfig
 
 _CONSOLE = [  # (metric key, label, format)
     ("loss/total", "loss", "{:.4f}"), ("loss/po", "po", "{:.4f}"),
@@ -42,7 +42,7 @@ def rewind_metrics(path: Path, step: int) -> int:
         except (ValueError, KeyError, TypeError):
             if number == len(lines):  # a line cut short by the crash itself
                 continue
-            raise ValueError(f"{path}:{number}: not a metrics record; move the file away or "
+            raise ConfigError(f"{path}:{number}: not a metrics record; move the file away or "
                              f"set logging.metrics_path to a new file") from None
         if record_step <= step:
             kept.append(line if line.endswith("\n") else line + "\n")

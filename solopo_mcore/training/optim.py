@@ -8,7 +8,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import get_model_config
 
-from solopo_mcore.config import OptimizerConfig, ParallelConfig
+from solopo_mcore.config import ConfigError, OptimizerConfig, ParallelConfig
 from solopo_mcore.platform import transformer_engine_available, unsupported_on_cpu
 
 
@@ -17,7 +17,7 @@ def build_optimizer(model: list, opt: OptimizerConfig, parallel: ParallelConfig,
     """``get_megatron_optimizer`` for the DDP-wrapped chunks."""
     reason = unsupported_on_cpu("optimizer_cpu_offload")
     if opt.optimizer_cpu_offload and reason:
-        raise ValueError(f"optimizer.optimizer_cpu_offload {reason}; set it to false")
+        raise ConfigError(f"optimizer.optimizer_cpu_offload {reason}; set it to false")
     config = McoreOptimizerConfig(
         optimizer="adam",
         lr=opt.lr,

@@ -26,8 +26,8 @@ from solopo_mcore.profiling.flops import device_peak_tflops, mfu, training_step_
 from solopo_mcore.profiling.memory import memory_stats, reset_peak
 from solopo_mcore.stack import (build_model_stack, load_hf_weights, maybe_export,
                                  setup_parallel)
-from solopo_mcore.storage.checkpoint import (CheckpointManager, find_verified_checkpoint,
-                                              read_marker)
+from solopo_mcore.storage.checkpoint import (CheckpointError, CheckpointManager,
+                                              find_verified_checkpoint, read_marker)
 from solopo_mcore.storage.lock import RunLock
 from solopo_mcore.storage.paths import overlap
 from solopo_mcore.training import build
@@ -137,7 +137,7 @@ class Trainer:
         if ck.load_dir and not (ck.save_dir and overlap(ck.load_dir, ck.save_dir) == "is"):
             found = find_verified_checkpoint(ck.load_dir, ck.strict_load)
             if found is None:
-                raise FileNotFoundError(f"checkpoint.load_dir={ck.load_dir}: no complete "
+                raise CheckpointError(f"checkpoint.load_dir={ck.load_dir}: no complete "
                                         f"checkpoint")
             return found, not (ck.finetune or read_marker(found).get("weights_only", False))
         return None, False
