@@ -13,7 +13,6 @@ from typing import Iterator, Optional
 
 from tqdm import tqdm
 
-from solopo_mcore.errors import UserError
 from solopo_mcore.storage.paths import OutputOverlapsInputError, refuse_overlaps
 
 #: The instruction I that follows the context in x_short = [c_rel; I] and x_long = [c_rel, c_irr; I].
