@@ -221,6 +221,10 @@ def run(input_path: str, output_prefix: str, tokenizer_name: str, max_seq_length
     }
     write_json(str(tmp_prefix) + ".meta.json", meta)
     # .bin, .idx and .meta.json replace a previous dataset under this prefix as one set
+    if os.path.exists(str(prefix) + ".meta.json"):
+        print(f"preprocess: replacing the dataset at {prefix} (a run reading it will see new "
+              f"data: a training run that resumes on it refuses the changed fingerprint)",
+              flush=True)
     commit_file_set({str(tmp_prefix) + ext: str(prefix) + ext
                      for ext in (".bin", ".idx", ".meta.json")})
     report.extra.update(num_tokens=num_tokens, output=str(prefix) + ".{bin,idx,meta.json}")

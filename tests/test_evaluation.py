@@ -243,7 +243,7 @@ def test_a_missing_or_broken_checkpoint_is_named_and_the_others_evaluated(demo_d
     assert "2 of 3 checkpoints could not be evaluated" in message
     assert f"missing: model '{tmp_path / 'nowhere'}' is not a directory" in message
     assert f"broken: {broken}: OSError: Unable to load weights" in message
-    assert "the other 1 were evaluated" in message
+    assert "the other 1 was evaluated" in message
     good = json.loads((tmp_path / "out" / "good" / "summary.json").read_text())
     assert good["accuracy_short"]["value"] == 1.0
     assert [s["name"] for s in json.loads((tmp_path / "out" / "summary.json").read_text())[

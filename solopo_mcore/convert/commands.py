@@ -8,6 +8,7 @@ The Megatron side is a ``dist_checkpointing`` checkpoint, loadable at any other 
 from __future__ import annotations
 
 import json
+import shutil
 import resource
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from solopo_mcore.models.hf_config import read_hf_config, shape_from_dict
 from solopo_mcore.platform import default_device
 from solopo_mcore.stack import build_model_stack, load_hf_weights, setup_parallel
 from solopo_mcore.storage.checkpoint import (CheckpointManager, find_checkpoint, read_marker,
-                                              save_model_only)
+                                              require_intact, save_model_only)
 
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -171,16 +172,18 @@ def mcore_to_hf(src: str, dst: str, tp: int = 1, pp: int = 1, hf_config: Optiona
     if dist.is_initialized():
         dist.barrier()
     config = _run_config(str(config_dir), tp, pp, _checkpoint_dtype(raw, dtype))
-    shape, pg_collection = setup_parallel(config)
+    try:
+        shape, pg_collection = setup_parallel(config)  # every rank has read config_dir
+    finally:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            shutil.rmtree(config_dir, ignore_errors=True)
+    require_intact(checkpoint)  # before anything is staged: a refusal leaves nothing behind
     staging = destination.prepare()
     stack = build_model_stack(config, shape, pg_collection)
-    CheckpointManager.load(checkpoint, stack.model, load_rng=False)
+    CheckpointManager.load(checkpoint, stack.model, load_rng=False, verified=True)
     export_hf(stack.model, shape, str(staging), pg_collection, source_dir=source_dir)
-    if dist.get_rank() == 0:
-        import shutil
-        if not (staging / "config.json").is_file():
-            (staging / "config.json").write_text(json.dumps(raw, indent=2))
-        shutil.rmtree(config_dir, ignore_errors=True)
+    if dist.get_rank() == 0 and not (staging / "config.json").is_file():
+        (staging / "config.json").write_text(json.dumps(raw, indent=2))
     dist.barrier()
     report = {"direction": "mcore-to-hf", "src": str(checkpoint), "dst": dst, "tp": tp, "pp": pp,
               "seconds": round(time.time() - start, 1)}

@@ -282,7 +282,8 @@ def run_evaluation(cfg: EvalConfig, generator_factory: Optional[Callable] = None
         plots.comparison_bars(every, str(out_dir / "comparison.png"))
     if failures:
         lines = "\n".join(f"  {name}: {why}" for name, why in failures.items())
-        done = (f"the other {len(summaries)} were evaluated (results in {out_dir})"
+        done = (f"the other {len(summaries)} "
+                f"{'was' if len(summaries) == 1 else 'were'} evaluated (results in {out_dir})"
                 if summaries else "no checkpoint was evaluated")
         raise ModelsFailedError(f"{len(failures)} of {len(cfg.models)} checkpoints could not be "
                                 f"evaluated:\n{lines}\n{done}. Fix or drop those --model "
