@@ -371,13 +371,15 @@ def test_estimate_memory_cli_for_a_recipe_and_cluster():
     assert all(("sequence_parallel_saving_gib" in r) == (r["tp"] > 1)
                for r in report["layouts_that_fit"])
     # the packing the trainer uses (data.shared_prefix, on by default): the short pair shares
-    # its context, segments padded to CP x lcm(2, TP) = 16 tokens
+    # its context, segments padded to CP x lcm(2, TP) = 16 tokens. --short-tokens 1024 and
+    # --long-tokens 65536 count a segment (context + one 256-token response), as the profiler's
+    # lengths do: the shared short segment is (1024 - 256) + 256 + 1 + 256 tokens
     assert report["shared_prefix"] is True
-    assert report["microbatch_tokens"] == round_up(1024 + 2 * 256 + 1, 16) + 65536 + 256
+    assert report["microbatch_tokens"] == round_up(1024 + 256 + 1, 16) + 65536
     unshared = main(["--config", "qwen2.5-7b_solo-orpo_64k_4node", "--model", "qwen2.5-7b",
                      "--world-size", "32", "--long-tokens", "65536", "--device-gib", "141",
                      "data.shared_prefix=false"])
-    assert unshared["microbatch_tokens"] == 1024 * 2 + 65536 + 3 * 256
+    assert unshared["microbatch_tokens"] == 1024 * 2 + 65536
     assert report["fits"] and report["layouts_that_fit"]
     tight = main(["--config", "qwen2.5-7b_solo-orpo_8gpu", "--model", "qwen2.5-7b",
                   "--world-size", "1", "--long-tokens", "131072", "--device-gib", "40",
