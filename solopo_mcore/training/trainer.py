@@ -91,8 +91,9 @@ class Trainer:
                                          config.training.train_steps)
         self.checkpoints = CheckpointManager(config.checkpoint.save_dir,
                                              config.checkpoint.keep_last)
-        if dist.get_rank() == 0 and self.checkpoints.space_problem():
-            warn("checkpoint", self.checkpoints.space_problem())
+        problem = self.checkpoints.space_problem() if dist.get_rank() == 0 else None
+        if problem:
+            warn("checkpoint", problem)
         if resuming:
             sampler_state = self._resume(checkpoint)
         self.sampler = TripletSampler(
