@@ -67,7 +67,7 @@ def load_hf_weights(stack: ModelStack, hf_dir: str) -> None:
     reader = HFCheckpointReader(hf_dir)
     reader.check_names(stack.shape)
     modules = [m.module for m in stack.model]
-    load_hf_tensors_into_chunks(modules, reader.get, stack.shape, stack.pg_collection.tp)
+    load_hf_tensors_into_chunks(modules, reader.source, stack.shape, stack.pg_collection.tp)
 
 
 def wrap_ddp(chunks: list, config: TransformerConfig, parallel: ParallelConfig,

@@ -1,8 +1,11 @@
 """HF -> Megatron and Megatron -> HF conversion at any TP/PP layout, with logits verification.
 
-Both directions build the model at the requested layout in a world of ``tp * pp`` processes
-(the script relaunches itself with torchrun when needed) and stream one tensor at a time.
-The Megatron side is a ``dist_checkpointing`` checkpoint, loadable at any other layout.
+Both directions run in a world of ``tp * pp`` processes (the script relaunches itself with
+torchrun when needed) around a model built on the meta device, so no rank ever holds the whole
+model: HF -> Megatron reads each parameter shard's slice of the safetensors files as the
+checkpoint writer asks for it; Megatron -> HF loads one layer at a time and writes HF files of
+bounded size (``mcore_io``, ``hf_io``). The Megatron side is a ``dist_checkpointing``
+checkpoint, loadable at any other layout. ``--verify`` is described in ``verify``.
 """
 
 from __future__ import annotations
@@ -14,22 +17,20 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
 import torch.distributed as dist
-from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
-from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 
 from solopo_mcore.config import ModelConfig, ParallelConfig, RunConfig
 from solopo_mcore.convert.destination import StagedDestination, check_source_and_destination
-from solopo_mcore.convert.hf_io import HFCheckpointReader, export_hf
-from solopo_mcore.convert.tables import ConversionError
-from solopo_mcore.log import log
+from solopo_mcore.convert.hf_io import (DEFAULT_MAX_SHARD_BYTES, HFCheckpointReader,
+                                        write_hf_checkpoint)
+from solopo_mcore.convert.mcore_io import (LazyTorchDistSave, build_meta_chunks, load_groups,
+                                           shard_producer)
+from solopo_mcore.convert.tables import ConversionError, global_param_names, shard_for_param
+from solopo_mcore.convert.verify import streamed_megatron_stack, verify_against_hf
 from solopo_mcore.models.hf_config import read_hf_config, shape_from_dict
-from solopo_mcore.platform import default_device
-from solopo_mcore.stack import build_model_stack, load_hf_weights, setup_parallel
-from solopo_mcore.storage.checkpoint import (CheckpointManager, find_checkpoint, read_marker,
-                                              require_intact, save_model_only)
+from solopo_mcore.stack import ModelStack, setup_parallel
+from solopo_mcore.storage.checkpoint import (find_checkpoint, read_marker, require_intact,
+                                              save_model_only)
 
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -54,61 +55,24 @@ def _checkpoint_dtype(cfg: dict, requested: Optional[str]) -> str:
     return _DTYPE_NAMES.get(name, "fp32")
 
 
-def megatron_logits(stack, tokens: torch.Tensor) -> Optional[torch.Tensor]:
-    """Full-vocabulary logits ``[b, s, V]`` through the pipeline (last stage; None elsewhere)."""
-    pg_collection = stack.pg_collection
-    tokens = tokens.to(default_device())
-
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        out = model(batch, None, None)
-
-        def loss_func(output):
-            return output.sum() * 0.0, {"logits": output.detach()}
-        return out, loss_func
-
-    extra = {}
-    if pg_collection.pp.size() > 1:
-        extra["p2p_communicator"] = P2PCommunicator(pg_collection.pp, stack.config)
-    stack.config.variable_seq_lengths = True
-    for chunk in stack.model:
-        chunk.eval()
-    with torch.no_grad():
-        outputs = get_forward_backward_func(pp_size=pg_collection.pp.size())(
-            forward_step_func=forward_step, data_iterator=iter([tokens]),
-            model=stack.model[0], num_microbatches=1, seq_length=tokens.shape[1],
-            micro_batch_size=tokens.shape[0], forward_only=True, pg_collection=pg_collection,
-            **extra)
-    if not is_pp_last_stage(pg_collection.pp):
-        return None
-    logits = outputs[0]["logits"].float()
-    parts = [torch.empty_like(logits) for _ in range(pg_collection.tp.size())]
-    dist.all_gather(parts, logits.contiguous(), group=pg_collection.tp)
-    return torch.cat(parts, dim=-1)[..., :stack.shape.vocab_size]
+def _param_names(chunks: list) -> dict:
+    """``{id(parameter): global Megatron name}`` over this rank's chunks."""
+    out = {}
+    for chunk in chunks:
+        names = global_param_names(chunk)
+        out.update({id(p): names[local] for local, p in chunk.named_parameters()})
+    return out
 
 
-def verify_against_hf(stack, hf_dir: str, tolerance: float, seq_len: int = 64,
-                      seed: int = 0) -> float:
-    """Max |logit difference| between this model and ``transformers`` on random tokens; raises
-    above ``tolerance``. Collective; every rank returns the same value."""
-    from transformers import AutoModelForCausalLM
-
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, stack.shape.vocab_size, (2, seq_len), generator=g)
-    ours = megatron_logits(stack, tokens)
-    diff = torch.zeros(1, dtype=torch.float64)
-    if ours is not None and stack.pg_collection.tp.rank() == 0:
-        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-        with torch.no_grad():
-            ref = hf(tokens).logits.float()
-        diff[0] = (ours.cpu() - ref).abs().max().item()
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    value = float(diff.item())
-    if dist.get_rank() == 0:
-        log("verify", f"max |logit diff| vs transformers: {value:.3e} (tolerance {tolerance:g})")
-    if value > tolerance:
-        raise ConversionError(f"verification failed: max |logit diff| {value:.3e} > {tolerance:g}")
-    return value
+def _verify(report: dict, destination: StagedDestination, stack: ModelStack, hf_dir: str,
+            tolerance: float) -> None:
+    start = time.time()
+    try:
+        report["max_abs_logit_diff"] = verify_against_hf(stack, hf_dir, tolerance)
+    except ConversionError as exc:
+        raise destination.fail_verification(exc) from None
+    report["verify_seconds"] = round(time.time() - start, 1)
+    report["peak_rss_gib_rank0_with_verify"] = round(peak_rss_gib(), 3)
 
 
 def hf_to_mcore(src: str, dst: str, tp: int = 1, pp: int = 1, dtype: Optional[str] = None,
@@ -125,26 +89,31 @@ def hf_to_mcore(src: str, dst: str, tp: int = 1, pp: int = 1, dtype: Optional[st
     config = _run_config(src, tp, pp, _checkpoint_dtype(shape.raw, dtype))
     shape, pg_collection = setup_parallel(config)
     staging = destination.prepare()
-    stack = build_model_stack(config, shape, pg_collection)
-    load_hf_weights(stack, src)
-    save_model_only(str(staging), stack.model,
-                    state={"hf_config": shape.raw, "source_hf_dir": str(src),
-                           "params_dtype": config.model.params_dtype})
+    chunks = build_meta_chunks(config, shape, pg_collection)
+    tp_group = pg_collection.tp
+
+    def make_shard(param, name):
+        return shard_for_param(param, name, reader.source, shape, tp_group.size(),
+                               tp_group.rank())
+    produce = shard_producer(chunks, _param_names(chunks), make_shard)
+    written = save_model_only(str(staging), chunks,
+                              state={"hf_config": shape.raw, "source_hf_dir": str(src),
+                                     "params_dtype": config.model.params_dtype},
+                              sharded_strategy=LazyTorchDistSave(produce))
     report = {"direction": "hf-to-mcore", "src": src, "dst": dst, "tp": tp, "pp": pp,
-              "seconds": round(time.time() - start, 1)}
+              "seconds": round(time.time() - start, 1),
+              "peak_rss_gib_rank0": round(peak_rss_gib(), 3)}
     if verify:
-        try:
-            report["max_abs_logit_diff"] = verify_against_hf(stack, src, tolerance)
-        except ConversionError as exc:
-            raise destination.fail_verification(exc) from None
+        stack = streamed_megatron_stack(config, shape, pg_collection, str(written))
+        _verify(report, destination, stack, src, tolerance)
     destination.commit()
-    report["peak_rss_gib_rank0"] = round(peak_rss_gib(), 3)
     return report
 
 
 def mcore_to_hf(src: str, dst: str, tp: int = 1, pp: int = 1, hf_config: Optional[str] = None,
                 verify: bool = False, tolerance: float = 1e-3, overwrite: bool = False,
-                dtype: Optional[str] = None) -> dict:
+                dtype: Optional[str] = None,
+                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
     start = time.time()
     if not Path(src).exists():
         raise ConversionError(f"--src {src} does not exist")
@@ -179,19 +148,18 @@ def mcore_to_hf(src: str, dst: str, tp: int = 1, pp: int = 1, hf_config: Optiona
             shutil.rmtree(config_dir, ignore_errors=True)
     require_intact(checkpoint)  # before anything is staged: a refusal leaves nothing behind
     staging = destination.prepare()
-    stack = build_model_stack(config, shape, pg_collection)
-    CheckpointManager.load(checkpoint, stack.model, load_rng=False, verified=True)
-    export_hf(stack.model, shape, str(staging), pg_collection, source_dir=source_dir)
+    chunks = build_meta_chunks(config, shape, pg_collection)
+    params = (pair for group in load_groups(chunks, str(checkpoint)) for pair in group)
+    write_hf_checkpoint(chunks, shape, str(staging), pg_collection, params=params,
+                        source_dir=source_dir, max_shard_bytes=max_shard_bytes)
     if dist.get_rank() == 0 and not (staging / "config.json").is_file():
         (staging / "config.json").write_text(json.dumps(raw, indent=2))
     dist.barrier()
     report = {"direction": "mcore-to-hf", "src": str(checkpoint), "dst": dst, "tp": tp, "pp": pp,
-              "seconds": round(time.time() - start, 1)}
+              "seconds": round(time.time() - start, 1),
+              "peak_rss_gib_rank0": round(peak_rss_gib(), 3)}
     if verify:
-        try:
-            report["max_abs_logit_diff"] = verify_against_hf(stack, str(staging), tolerance)
-        except ConversionError as exc:
-            raise destination.fail_verification(exc) from None
+        stack = streamed_megatron_stack(config, shape, pg_collection, str(checkpoint))
+        _verify(report, destination, stack, str(staging), tolerance)
     destination.commit()
-    report["peak_rss_gib_rank0"] = round(peak_rss_gib(), 3)
     return report

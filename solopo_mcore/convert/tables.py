@@ -27,6 +27,37 @@ class ConversionError(UserError, ValueError):
     pass
 
 
+# --- sources: what a mapping reads from ----------------------------------------------------
+
+class TensorSource:
+    """A full HF tensor already in memory, read through the same interface as a file-backed
+    source (``hf_io.SafetensorsSource`` reads only the rows or columns asked for)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.shape = tuple(tensor.shape)
+
+    def full(self) -> torch.Tensor:
+        return self.tensor
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.tensor[start:stop]
+
+    def cols(self, start: int, stop: int) -> torch.Tensor:
+        return self.tensor[:, start:stop]
+
+
+def as_source(value):
+    """A tensor becomes a :class:`TensorSource`; a source is returned as it is."""
+    return TensorSource(value) if isinstance(value, torch.Tensor) else value
+
+
+def _part(size: int, tp: int, rank: int) -> tuple[int, int]:
+    """``[start, stop)`` of TP rank ``rank``'s equal part of ``size``."""
+    step = size // tp
+    return rank * step, (rank + 1) * step
+
+
 # --- mappings: HF tensors -> one TP shard, and all TP shards -> HF tensors ---------------------
 
 class Mapping:
@@ -34,7 +65,8 @@ class Mapping:
 
     def to_shard(self, tensors: list, shape: ModelShape, tp: int, rank: int,
                  padded_rows: int) -> torch.Tensor:
-        """This TP rank's shard of the parameter, from the full HF tensors (in table order)."""
+        """This TP rank's shard of the parameter from the HF tensors (in table order): tensors
+        or sources, of which only this rank's rows or columns are read."""
         raise NotImplementedError
 
     def from_shards(self, shards: list, shape: ModelShape) -> list:
@@ -46,7 +78,7 @@ class Replicated(Mapping):
     """Identical on every TP rank (norm weights)."""
 
     def to_shard(self, tensors, shape, tp, rank, padded_rows):
-        return tensors[0]
+        return as_source(tensors[0]).full()
 
     def from_shards(self, shards, shape):
         return [shards[0]]
@@ -56,7 +88,8 @@ class RowParallel(Mapping):
     """Split along the input dimension (``linear_proj``, ``linear_fc2``)."""
 
     def to_shard(self, tensors, shape, tp, rank, padded_rows):
-        return tensors[0].chunk(tp, dim=1)[rank]
+        source = as_source(tensors[0])
+        return source.cols(*_part(source.shape[1], tp, rank))
 
     def from_shards(self, shards, shape):
         return [torch.cat(shards, dim=1)]
@@ -67,10 +100,14 @@ class VocabParallel(Mapping):
     is trimmed on export."""
 
     def to_shard(self, tensors, shape, tp, rank, padded_rows):
-        full = tensors[0]
-        if padded_rows > full.shape[0]:
-            full = torch.cat([full, full.new_zeros(padded_rows - full.shape[0], *full.shape[1:])])
-        return full.chunk(tp, dim=0)[rank]
+        source = as_source(tensors[0])
+        num_rows = source.shape[0]
+        start, stop = _part(max(padded_rows, num_rows), tp, rank)
+        part = source.rows(min(start, num_rows), min(stop, num_rows))
+        if part.shape[0] < stop - start:
+            part = torch.cat([part, part.new_zeros(stop - start - part.shape[0],
+                                                   *part.shape[1:])])
+        return part
 
     def from_shards(self, shards, shape):
         return [torch.cat(shards, dim=0)[: shape.vocab_size]]
@@ -81,13 +118,15 @@ class InterleavedQKV(Mapping):
     ``[g, (q heads per group + 2) x d, ...]``, so a TP split keeps whole groups together."""
 
     def to_shard(self, tensors, shape, tp, rank, padded_rows):
-        g, per, d = shape.num_query_groups, self._per_group(shape), shape.kv_channels
-        q, k, v = tensors
-        rest = q.shape[1:]
-        grouped = torch.cat([q.reshape(g, per * d, *rest), k.reshape(g, d, *rest),
-                             v.reshape(g, d, *rest)], dim=1)
-        part = grouped.chunk(tp, dim=0)[rank]
-        return part.reshape(-1, *part.shape[2:])
+        per, d = self._per_group(shape), shape.kv_channels
+        first, last = _part(shape.num_query_groups, tp, rank)
+        q, k, v = (as_source(t) for t in tensors)
+        groups = last - first
+        rest = tuple(q.shape[1:])
+        grouped = torch.cat([q.rows(first * per * d, last * per * d).reshape(groups, per * d, *rest),
+                             k.rows(first * d, last * d).reshape(groups, d, *rest),
+                             v.rows(first * d, last * d).reshape(groups, d, *rest)], dim=1)
+        return grouped.reshape(-1, *rest)
 
     def from_shards(self, shards, shape):
         g, per, d = shape.num_query_groups, self._per_group(shape), shape.kv_channels
@@ -106,8 +145,9 @@ class GatedMLP(Mapping):
     its slice of the gate followed by its slice of the up projection."""
 
     def to_shard(self, tensors, shape, tp, rank, padded_rows):
-        gate, up = tensors
-        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]])
+        gate, up = (as_source(t) for t in tensors)
+        return torch.cat([gate.rows(*_part(gate.shape[0], tp, rank)),
+                          up.rows(*_part(up.shape[0], tp, rank))])
 
     def from_shards(self, shards, shape):
         halves = [s.chunk(2, dim=0) for s in shards]
@@ -219,21 +259,31 @@ def global_param_names(chunk: torch.nn.Module) -> dict:
     return out
 
 
-def shard_for_param(param: torch.Tensor, global_name: str, get_tensor: Callable[[str], torch.Tensor],
+def shard_for_param(param: torch.Tensor, global_name: str, get_tensor: Callable[[str], object],
                     shape: ModelShape, tp: int, rank: int) -> torch.Tensor:
-    """The value of one (TP-sharded) Megatron parameter, built from HF tensors fetched by name.
-    Refuses a shape mismatch naming both sides."""
+    """The value of one (TP-sharded) Megatron parameter, built from HF tensors fetched by name
+    (``get_tensor`` returns a tensor or a source that reads only this rank's slice). Refuses a
+    shape mismatch naming both sides."""
     row, layer = match_mcore_name(global_name)
     sources = hf_source_names(row, layer, shape)
     padded_rows = param.shape[0] * tp if isinstance(row.mapping, VocabParallel) else 0
-    shard = row.mapping.to_shard([get_tensor(n) for n in sources], shape, tp, rank, padded_rows)
+    tensors = [as_source(get_tensor(n)) for n in sources]
+    # Sources are read in slices, so an oversized HF tensor would pass the shard check below:
+    # compare each with the full shape this parameter implies (computed on the meta device).
+    implied = row.mapping.from_shards([torch.empty(param.shape, device="meta")] * tp, shape)
+    for name, tensor, full in zip(sources, tensors, implied):
+        if tuple(tensor.shape) != tuple(full.shape):
+            raise ConversionError(f"{name} has shape {tuple(tensor.shape)}; {global_name} needs "
+                                  f"{tuple(full.shape)} (is the config.json that of these "
+                                  f"weights?)")
+    shard = row.mapping.to_shard(tensors, shape, tp, rank, padded_rows)
     if shard.shape != param.shape:
         raise ConversionError(f"{', '.join(sources)} -> {global_name}: shape "
                               f"{tuple(shard.shape)} does not fit the model's {tuple(param.shape)}")
     return shard
 
 
-def load_hf_tensors_into_chunks(chunks: list, get_tensor: Callable[[str], torch.Tensor],
+def load_hf_tensors_into_chunks(chunks: list, get_tensor: Callable[[str], object],
                                 shape: ModelShape, tp_group) -> None:
     """Copy HF tensors (fetched one at a time by name) into this rank's TP/PP shard, in place."""
     tp = tp_group.size() if tp_group is not None else 1

@@ -304,7 +304,8 @@ def _set_rope_frequencies(model: GPTModel, shape: ModelShape) -> None:
     if rotary is None:
         return
     dim = rotary.inv_freq.numel() * 2
-    inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64,
+                                                     device="cpu").float() / dim))
     scaling = shape.rope_scaling
     if scaling is not None:
         inv_freq = rotary._apply_scaling(inv_freq, **scaling)

@@ -166,10 +166,15 @@ def read_marker(path: Path) -> dict:
     return json.loads((Path(path) / COMPLETE_MARKER).read_text())
 
 
+def _unwrap(chunk):
+    """The model chunk inside Megatron's DDP wrapper (a bare chunk is returned as it is)."""
+    return getattr(chunk, "module", chunk)
+
+
 def _model_state(model: list) -> dict:
     if len(model) == 1:
-        return {"model": model[0].module.sharded_state_dict()}
-    return {f"model{i}": m.module.sharded_state_dict() for i, m in enumerate(model)}
+        return {"model": _unwrap(model[0]).sharded_state_dict()}
+    return {f"model{i}": _unwrap(m).sharded_state_dict() for i, m in enumerate(model)}
 
 
 def _rng_object(rank: int, world: int) -> ShardedObject:
@@ -244,8 +249,10 @@ class CheckpointManager:
                 f"{_gib(needed)} (the size of {newest.name}); free space, lower "
                 f"checkpoint.keep_last, or move checkpoint.save_dir to a larger disk")
 
-    def save(self, step: int, model: list, optimizer, scheduler, state: dict) -> Path:
-        """Collective. ``state`` (JSON-able: data position, counters, config) goes in the marker."""
+    def save(self, step: int, model: list, optimizer, scheduler, state: dict,
+             sharded_strategy=None) -> Path:
+        """Collective. ``state`` (JSON-able: data position, counters, config) goes in the marker.
+        ``sharded_strategy``: a dist_checkpointing save strategy (default: megatron's)."""
         if self.save_dir is None:
             raise CheckpointError("checkpoint.save_dir is not set")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -268,7 +275,7 @@ class CheckpointManager:
             if problem:
                 warn("checkpoint", problem)
         try:
-            dist_checkpointing.save(sharded, str(partial))
+            dist_checkpointing.save(sharded, str(partial), sharded_strategy=sharded_strategy)
         except Exception as exc:
             if not _is_disk_full(exc):
                 raise
@@ -347,7 +354,7 @@ class CheckpointManager:
             raise CheckpointError(f"failed to load {path}: {exc}") from exc
         keys = [k for k in state if k.startswith("model")]
         for chunk, key in zip(model, sorted(keys)):
-            chunk.module.load_state_dict(state[key], strict=True)
+            _unwrap(chunk).load_state_dict(state[key], strict=True)
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
@@ -360,7 +367,9 @@ class CheckpointManager:
         return marker
 
 
-def save_model_only(path: str, model: list, step: int = 0, state: Optional[dict] = None) -> Path:
+def save_model_only(path: str, model: list, step: int = 0, state: Optional[dict] = None,
+                    sharded_strategy=None) -> Path:
     """A weights-only checkpoint (the converter's output): ``path/iter_0000000`` + ``latest``."""
     manager = CheckpointManager(path, keep_last=1)
-    return manager.save(step, model, None, None, dict(state or {}, weights_only=True))
+    return manager.save(step, model, None, None, dict(state or {}, weights_only=True),
+                        sharded_strategy=sharded_strategy)
