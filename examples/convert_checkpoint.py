@@ -4,7 +4,8 @@
     python examples/convert_checkpoint.py mcore-to-hf --src MCORE_DIR --dst HF_DIR [--verify]
 
 With --tp/--pp > 1 and no torchrun environment, the script relaunches itself under torchrun.
---verify compares logits with transformers on random tokens and fails above --tolerance.
+--verify compares float32 logits with transformers on random tokens and fails above --tolerance.
+Memory: one layer at a time in either direction (docs/design.md, "Conversion in bounded memory").
 """
 
 import argparse
@@ -36,6 +37,9 @@ def parse_args():
                         help="compare logits with transformers before the result replaces --dst")
     parser.add_argument("--tolerance", type=float, default=1e-3,
                         help="--verify: largest allowed |logit difference| (default: 1e-3)")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0,
+                        help="mcore-to-hf: largest safetensors file in GB (files are streamed, "
+                             "so this does not change memory; default: 5, as transformers)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty --dst, once the new one is complete "
                              "(and verified)")
@@ -58,7 +62,8 @@ def main():
                                           args.verify, args.tolerance, args.overwrite)
         else:
             report = commands.mcore_to_hf(args.src, args.dst, args.tp, args.pp, args.hf_config,
-                                          args.verify, args.tolerance, args.overwrite, args.dtype)
+                                          args.verify, args.tolerance, args.overwrite, args.dtype,
+                                          max_shard_bytes=int(args.max_shard_gb * 1e9))
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(report, indent=2))
     finally:

@@ -43,8 +43,12 @@ def test_round_trip_verified_and_bitwise(fixture, tp, pp, request, tmp_path):
     report = json.loads(out.stdout[out.stdout.index("{"):])
     assert report["max_abs_logit_diff"] < 1e-4
     # export at another layout than the one converted at
+    # (in files of at most 200 kB: several per pipeline stage, streamed tensor by tensor)
     convert("mcore-to-hf", "--src", tmp_path / "mcore", "--dst", tmp_path / "hf",
-            "--tp", pp, "--pp", tp)
+            "--tp", pp, "--pp", tp, "--max-shard-gb", "0.0002")
+    files = sorted((tmp_path / "hf").glob("*.safetensors"))
+    assert len(files) > 3 and files[-1].name == f"model-{len(files):05d}-of-{len(files):05d}" \
+        ".safetensors", [f.name for f in files]
     original, exported = _hf_tensors(src), _hf_tensors(tmp_path / "hf")
     assert set(original) == set(exported)
     for name, tensor in original.items():
@@ -149,3 +153,44 @@ def test_trained_checkpoint_exports_and_verifies(demo_data, tmp_path):
     assert bad.returncode != 0 and f"{shard}: SHA-256 differs" in bad.stderr, bad.stderr[-3000:]
     assert "unexpected" not in bad.stderr
     assert not list(tmp_path.glob("hf_bad*"))  # no DST, DST.partial or DST.config_tmp left
+
+
+def test_conversion_holds_one_layer_not_the_model(tmp_path):
+    """Both directions at TP1: the peak RSS of converting a 16-layer model exceeds that of a
+    2-layer model of the same width by far less than the weights (a converter that builds
+    the whole model, or keeps every layer it reads, adds at least 1x the weights)."""
+    from solopo_mcore.models.tiny import build_tiny_hf_model
+
+    wide = {"hidden_size": 512, "intermediate_size": 2816, "num_attention_heads": 8,
+            "num_key_value_heads": 2}
+    peaks, weights = {}, {}
+    for name, layers in (("short", 2), ("deep", 16)):
+        hf = tmp_path / name
+        build_tiny_hf_model(hf, "qwen2", vocab_size=1000, seed=0,
+                            overrides=dict(wide, num_hidden_layers=layers))
+        weights[name] = sum(f.stat().st_size for f in hf.glob("*.safetensors"))
+        there = convert("hf-to-mcore", "--src", hf, "--dst", tmp_path / f"{name}_mcore")
+        back = convert("mcore-to-hf", "--src", tmp_path / f"{name}_mcore",
+                       "--dst", tmp_path / f"{name}_hf")
+        peaks[name] = [json.loads(r.stdout[r.stdout.index("{"):])["peak_rss_gib_rank0"] * 2**30
+                       for r in (there, back)]
+    added_weights = weights["deep"] - weights["short"]  # 14 layers, ~300 MB in fp32
+    for direction, short, deep in zip(("hf-to-mcore", "mcore-to-hf"), *peaks.values()):
+        assert deep - short < 0.35 * added_weights, (direction, deep - short, added_weights)
+
+
+def test_training_from_a_converted_checkpoint_equals_training_from_hf(demo_data, tmp_path):
+    """The converter's dist checkpoint, written at TP2 (another vocabulary padding), loads
+    through training's own loader at TP1: step-1 loss and rewards equal the run from HF."""
+    from tests.helpers.launch import read_metrics, tiny_run_overrides
+
+    convert("hf-to-mcore", "--src", demo_data["model"], "--dst", tmp_path / "mcore", "--tp", 2)
+    quiet = ["data.num_eval_examples=0"]
+    run_torchrun(1, tiny_run_overrides(demo_data, tmp_path / "from_hf", 1, extra=quiet))
+    result = run_torchrun(1, tiny_run_overrides(demo_data, tmp_path / "from_mcore", 1, extra=[
+        *quiet, f"checkpoint.load_dir={tmp_path / 'mcore'}", "checkpoint.finetune=true"]))
+    assert "initialised weights from" in result.stdout
+    (hf_row,), _ = read_metrics(tmp_path / "from_hf" / "metrics.jsonl")
+    (mcore_row,), _ = read_metrics(tmp_path / "from_mcore" / "metrics.jsonl")
+    for key in ("loss/total", "reward/chosen_short", "reward/margin_short"):
+        assert abs(hf_row[key] - mcore_row[key]) <= 1e-6 * max(1.0, abs(hf_row[key])), key

@@ -110,7 +110,8 @@ class VocabParallel(Mapping):
         return part
 
     def from_shards(self, shards, shape):
-        return [torch.cat(shards, dim=0)[: shape.vocab_size]]
+        full = shards[0] if len(shards) == 1 else torch.cat(shards, dim=0)  # no copy at TP1
+        return [full[: shape.vocab_size]]
 
 
 class InterleavedQKV(Mapping):

@@ -143,7 +143,9 @@ def verify_against_hf(stack: ModelStack, hf_dir: str, tolerance: float, seq_len:
     diff = torch.zeros(1, dtype=torch.float64)
     if ours is not None and stack.pg_collection.tp.rank() == 0:
         ref = streamed_hf_logits(hf_dir, tokens)
-        diff[0] = (ours.cpu() - ref).abs().max().item()
+        finite = bool(torch.isfinite(ours).all() and torch.isfinite(ref).all())
+        # a NaN difference would compare as "not above the tolerance": count it as infinite
+        diff[0] = (ours.cpu() - ref).abs().max().item() if finite else float("inf")
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     value = float(diff.item())
     if dist.get_rank() == 0:
