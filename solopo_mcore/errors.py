@@ -105,7 +105,8 @@ def short_line(exc: BaseException, tool: str, rank: Optional[int] = None) -> str
     prefix = f"[rank {rank}]" if rank is not None else f"{tool}:"
     if rank is not None and any(text in message for text in PEER_GONE):
         if _failure_on_this_node():
-            return f"{prefix} stopped: a peer rank failed (its error is above)"
+            return (f"{prefix} stopped: a peer rank failed (its error is above; torchrun's "
+                    f"summary below names a rank that was killed)")
         return (f"{prefix} stopped: a rank on another node failed (its error is in that node's "
                 f"output; this node's ranks lost their connection to it)")
     kind = type(exc).__name__ if isinstance(exc, UserError) else \

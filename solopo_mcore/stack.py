@@ -49,7 +49,8 @@ def setup_parallel(config: RunConfig) -> tuple[ModelShape, object]:
     if config.training.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     check_model_fits_layout(shape, config.parallel)
-    pg_collection = initialize_parallel(config.parallel, config.training.seed)
+    pg_collection = initialize_parallel(config.parallel, config.training.seed,
+                                        config.distributed.timeout_minutes)
     return shape, pg_collection
 
 

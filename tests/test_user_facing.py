@@ -229,8 +229,9 @@ def test_each_launch_reports_its_own_errors_and_lost_peers_name_the_node(tmp_pat
         "this node's ranks lost their connection to it)")
     monkeypatch.setenv("RANK", "3")
     errors.report_exception(ConfigError("a local failure"), "tool")
-    assert errors.short_line(gone, "tool", 2) == \
-        "[rank 2] stopped: a peer rank failed (its error is above)"
+    assert errors.short_line(gone, "tool", 2) == (
+        "[rank 2] stopped: a peer rank failed (its error is above; torchrun's summary below "
+        "names a rank that was killed)")
 
 
 _TORCH_LOG = re.compile(r"^[DIWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ ")

@@ -208,6 +208,17 @@ class LoggingConfig:
 
 
 @dataclass
+class DistributedConfig:
+    timeout_minutes: int = 30
+    """Timeout of every process group's collectives (torch.distributed's and Megatron's groups):
+    a collective waiting longer raises. The watchdog below names a hang sooner."""
+    watchdog_minutes: float = 10.0
+    """Stop the run, naming the late rank(s), their host, phase and step, when a rank sends no
+    heartbeat (stopped, frozen) or no rank makes progress for this long (0: off). It must
+    exceed the longest legitimate phase: a checkpoint save, an evaluation."""
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model architecture and numerics."""
@@ -225,3 +236,5 @@ class RunConfig:
     """Saving, loading, HF init and export."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Console, metrics.jsonl and TensorBoard."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Collective timeouts and the hang watchdog."""

@@ -50,6 +50,14 @@ def validate(config: RunConfig) -> None:
         if p.pipeline_model_parallel_size < 2:
             raise ConfigError("parallel.virtual_pipeline_model_parallel_size needs "
                               "parallel.pipeline_model_parallel_size >= 2")
+    _positive("distributed.timeout_minutes", config.distributed.timeout_minutes)
+    _positive("distributed.watchdog_minutes", config.distributed.watchdog_minutes,
+              allow_zero=True)
+    if config.distributed.watchdog_minutes >= config.distributed.timeout_minutes:
+        raise ConfigError(f"distributed.watchdog_minutes={config.distributed.watchdog_minutes} "
+                          f"must be below distributed.timeout_minutes="
+                          f"{config.distributed.timeout_minutes}: a hung collective would time "
+                          f"out before the watchdog could name the late rank")
     _positive("data.micro_batch_size", d.micro_batch_size)
     _positive("data.global_batch_size", d.global_batch_size)
     _positive("data.num_eval_examples", d.num_eval_examples, allow_zero=True)

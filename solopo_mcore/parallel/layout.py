@@ -96,8 +96,30 @@ def init_distributed(timeout_minutes: int = 30) -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     set_local_device()
-    dist.init_process_group(backend=distributed_backend(),
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    store = _attempt_store(timeout)
+    if store is None:
+        dist.init_process_group(backend=distributed_backend(), timeout=timeout)
+    else:
+        dist.init_process_group(backend=distributed_backend(), timeout=timeout, store=store,
+                                rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]))
+
+
+def _attempt_store(timeout: datetime.timedelta):
+    """Under torchrun with the agent's store, a client of it whose keys belong to this attempt
+    (``TORCHELASTIC_RESTART_COUNT``); None otherwise (``env://`` as usual).
+
+    After ``--max-restarts`` restarts the workers, the agent's store can still hold the previous
+    attempt's process-group keys (seen with torch 2.13 and c10d or static rendezvous): a new
+    rank then reads a dead rank's address and the group never forms (``connectFullMesh ...
+    Connection refused``, or a hang). A per-attempt prefix keeps each attempt's keys apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                           is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"solopo/attempt_{attempt}/", client)
 
 
 def _free_port() -> int:
@@ -107,12 +129,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def initialize_parallel(parallel: ParallelConfig, seed: int):
-    """Initialise Megatron's model-parallel groups and RNG; return a ``ProcessGroupCollection``."""
+def initialize_parallel(parallel: ParallelConfig, seed: int, timeout_minutes: int = 30):
+    """Initialise Megatron's model-parallel groups and RNG; return a ``ProcessGroupCollection``.
+    ``timeout_minutes`` bounds every collective of every group."""
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    init_distributed()
+    init_distributed(timeout_minutes)
     validate_layout(parallel, dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -121,6 +144,7 @@ def initialize_parallel(parallel: ParallelConfig, seed: int):
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
     )
     seed_everything(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -16,11 +16,12 @@ from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 
 from solopo_mcore.config import RunConfig, check_launch, require_training_data, to_dict
 from solopo_mcore.data.sampler import SamplerState, TripletSampler
-from solopo_mcore.errors import UserError
+from solopo_mcore.errors import UserError, report_exception
 from solopo_mcore.log import log, warn
 from solopo_mcore.losses.objective import EVAL_ROLES, MODE_ROLES
 from solopo_mcore.models.builder import use_te_spec
 from solopo_mcore.parallel.layout import describe_layout, destroy_parallel
+from solopo_mcore.parallel.watchdog import HangError, marking, start_watchdog
 from solopo_mcore.platform import default_device
 from solopo_mcore.profiling.flops import device_peak_tflops, mfu, training_step_flops
 from solopo_mcore.profiling.memory import memory_stats, reset_peak
@@ -58,6 +59,8 @@ class Trainer:
             # one run per save_dir (storage/lock.py); the job's rank 0 holds it
             self.run_lock = RunLock(config.checkpoint.save_dir).acquire()
         self.shape, self.pg_collection = setup_parallel(config)
+        self.watchdog = start_watchdog(config.distributed.watchdog_minutes, self._on_hang,
+                                       dist.get_rank(), dist.get_world_size())
         obj = config.objective
         checkpoint, resuming = self._checkpoint_to_load()
         start_weights = None if resuming else (
@@ -100,9 +103,11 @@ class Trainer:
             np.asarray(train_idx), config.data.global_batch_size, config.data.micro_batch_size,
             self.pg_collection.dp.rank(), self.pg_collection.dp.size(), config.training.seed,
             config.data.shuffle, sampler_state)
-        self.forward_step = make_forward_step(obj, obj.mode, self.pg_collection.cp)
+        self.forward_step = marking(make_forward_step(obj, obj.mode, self.pg_collection.cp),
+                                    self.watchdog, "forward-backward", lambda: self.step + 1)
         # all four segments (every accuracy), scored with the training objective
-        self.eval_forward_step = make_forward_step(obj, obj.mode, self.pg_collection.cp)
+        self.eval_forward_step = marking(make_forward_step(obj, obj.mode, self.pg_collection.cp),
+                                         self.watchdog, "eval", lambda: self.step)
         self.is_last_stage = is_pp_last_stage(self.pg_collection.pp)
         self.is_logging_rank = self.is_last_stage and all(
             getattr(self.pg_collection, name).rank() == 0 for name in ("tp", "cp", "dp"))
@@ -175,6 +180,7 @@ class Trainer:
     def save(self) -> None:
         if not self.config.checkpoint.save_dir:
             return
+        self._mark("save", self.step)
         self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, {
             "consumed_examples": self.sampler.state.consumed_examples,
             "num_skipped_steps": self.num_skipped_steps,
@@ -187,6 +193,16 @@ class Trainer:
 
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_requested = True
+
+    def _mark(self, phase: str, step: int) -> None:
+        if self.watchdog is not None:
+            self.watchdog.mark(phase, step)
+
+    def _on_hang(self, message: str) -> None:
+        """The watchdog found a hang (its thread; the main thread may be stuck in a
+        collective): report it like any error and exit non-zero, so that torchrun stops the
+        job, or restarts it with --max-restarts."""
+        os._exit(report_exception(HangError(message), "pretrain_solopo"))
 
     # ------------------------------------------------------------------ one step
     def _all_ranks(self, value: float, op) -> float:
@@ -204,6 +220,7 @@ class Trainer:
     def train_step(self) -> dict:
         reset_peak()
         start = time.time()
+        self._mark("data", self.step + 1)
         index_lists = self.sampler.next_step()
         microbatches = build.make_microbatches(self.dataset, index_lists,
                                                MODE_ROLES[self.config.objective.mode],
@@ -221,6 +238,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (Megatron's warmup
         # starts at 0, so with lr_warmup_steps > 0 the first step does not change the weights)
         updated, grad_norm = False, float("nan")
+        self._mark("optimizer", self.step + 1)
         if loss_finite and grads_ok:
             # ``updated`` is False when the fp16 scaler found inf/NaN gradients (scale lowered)
             updated, grad_norm, _ = self.optimizer.step()
@@ -306,6 +324,7 @@ class Trainer:
             self.logger.log(0, self.evaluate(), prefix="eval/")
         while self.step < total:
             metrics = self.train_step()
+            self._mark("log", self.step)
             if self.step % cfg.logging.log_interval == 0 or self.step == total:
                 self.logger.log(self.step, metrics)
             if self.num_nonfinite_in_row >= cfg.training.max_consecutive_nonfinite_steps:
@@ -338,6 +357,8 @@ class Trainer:
                                 f"{cfg.checkpoint.export_hf_dir}")
 
     def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
         self.logger.close()
         destroy_parallel()
         if self.run_lock is not None:
