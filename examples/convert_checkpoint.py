@@ -30,7 +30,8 @@ def parse_args():
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to convert at")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to convert at")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
-                        help="parameter dtype (default: the HF config's torch_dtype)")
+                        help="parameter dtype (hf-to-mcore default: the HF config's dtype; "
+                             "mcore-to-hf default: the checkpoint's)")
     parser.add_argument("--hf-config", help="mcore-to-hf: HF directory for the architecture and "
                                             "tokenizer files (default: recorded in the checkpoint)")
     parser.add_argument("--verify", action="store_true",
@@ -43,7 +44,17 @@ def parse_args():
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty --dst, once the new one is complete "
                              "(and verified)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.tp < 1 or args.pp < 1:
+        parser.error("--tp and --pp must be at least 1")
+    if args.max_shard_gb <= 0:
+        parser.error("--max-shard-gb must be positive")
+    if args.direction == "hf-to-mcore":
+        for flag, value, default in (("--hf-config", args.hf_config, None),
+                                     ("--max-shard-gb", args.max_shard_gb, 5.0)):
+            if value != default:
+                parser.error(f"{flag} applies to mcore-to-hf only")
+    return args
 
 
 def main():

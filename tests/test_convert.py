@@ -121,8 +121,23 @@ def test_bad_tensors_layouts_and_destinations_are_named(tiny_qwen2, tmp_path):
     (tmp_path / "taken" / "file").write_text("x")
     with pytest.raises(ConversionError, match="exists and is not empty; pass --overwrite"):
         StagedDestination(str(tmp_path / "taken"), overwrite=False).check()
+    # --overwrite replaces a model folder, never a folder of other files
+    with pytest.raises(ConversionError, match="holds neither a Megatron checkpoint nor an HF "
+                                              "model; --overwrite would delete its files"):
+        StagedDestination(str(tmp_path / "taken"), overwrite=True).check()
+    (tmp_path / "taken" / "config.json").write_text("{}")
     StagedDestination(str(tmp_path / "taken"), overwrite=True).check()
     assert (tmp_path / "taken" / "file").read_text() == "x"  # nothing deleted before the swap
+    # siblings the converter would replace, made by someone else, are refused by name
+    for sibling in ("taken.partial", "taken.failed-verify", "taken.old"):
+        (tmp_path / sibling).mkdir()
+        with pytest.raises(ConversionError, match=f"{tmp_path / sibling} exists"):
+            StagedDestination(str(tmp_path / "taken"), overwrite=True).check()
+        (tmp_path / sibling).rmdir()
+    # and a --src named after --dst's siblings (the converter would delete it)
+    from solopo_mcore.convert.destination import check_source_and_destination
+    with pytest.raises(ConversionError, match=r"--dst.partial .* is the same path as --src"):
+        check_source_and_destination(str(tmp_path / "m.partial"), str(tmp_path / "m"))
 
 
 def test_trained_checkpoint_exports_and_verifies(demo_data, tmp_path):
@@ -194,3 +209,44 @@ def test_training_from_a_converted_checkpoint_equals_training_from_hf(demo_data,
     (mcore_row,), _ = read_metrics(tmp_path / "from_mcore" / "metrics.jsonl")
     for key in ("loss/total", "reward/chosen_short", "reward/margin_short"):
         assert abs(hf_row[key] - mcore_row[key]) <= 1e-6 * max(1.0, abs(hf_row[key])), key
+
+
+def test_export_follows_the_checkpoint_not_the_source_folder(tiny_qwen2, tmp_path):
+    """mcore-to-hf writes config.json from the architecture the checkpoint records, in the
+    dtype it was saved in (bf16 here), even after the source folder changed."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_qwen2, src)
+    convert("hf-to-mcore", "--src", src, "--dst", tmp_path / "mcore", "--dtype", "bf16")
+    cfg = json.loads((src / "config.json").read_text())
+    eps = cfg["rms_norm_eps"]
+    (src / "config.json").write_text(json.dumps(dict(cfg, rms_norm_eps=eps * 2)))
+    convert("mcore-to-hf", "--src", tmp_path / "mcore", "--dst", tmp_path / "hf")
+    exported = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert exported["rms_norm_eps"] == eps
+    assert exported.get("dtype", exported.get("torch_dtype")) == "bfloat16"
+    tensors = _hf_tensors(tmp_path / "hf")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    original = _hf_tensors(tiny_qwen2)
+    for name, tensor in original.items():
+        assert torch.equal(tensor.to(torch.bfloat16), tensors[name]), name
+
+
+def test_wrong_config_or_truncated_file_is_refused_before_any_work(tiny_qwen2, tmp_path):
+    from solopo_mcore.convert.hf_io import HFCheckpointReader
+    from solopo_mcore.convert.tables import ConversionError
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_qwen2, src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=2 *
+                                                     cfg["intermediate_size"])))
+    out = convert("hf-to-mcore", "--src", src, "--dst", tmp_path / "mcore", check=False)
+    assert out.returncode != 0 and "ConversionError" in out.stderr and \
+        "needs" in out.stderr and "is the config.json that of these weights?" in out.stderr, \
+        out.stderr[-2000:]
+    assert "unexpected" not in out.stderr
+    assert not list(tmp_path.glob("mcore*"))  # nothing staged
+    shard = src / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ConversionError, match=f"{shard}: not a readable safetensors file"):
+        HFCheckpointReader(str(src))

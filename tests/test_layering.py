@@ -25,7 +25,7 @@ ALLOWED = {
     "models": BASE | {"config", "parallel"},
     "losses": {"config", "roles"},
     "data": BASE | {"storage", "parallel", "models"},
-    "convert": BASE | {"config", "models", "storage", "stack"},
+    "convert": BASE | {"config", "models", "parallel", "storage", "stack"},
     "stack": BASE | {"config", "models", "parallel", "convert.hf_io", "convert.tables"},
     "training": BASE | {"config", "storage", "parallel", "models", "losses", "data", "stack",
                         "profiling.flops", "profiling.memory"},

@@ -143,12 +143,14 @@ def test_overwrite_replaces_the_destination_only_when_complete_and_verified(tiny
     dst = tmp_path / "mcore"
     dst.mkdir()
     (dst / "precious").write_text("old result")
+    (dst / "latest").write_text("0")  # an older checkpoint folder
     failed = _convert("hf-to-mcore", "--src", tiny_qwen2, "--dst", dst, "--overwrite",
                       "--verify", "--tolerance", "-1")  # no difference passes a negative bound
     assert failed.returncode != 0
     assert "verification failed" in failed.stderr and "mcore.failed-verify" in failed.stderr
     assert (dst / "precious").read_text() == "old result"
     assert (tmp_path / "mcore.failed-verify" / "latest").is_file()
+    assert (dst / "latest").read_text() == "0"
     assert "Traceback" not in failed.stderr  # one short line (item 13)
 
     ok = _convert("hf-to-mcore", "--src", tiny_qwen2, "--dst", dst, "--overwrite", "--verify")
@@ -184,7 +186,7 @@ def test_entry_point_prints_one_line_once_and_logs_the_traceback(tmp_path, monke
     # a peer's collective failing because the first rank exited is labelled as a consequence
     gone = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:9")
     assert short_line(gone, "tool", 0) == "[rank 0] stopped: a peer rank failed (its error is " \
-        "above)"
+        "above; torchrun's summary below names a rank that was killed)"
 
 
 def test_each_launch_reports_its_own_errors_and_lost_peers_name_the_node(tmp_path, monkeypatch,

@@ -10,24 +10,24 @@ checkpoint, loadable at any other layout. ``--verify`` is described in ``verify`
 
 from __future__ import annotations
 
-import json
-import shutil
 import resource
 import time
 from pathlib import Path
 from typing import Optional
 
-import torch.distributed as dist
 
 from solopo_mcore.config import ModelConfig, ParallelConfig, RunConfig
 from solopo_mcore.convert.destination import StagedDestination, check_source_and_destination
 from solopo_mcore.convert.hf_io import (DEFAULT_MAX_SHARD_BYTES, HFCheckpointReader,
                                         write_hf_checkpoint)
-from solopo_mcore.convert.mcore_io import (LazyTorchDistSave, build_meta_chunks, load_groups,
-                                           shard_producer)
-from solopo_mcore.convert.tables import ConversionError, global_param_names, shard_for_param
+from solopo_mcore.convert.mcore_io import (LazyTorchDistSave, build_meta_chunks,
+                                           check_checkpoint_layout, load_groups, shard_producer)
+from solopo_mcore.convert.tables import (ConversionError, check_source_shapes,
+                                         global_param_names, shard_for_param)
 from solopo_mcore.convert.verify import streamed_megatron_stack, verify_against_hf
 from solopo_mcore.models.hf_config import read_hf_config, shape_from_dict
+from solopo_mcore.models.layout_fit import check_model_fits_layout
+from solopo_mcore.parallel.layout import initialize_parallel
 from solopo_mcore.stack import ModelStack, setup_parallel
 from solopo_mcore.storage.checkpoint import (find_checkpoint, read_marker, require_intact,
                                               save_model_only)
@@ -39,7 +39,7 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
-def _run_config(hf_config_dir: str, tp: int, pp: int, dtype: str) -> RunConfig:
+def _run_config(hf_config_dir: Optional[str], tp: int, pp: int, dtype: str) -> RunConfig:
     config = RunConfig()
     config.model = ModelConfig(hf_config_path=hf_config_dir, params_dtype=dtype)
     config.parallel = ParallelConfig(tensor_model_parallel_size=tp,
@@ -55,6 +55,14 @@ def _checkpoint_dtype(cfg: dict, requested: Optional[str]) -> str:
     return _DTYPE_NAMES.get(name, "fp32")
 
 
+def _export_dtype(marker: dict, raw: dict, requested: Optional[str]) -> str:
+    """``--dtype``, else the dtype the checkpoint was saved in (the converter's or the
+    trainer's record), else the HF config's."""
+    saved = marker.get("params_dtype") or (marker.get("config") or {}).get(
+        "model", {}).get("params_dtype")
+    return requested or saved or _checkpoint_dtype(raw, None)
+
+
 def _param_names(chunks: list) -> dict:
     """``{id(parameter): global Megatron name}`` over this rank's chunks."""
     out = {}
@@ -65,11 +73,16 @@ def _param_names(chunks: list) -> dict:
 
 
 def _verify(report: dict, destination: StagedDestination, stack: ModelStack, hf_dir: str,
-            tolerance: float) -> None:
+            tolerance: float, cast: Optional[str] = None) -> None:
+    """``cast``: how the weights were rounded on the way (e.g. "fp32 -> bf16"), for the hint."""
     start = time.time()
     try:
         report["max_abs_logit_diff"] = verify_against_hf(stack, hf_dir, tolerance)
     except ConversionError as exc:
+        if cast:
+            exc = ConversionError(f"{exc} (the weights were cast {cast}: the rounding alone "
+                                  f"moves logits by about 1e-3 to 1e-2; pass a --tolerance "
+                                  f"that allows it)")
         raise destination.fail_verification(exc) from None
     report["verify_seconds"] = round(time.time() - start, 1)
     report["peak_rss_gib_rank0_with_verify"] = round(peak_rss_gib(), 3)
@@ -88,14 +101,18 @@ def hf_to_mcore(src: str, dst: str, tp: int = 1, pp: int = 1, dtype: Optional[st
     reader.check_names(shape)
     config = _run_config(src, tp, pp, _checkpoint_dtype(shape.raw, dtype))
     shape, pg_collection = setup_parallel(config)
-    staging = destination.prepare()
     chunks = build_meta_chunks(config, shape, pg_collection)
     tp_group = pg_collection.tp
+    names = _param_names(chunks)
+    for chunk in chunks:  # every shape, from the headers, before anything is staged
+        for param in chunk.parameters():
+            check_source_shapes(param, names[id(param)], reader.shapes, shape, tp_group.size())
+    staging = destination.prepare()
 
     def make_shard(param, name):
         return shard_for_param(param, name, reader.source, shape, tp_group.size(),
                                tp_group.rank())
-    produce = shard_producer(chunks, _param_names(chunks), make_shard)
+    produce = shard_producer(chunks, names, make_shard)
     written = save_model_only(str(staging), chunks,
                               state={"hf_config": shape.raw, "source_hf_dir": str(src),
                                      "params_dtype": config.model.params_dtype},
@@ -105,7 +122,10 @@ def hf_to_mcore(src: str, dst: str, tp: int = 1, pp: int = 1, dtype: Optional[st
               "peak_rss_gib_rank0": round(peak_rss_gib(), 3)}
     if verify:
         stack = streamed_megatron_stack(config, shape, pg_collection, str(written))
-        _verify(report, destination, stack, src, tolerance)
+        source_dtype = _checkpoint_dtype(shape.raw, None)
+        cast = None if source_dtype == config.model.params_dtype else \
+            f"{source_dtype} -> {config.model.params_dtype}"
+        _verify(report, destination, stack, src, tolerance, cast)
     destination.commit()
     return report
 
@@ -134,27 +154,16 @@ def mcore_to_hf(src: str, dst: str, tp: int = 1, pp: int = 1, hf_config: Optiona
     if raw is None:
         raise ConversionError(f"{checkpoint}: no HF architecture recorded; pass --hf-config DIR")
     shape = shape_from_dict(raw, str(checkpoint))
-    config_dir = Path(dst).parent / (Path(dst).name + ".config_tmp")
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        config_dir.mkdir(parents=True, exist_ok=True)
-        (config_dir / "config.json").write_text(json.dumps(raw))
-    if dist.is_initialized():
-        dist.barrier()
-    config = _run_config(str(config_dir), tp, pp, _checkpoint_dtype(raw, dtype))
-    try:
-        shape, pg_collection = setup_parallel(config)  # every rank has read config_dir
-    finally:
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            shutil.rmtree(config_dir, ignore_errors=True)
+    config = _run_config(None, tp, pp, _export_dtype(marker, raw, dtype))
+    check_model_fits_layout(shape, config.parallel)
+    pg_collection = initialize_parallel(config.parallel, config.training.seed)
     require_intact(checkpoint)  # before anything is staged: a refusal leaves nothing behind
-    staging = destination.prepare()
     chunks = build_meta_chunks(config, shape, pg_collection)
+    check_checkpoint_layout(chunks, str(checkpoint))  # the architecture fits the checkpoint
+    staging = destination.prepare()
     params = (pair for group in load_groups(chunks, str(checkpoint)) for pair in group)
     write_hf_checkpoint(chunks, shape, str(staging), pg_collection, params=params,
                         source_dir=source_dir, max_shard_bytes=max_shard_bytes)
-    if dist.get_rank() == 0 and not (staging / "config.json").is_file():
-        (staging / "config.json").write_text(json.dumps(raw, indent=2))
-    dist.barrier()
     report = {"direction": "mcore-to-hf", "src": str(checkpoint), "dst": dst, "tp": tp, "pp": pp,
               "seconds": round(time.time() - start, 1),
               "peak_rss_gib_rank0": round(peak_rss_gib(), 3)}

@@ -34,11 +34,31 @@ def _barrier() -> None:
         dist.barrier()
 
 
+#: Marks a folder this converter created (staging, failed verification); only those are removed.
+OWN_MARKER = ".solopo-convert-staging"
+#: The siblings of DST the converter writes or replaces.
+SIBLING_SUFFIXES = (".partial", ".old", ".failed-verify", ".config_tmp")
+
+
 def check_source_and_destination(src: str, dst: str) -> None:
     """Refuse a destination that is, contains or lies inside the source (after resolving
-    relative paths and symlinks): ``--overwrite`` would delete the source."""
-    refuse_overlaps("convert", {"--src": src}, {"--dst": dst}, "Choose a --dst outside --src.",
+    relative paths and symlinks), and a source that is one of the destination's sibling
+    folders the converter writes or replaces (``DST.partial``, ``DST.old``, ...): either
+    would delete the source."""
+    outputs = {"--dst": dst}
+    outputs.update({f"--dst{suffix}": str(Path(dst).with_name(Path(dst).name + suffix))
+                    for suffix in SIBLING_SUFFIXES})
+    refuse_overlaps("convert", {"--src": src}, outputs,
+                    "Choose a --dst outside --src (and --src not named after --dst).",
                     error=ConversionError)
+
+
+def _looks_like_a_model(folder: Path) -> bool:
+    """A Megatron checkpoint (save_dir or iteration) or an HF model folder."""
+    names = {p.name for p in folder.iterdir()}
+    return bool(names & {"latest", "metadata.json", "config.json",
+                         "model.safetensors.index.json", "model.safetensors"}) or \
+        any(n.startswith("iter_") for n in names)
 
 
 class StagedDestination:
@@ -52,13 +72,30 @@ class StagedDestination:
         self.overwrite = overwrite
 
     def check(self) -> None:
-        """Refuse an existing non-empty destination without ``--overwrite`` (before any work)."""
+        """Refuse, before any work: an existing non-empty destination without ``--overwrite``,
+        or with it when the destination holds no model (it would be deleted); sibling folders
+        the converter would replace that it did not create (``DST.old`` always)."""
         if self.final.exists() and not self.final.is_dir():
             raise ConversionError(f"destination {self.final} exists and is not a directory; "
                                   f"choose another --dst")
-        if self.final.is_dir() and any(self.final.iterdir()) and not self.overwrite:
-            raise ConversionError(f"destination {self.final} exists and is not empty; pass "
-                                  f"--overwrite to replace it once the conversion is complete")
+        if self.final.is_dir() and any(self.final.iterdir()):
+            if not self.overwrite:
+                raise ConversionError(f"destination {self.final} exists and is not empty; pass "
+                                      f"--overwrite to replace it once the conversion is "
+                                      f"complete")
+            if not _looks_like_a_model(self.final):
+                raise ConversionError(f"destination {self.final} holds neither a Megatron "
+                                      f"checkpoint nor an HF model; --overwrite would delete "
+                                      f"its files. Choose another --dst, or empty it yourself")
+        for folder in (self.staging, self.failed):
+            if folder.exists() and not (folder / OWN_MARKER).exists():
+                raise ConversionError(f"{folder} exists and was not made by this converter; "
+                                      f"the conversion would delete it. Move it away, or "
+                                      f"choose another --dst")
+        if self.old.exists():
+            raise ConversionError(f"{self.old} exists (a backup of {self.final.name}, made by "
+                                  f"an interrupted replacement or by you); the conversion "
+                                  f"would delete it. Move it away, or choose another --dst")
 
     def prepare(self) -> Path:
         """Collective: an empty staging directory (a leftover of an interrupted run is
@@ -67,6 +104,7 @@ class StagedDestination:
         if _is_rank0():
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging.mkdir(parents=True)
+            (self.staging / OWN_MARKER).touch()
         _barrier()
         return self.staging
 
@@ -74,8 +112,8 @@ class StagedDestination:
         """Collective: the staging directory becomes the destination."""
         _barrier()
         if _is_rank0():
+            (self.staging / OWN_MARKER).unlink(missing_ok=True)
             if self.final.exists():
-                shutil.rmtree(self.old, ignore_errors=True)
                 os.replace(self.final, self.old)
                 try:
                     os.replace(self.staging, self.final)

@@ -21,10 +21,12 @@ import torch.distributed as dist
 from solopo_mcore.convert.tables import (OUTPUT_HF_NAME, ConversionError, expected_hf_names,
                                          global_param_names, hf_tensors_from_shards)
 from solopo_mcore.convert.safetensors_stream import StreamedSafetensorsFile
+from solopo_mcore.log import warn
 from solopo_mcore.models.hf_config import ModelShape
 
-#: Files copied from the source HF directory on export (those that exist).
-CARRIED_FILES = ("config.json", "generation_config.json", "tokenizer.json",
+#: Files copied from the source HF directory on export (those that exist). config.json is not
+#: among them: it is written from the architecture the checkpoint records.
+CARRIED_FILES = ("generation_config.json", "tokenizer.json",
                  "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                  "tokenizer.model", "chat_template.jinja", "added_tokens.json")
 
@@ -73,10 +75,15 @@ class HFCheckpointReader:
             if not (self.directory / file).is_file():
                 raise ConversionError(f"{self.directory}: {file} is named in "
                                       f"model.safetensors.index.json but missing")
-            with safe_open(self.directory / file, framework="pt") as handle:
-                for name in handle.keys():
-                    self.weight_map[name] = file
-                    self.shapes[name] = tuple(handle.get_slice(name).get_shape())
+            try:
+                with safe_open(self.directory / file, framework="pt") as handle:
+                    for name in handle.keys():
+                        self.weight_map[name] = file
+                        self.shapes[name] = tuple(handle.get_slice(name).get_shape())
+            except Exception as exc:  # noqa: BLE001 - safetensors' errors name no file
+                raise ConversionError(f"{self.directory / file}: not a readable safetensors "
+                                      f"file ({exc}); is it truncated? Download or export it "
+                                      f"again") from None
 
     def names(self) -> set:
         return set(self.weight_map)
@@ -119,6 +126,10 @@ def _follow_umask(path: Path) -> None:
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
 
+
+#: The dtype names config.json uses.
+DTYPE_CONFIG_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16",
+                      torch.float16: "float16"}
 
 #: Largest HF safetensors file the exporter writes (files are streamed: this is not memory).
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -187,10 +198,11 @@ class HFStreamWriter:
                      for _, s, d in layout)) for temp, layout in self.files]
 
 
-def finish_hf_dir(out: Path, files: list, shape: ModelShape,
-                  source_dir: Optional[str] = None) -> None:
+def finish_hf_dir(out: Path, files: list, shape: ModelShape, source_dir: Optional[str] = None,
+                  dtype_name: Optional[str] = None) -> None:
     """Name the shard files ``model-0000i-of-0000N.safetensors`` (in the order given), write
-    the index, and copy the tokenizer/config files of ``source_dir`` (rank 0's job)."""
+    the index, copy the tokenizer files of ``source_dir`` and write config.json from the
+    recorded architecture, with ``dtype_name`` as its dtype (rank 0's job)."""
     total = len(files)
     weight_map, total_bytes = {}, 0
     for number, (temp, names, num_bytes) in enumerate(files, start=1):
@@ -202,11 +214,19 @@ def finish_hf_dir(out: Path, files: list, shape: ModelShape,
              "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     if source_dir is not None:
-        for name in CARRIED_FILES:
-            if (Path(source_dir) / name).is_file():
-                shutil.copy2(Path(source_dir) / name, out / name)
-    if not (out / "config.json").is_file():
-        (out / "config.json").write_text(json.dumps(shape.raw, indent=2))
+        if Path(source_dir).is_dir():
+            for name in CARRIED_FILES:
+                if (Path(source_dir) / name).is_file():
+                    shutil.copy2(Path(source_dir) / name, out / name)
+        else:
+            warn("export", f"{source_dir} (the model's source folder) no longer exists: the "
+                           f"tokenizer and generation config were not copied into {out}; copy "
+                           f"them yourself ({', '.join(CARRIED_FILES[:3])}, ...)")
+    config = dict(shape.raw)
+    if dtype_name is not None:  # say what the files hold, or transformers loads another dtype
+        keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+        config.update({k: dtype_name for k in keys})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def write_hf_checkpoint(chunks: list, shape: ModelShape, out_dir: str, pg_collection,
@@ -223,8 +243,8 @@ def write_hf_checkpoint(chunks: list, shape: ModelShape, out_dir: str, pg_collec
     tp, pp, dp, cp = pg_collection.tp, pg_collection.pp, pg_collection.dp, pg_collection.cp
     out = Path(out_dir)
     writer = dp.rank() == 0 and cp.rank() == 0 and tp.rank() == 0
-    files = HFStreamWriter(out, f"{pp.rank():05d}",
-                           plan_hf_files(chunks, shape, tp.size(), dtype, max_shard_bytes))
+    plan = plan_hf_files(chunks, shape, tp.size(), dtype, max_shard_bytes)
+    files = HFStreamWriter(out, f"{pp.rank():05d}", plan)
     for name, tensor in (params if params is not None else _chunk_params(chunks)):
         gathered = _gather_tp(tensor.detach(), tp)
         if writer:
@@ -234,7 +254,9 @@ def write_hf_checkpoint(chunks: list, shape: ModelShape, out_dir: str, pg_collec
     files_by_stage = [None] * pp.size()
     dist.all_gather_object(files_by_stage, files.close() if writer else [], group=pp)
     if writer and pp.rank() == 0:
-        finish_hf_dir(out, [f for stage in files_by_stage for f in stage], shape, source_dir)
+        written = [d for layout in plan for _, _, d in layout[:1]]
+        finish_hf_dir(out, [f for stage in files_by_stage for f in stage], shape, source_dir,
+                      DTYPE_CONFIG_NAMES.get(written[0]) if written else None)
     dist.barrier()
 
 

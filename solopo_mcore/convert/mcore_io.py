@@ -206,6 +206,19 @@ def _regions(sharded: dict, wanted: set) -> list:
     return regions
 
 
+def check_checkpoint_layout(chunks: list, checkpoint: str) -> None:
+    """Before any work: every parameter of ``chunks`` (meta) has its key in ``checkpoint``,
+    covering its region; raises a ConversionError naming the first that does not."""
+    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata()
+    for chunk in chunks:
+        wanted = {_storage_id(p) for p in chunk.parameters()}
+        with torch.no_grad():  # the planner zeroes padding rows of its (meta) targets
+            planner = _RegionLoadPlanner(_regions(chunk.sharded_state_dict(), wanted),
+                                         str(checkpoint))
+            planner.set_up_planner({}, metadata)
+            planner.create_local_plan()
+
+
 def _read_modules(chunk, modules: list, checkpoint: str) -> list:
     """Materialise ``modules`` (of ``chunk``) on the CPU and read their weights from
     ``checkpoint``; returns their ``[(local name, parameter)]`` in the chunk's order."""

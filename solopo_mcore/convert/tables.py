@@ -260,6 +260,23 @@ def global_param_names(chunk: torch.nn.Module) -> dict:
     return out
 
 
+def check_source_shapes(param: torch.Tensor, global_name: str, shapes: dict,
+                        shape: ModelShape, tp: int) -> None:
+    """Refuse HF tensors (``shapes``: name -> shape) whose shape is not the one ``param`` (this
+    rank's shard) implies, naming both. Sources are read in slices, so an oversized HF tensor
+    would otherwise fit; the implied shapes are computed on the meta device."""
+    row, layer = match_mcore_name(global_name)
+    names = hf_source_names(row, layer, shape)
+    implied = row.mapping.from_shards([torch.empty(param.shape, device="meta")] * tp, shape)
+    for name, full in zip(names, implied):
+        if name not in shapes:
+            raise ConversionError(f"missing HF tensor {name} for {global_name}")
+        if tuple(shapes[name]) != tuple(full.shape):
+            raise ConversionError(f"{name} has shape {tuple(shapes[name])}; {global_name} "
+                                  f"needs {tuple(full.shape)} (is the config.json that of "
+                                  f"these weights?)")
+
+
 def shard_for_param(param: torch.Tensor, global_name: str, get_tensor: Callable[[str], object],
                     shape: ModelShape, tp: int, rank: int) -> torch.Tensor:
     """The value of one (TP-sharded) Megatron parameter, built from HF tensors fetched by name
@@ -269,14 +286,8 @@ def shard_for_param(param: torch.Tensor, global_name: str, get_tensor: Callable[
     sources = hf_source_names(row, layer, shape)
     padded_rows = param.shape[0] * tp if isinstance(row.mapping, VocabParallel) else 0
     tensors = [as_source(get_tensor(n)) for n in sources]
-    # Sources are read in slices, so an oversized HF tensor would pass the shard check below:
-    # compare each with the full shape this parameter implies (computed on the meta device).
-    implied = row.mapping.from_shards([torch.empty(param.shape, device="meta")] * tp, shape)
-    for name, tensor, full in zip(sources, tensors, implied):
-        if tuple(tensor.shape) != tuple(full.shape):
-            raise ConversionError(f"{name} has shape {tuple(tensor.shape)}; {global_name} needs "
-                                  f"{tuple(full.shape)} (is the config.json that of these "
-                                  f"weights?)")
+    check_source_shapes(param, global_name, {n: t.shape for n, t in zip(sources, tensors)},
+                        shape, tp)
     shard = row.mapping.to_shard(tensors, shape, tp, rank, padded_rows)
     if shard.shape != param.shape:
         raise ConversionError(f"{', '.join(sources)} -> {global_name}: shape "
