@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from tests.helpers.launch import (REPO, TINY_RECIPE, free_port, read_metrics, run_torchrun,
                                   tiny_run_overrides)
 
-STEPS = 8
+STEPS = 6
 COMMON = ["training.deterministic=true", "data.num_eval_examples=0",
           "checkpoint.save_interval=2", "logging.progress_bar=false"]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -76,7 +76,10 @@ def test_two_nodes_train_as_one(layout, demo_data, single_agent, tmp_path):
     """Two torchrun agents (c10d rendezvous, one process each): TP2 across the nodes, or DP2
     with the distributed optimizer; the same losses and final weights as one agent."""
     agents = _two_agents(_overrides(demo_data, tmp_path, layout))
-    outputs = [a.communicate(timeout=600)[0] for a in agents]
+    try:
+        outputs = [a.communicate(timeout=600)[0] for a in agents]
+    finally:
+        _kill_trees(agents)
     assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     _assert_same_run(single_agent[layout], tmp_path)
 
@@ -84,13 +87,25 @@ def test_two_nodes_train_as_one(layout, demo_data, single_agent, tmp_path):
 def test_a_node_lost_is_named_as_another_node(demo_data, tmp_path):
     """kill -9 of node 1's worker: node 0's rank says a rank on another node failed."""
     agents = _two_agents(tiny_run_overrides(demo_data, tmp_path, 500, tp=2, extra=COMMON))
-    _wait_for_steps(tmp_path / "metrics.jsonl", 1, agents[0])
-    os.kill(_worker(agents[1].pid, rank=1).pid, signal.SIGKILL)
-    out = agents[0].communicate(timeout=300)[0]
-    agents[1].communicate(timeout=300)
+    try:
+        _wait_for_steps(tmp_path / "metrics.jsonl", 1, agents[0])
+        os.kill(_worker(agents[1].pid, rank=1).pid, signal.SIGKILL)
+        out = agents[0].communicate(timeout=300)[0]
+        agents[1].communicate(timeout=300)
+    finally:
+        _kill_trees(agents)
     assert agents[0].returncode != 0
     assert "[rank 0] stopped: a rank on another node failed (its error is in that node's " \
            "output" in out, out[-3000:]
+
+
+def _kill_trees(procs):
+    """Kill what is left of launched agents and their workers (after a failure)."""
+    for proc in procs:
+        if proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
 
 
 def _worker(agent_pid, rank):
@@ -129,7 +144,7 @@ def test_killed_worker_restarts_and_resumes_bitwise(demo_data, single_agent, tmp
            "examples/pretrain_solopo.py", "--config", TINY_RECIPE,
            *_overrides(demo_data, tmp_path, "tp2")]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=ENV, start_new_session=True)
+                            text=True, env=ENV)
     try:
         latest = tmp_path / "ckpt" / "latest"
         deadline = time.time() + 300
@@ -140,8 +155,7 @@ def test_killed_worker_restarts_and_resumes_bitwise(demo_data, single_agent, tmp
         os.kill(_worker(proc.pid, rank=1).pid, signal.SIGKILL)
         out = proc.communicate(timeout=300)[0]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_trees([proc])
     assert proc.returncode == 0, out[-4000:]
     assert "resumed from" in out and "iter_0000002" in out, out[-4000:]
     _assert_same_run(single_agent["tp2"], tmp_path)
@@ -156,15 +170,14 @@ def test_a_stopped_rank_is_named_by_the_watchdog(demo_data, tmp_path):
                *COMMON, "distributed.watchdog_minutes=0.1", "checkpoint.save_interval=0"])]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=ENV)
-    _wait_for_steps(tmp_path / "metrics.jsonl", 2, proc)
-    stopped = _worker(proc.pid, rank=1)
-    stopped.suspend()  # SIGSTOP
-    start = time.time()
     try:
+        _wait_for_steps(tmp_path / "metrics.jsonl", 2, proc)
+        stopped = _worker(proc.pid, rank=1)
+        stopped.suspend()  # SIGSTOP
+        start = time.time()
         out = proc.communicate(timeout=180)[0]
     finally:
-        if stopped.is_running():
-            stopped.kill()
+        _kill_trees([proc])
     assert proc.returncode != 0
     assert time.time() - start < 90
     import socket
