@@ -161,6 +161,26 @@ def test_killed_worker_restarts_and_resumes_bitwise(demo_data, single_agent, tmp
     _assert_same_run(single_agent["tp2"], tmp_path)
 
 
+def test_two_nodes_restart_together_and_resume_bitwise(demo_data, single_agent, tmp_path):
+    """kill -9 of node 1's worker with --max-restarts 1 on both agents: node 1 counts a restart,
+    node 0 rejoins without counting one; both must still form one process group again (the
+    attempt is the rendezvous round) and end with the uninterrupted run's weights."""
+    agents = _two_agents(_overrides(demo_data, tmp_path, "tp2"), "--max-restarts", "1")
+    try:
+        latest = tmp_path / "ckpt" / "latest"
+        deadline = time.time() + 300
+        while not (latest.exists() and latest.read_text().strip() == "2"):
+            assert all(a.poll() is None for a in agents) and time.time() < deadline
+            time.sleep(0.05)
+        os.kill(_worker(agents[1].pid, rank=1).pid, signal.SIGKILL)
+        outputs = [a.communicate(timeout=300)[0] for a in agents]
+    finally:
+        _kill_trees(agents)
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "resumed from" in "".join(outputs)
+    _assert_same_run(single_agent["tp2"], tmp_path)
+
+
 def test_a_stopped_rank_is_named_by_the_watchdog(demo_data, tmp_path):
     """SIGSTOP one rank of a 2-rank run: within the watchdog's time the other rank stops the
     run, naming the stopped rank, its host and its phase; the exit status is non-zero."""
@@ -181,13 +201,14 @@ def test_a_stopped_rank_is_named_by_the_watchdog(demo_data, tmp_path):
     assert proc.returncode != 0
     assert time.time() - start < 90
     import socket
-    assert f"[rank 0] HangError: rank 1 on {socket.gethostname()} (in " in out, out[-3000:]
+    assert f"[rank 0] HangError: rank 1 on {socket.gethostname()}, in " in out, out[-3000:]
     assert "sent no heartbeat for 6 s" in out
 
 
 def test_slurm_script_dry_run_prints_each_node_s_command(tmp_path):
-    """``bash -n`` passes, and SOLOPO_DRY_RUN=1 under a fake 4-node allocation prints the
-    torchrun command of every node: c10d rendezvous on the first host, restarts, the recipe."""
+    """``bash -n`` passes; SOLOPO_DRY_RUN=1 under a fake 4-node allocation prints the torchrun
+    command of every node (c10d rendezvous on the first host, restarts, the recipe, overrides
+    quoted); with a fake srun, SIGTERM to the script reaches srun and the job is requeued."""
     script = REPO / "examples" / "slurm" / "solopo_multinode.sbatch"
     subprocess.run(["bash", "-n", str(script)], check=True)
     fake = tmp_path / "bin"
@@ -197,11 +218,31 @@ def test_slurm_script_dry_run_prints_each_node_s_command(tmp_path):
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SOLOPO_DRY_RUN": "1",
            "SLURM_JOB_NODELIST": "gpu-[a-d]", "SLURM_NNODES": "4", "SLURM_JOB_ID": "77"}
     out = subprocess.run(["bash", str(script), "qwen2.5-7b_solo-orpo_64k_4node",
-                          "training.train_steps=10"], cwd=REPO, env=env, capture_output=True,
-                         text=True, check=True).stdout
+                          "training.train_steps=10", "logging.wandb_run_name=my run"],
+                         cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
     lines = [line for line in out.splitlines() if "torchrun" in line]
     assert len(lines) == 4, out
     for node, line in enumerate(lines):
         assert f"--node-rank {node}" in line and "--rdzv-endpoint gpu-a:29500" in line, line
         assert "--max-restarts" in line and "--rdzv-id 77" in line, line
-        assert line.endswith("--config qwen2.5-7b_solo-orpo_64k_4node training.train_steps=10")
+        assert line.endswith("--config qwen2.5-7b_solo-orpo_64k_4node training.train_steps=10 "
+                             "logging.wandb_run_name=my\\ run"), line
+    # SIGTERM to the batch script reaches srun (which forwards it to the ranks), and the job is
+    # requeued once srun has finished (the ranks saved)
+    log = tmp_path / "calls.log"
+    (fake / "srun").write_text(f"#!/bin/bash\ntrap 'echo srun got TERM >> {log}; exit 0' TERM\n"
+                               f"echo srun started >> {log}\nwhile true; do sleep 0.1; done\n")
+    (fake / "srun").chmod(0o755)
+    (fake / "scontrol").write_text(f"#!/bin/bash\nif [ \"$1\" = requeue ]; then echo requeue $2 "
+                                   f">> {log}; else printf 'gpu-a\\ngpu-b\\n'; fi\n")
+    env.pop("SOLOPO_DRY_RUN")
+    job = subprocess.Popen(["bash", str(script), "tiny_cpu"], cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while not (log.exists() and "srun started" in log.read_text()):
+        assert time.time() < deadline and job.poll() is None
+        time.sleep(0.1)
+    job.send_signal(signal.SIGTERM)
+    job.communicate(timeout=30)
+    assert job.returncode == 0
+    assert log.read_text().splitlines() == ["srun started", "srun got TERM", "requeue 77"]

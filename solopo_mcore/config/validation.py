@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from pathlib import Path
 from typing import Literal, Optional
@@ -53,6 +54,9 @@ def validate(config: RunConfig) -> None:
     _positive("distributed.timeout_minutes", config.distributed.timeout_minutes)
     _positive("distributed.watchdog_minutes", config.distributed.watchdog_minutes,
               allow_zero=True)
+    if not math.isfinite(config.distributed.watchdog_minutes):
+        raise ConfigError(f"distributed.watchdog_minutes must be a number of minutes (0: off), "
+                          f"got {config.distributed.watchdog_minutes}")
     if config.distributed.watchdog_minutes >= config.distributed.timeout_minutes:
         raise ConfigError(f"distributed.watchdog_minutes={config.distributed.watchdog_minutes} "
                           f"must be below distributed.timeout_minutes="

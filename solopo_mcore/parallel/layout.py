@@ -107,19 +107,67 @@ def init_distributed(timeout_minutes: int = 30) -> None:
 
 
 def _attempt_store(timeout: datetime.timedelta):
-    """Under torchrun with the agent's store, a client of it whose keys belong to this attempt
-    (``TORCHELASTIC_RESTART_COUNT``); None otherwise (``env://`` as usual).
+    """Under torchrun with the agent's store, a client of it whose keys belong to this attempt;
+    None otherwise (``env://`` as usual).
 
-    After ``--max-restarts`` restarts the workers, the agent's store can still hold the previous
-    attempt's process-group keys (seen with torch 2.13 and c10d or static rendezvous): a new
-    rank then reads a dead rank's address and the group never forms (``connectFullMesh ...
-    Connection refused``, or a hang). A per-attempt prefix keeps each attempt's keys apart."""
+    After a restart the agent's store still holds the previous attempt's process-group keys
+    (torch 2.13, c10d and static rendezvous): a new rank then reads a dead rank's address and
+    the group never forms (``connectFullMesh ... Connection refused``, or a hang). Each attempt
+    therefore gets its own prefix, from :func:`agree_on_attempt`."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
         return None
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                            is_master=False, timeout=timeout)
+    attempt = agree_on_attempt(client, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                               timeout)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if os.environ["RANK"] == "0" and (restarts or attempt > 1):
+        from solopo_mcore.log import log
+        log("distributed", f"a restarted job: attempt {attempt} in this store, this node's "
+                           f"restart {restarts} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS')}")
     return dist.PrefixStore(f"solopo/attempt_{attempt}/", client)
+
+
+#: This process's attempt number (see :func:`agree_on_attempt`), for other per-attempt keys.
+ATTEMPT: dict = {}
+
+
+def agree_on_attempt(store, rank: int, world_size: int, timeout: datetime.timedelta) -> int:
+    """A number every rank of this attempt of the job agrees on and no earlier attempt used.
+
+    The restart count is not one: the node whose worker failed counts a restart, the others
+    rejoin through a membership change and do not. Rank 0 takes a new number from a counter in
+    the store and publishes it; every rank answers under that number with a random nonce; rank
+    0 then publishes the list of nonces, and a rank proceeds only when its own nonce is in it.
+    A rank that read the previous attempt's number finds its nonce missing there and reads
+    again, so stale keys are never taken for this attempt's."""
+    import json
+    import secrets
+    import time
+
+    nonce = secrets.token_hex(8)
+    if rank == 0:
+        store.set("solopo/attempt", str(store.add("solopo/attempt_counter", 1)))
+    deadline = time.monotonic() + timeout.total_seconds()
+    while time.monotonic() < deadline:
+        store.wait(["solopo/attempt"])
+        number = int(store.get("solopo/attempt"))
+        store.set(f"solopo/attempt_{number}/nonce/{rank}", nonce)
+        if rank == 0:
+            keys = [f"solopo/attempt_{number}/nonce/{r}" for r in range(world_size)]
+            store.wait(keys)
+            store.set(f"solopo/attempt_{number}/go",
+                      json.dumps([store.get(k).decode() for k in keys]))
+        try:
+            store.wait([f"solopo/attempt_{number}/go"], datetime.timedelta(seconds=2))
+        except Exception:  # noqa: BLE001 - not published yet (or a stale number): read again
+            continue
+        nonces = json.loads(store.get(f"solopo/attempt_{number}/go"))
+        if len(nonces) == world_size and nonces[rank] == nonce:
+            ATTEMPT["number"] = number
+            return number
+        time.sleep(0.2)
+    raise TimeoutError(f"the ranks did not agree on an attempt within {timeout}")
 
 
 def _free_port() -> int:

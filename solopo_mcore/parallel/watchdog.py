@@ -39,12 +39,18 @@ class HangError(UserError, RuntimeError):
     """A rank stopped responding, or no rank made progress, for distributed.watchdog_minutes."""
 
 
-def connect_job_store(prefix: str, host: str, port: int, timeout_s: float = 60.0):
-    """A client of the job's c10d store (hosted by torchrun's agent), under ``prefix``."""
+def connect_job_store(host: str, port: int, timeout_s: float = 60.0):
+    """A client of the job's c10d store (hosted by torchrun's agent), under a prefix of this
+    job and attempt (``layout.agree_on_attempt``), so a restarted job never reads the previous
+    attempt's heartbeats."""
     import torch.distributed as dist
 
+    from solopo_mcore.parallel.layout import ATTEMPT
+
     store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
-    return dist.PrefixStore(prefix, store)
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    attempt = ATTEMPT.get("number", os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    return dist.PrefixStore(f"solopo-watchdog/{run_id}/{attempt}/", store)
 
 
 class ProgressWatchdog:
@@ -124,11 +130,17 @@ class ProgressWatchdog:
             order = {r: self._order(v) for r, (v, _) in progress.items()}
             earliest = min(order.values())
             late = sorted(r for r, o in order.items() if o == earliest)
-            who = "every rank" if len(late) == self.world_size else self._describe(late, progress)
-            return (f"no rank made progress for {self.timeout_s:.0f} s; {who} "
-                    f"{'is' if len(late) == 1 else 'are'} furthest behind (a collective that "
-                    f"never completes, a stuck device or file system); raise "
-                    f"distributed.watchdog_minutes if that phase is legitimately longer")
+            if len(late) == self.world_size:
+                step, phase, _, _ = json.loads(progress[late[0]][0])
+                where = f"every rank has been {self._where(phase, step, None)} for more than " \
+                    f"{self.timeout_s:.0f} s"
+            else:
+                where = (f"no rank made progress for {self.timeout_s:.0f} s; "
+                         f"{self._describe(late, progress)} "
+                         f"{'is' if len(late) == 1 else 'are'} furthest behind")
+            return (f"{where} (a collective that never completes, a stuck device or file "
+                    f"system); raise distributed.watchdog_minutes if that phase can "
+                    f"legitimately take longer")
         return None
 
     @staticmethod
@@ -136,14 +148,18 @@ class ProgressWatchdog:
         step, phase, microbatch, _ = json.loads(value)
         return (step, PHASES.index(phase) if phase in PHASES else -1, microbatch)
 
+    @staticmethod
+    def _where(phase: str, step: int, microbatch) -> str:
+        detail = f", microbatch {microbatch}" if microbatch and phase in (
+            "forward-backward", "eval") else ""
+        return f"in {phase} of step {step}{detail}"
+
     def _describe(self, ranks: list, progress: dict) -> str:
         parts = []
         for rank in ranks[:8]:
             if rank in progress:
                 step, phase, microbatch, host = json.loads(progress[rank][0])
-                where = f"in {phase} of step {step}" + \
-                    (f" (microbatch {microbatch})" if phase == "forward-backward" else "")
-                parts.append(f"rank {rank} on {host} ({where})")
+                parts.append(f"rank {rank} on {host}, {self._where(phase, step, microbatch)},")
             else:
                 parts.append(f"rank {rank} (no progress recorded)")
         more = f" and {len(ranks) - 8} more" if len(ranks) > 8 else ""
@@ -153,13 +169,10 @@ class ProgressWatchdog:
 def start_watchdog(minutes: float, on_hang: Callable[[str], None], rank: int,
                    world_size: int) -> Optional[ProgressWatchdog]:
     """The watchdog of this rank of a torchrun job (None when off, alone, or not under a
-    store-hosting launcher). Keys live under this launch's run id and restart count, so a
-    restarted job never reads the previous attempt's heartbeats."""
+    store-hosting launcher)."""
     if minutes <= 0 or world_size == 1 or "MASTER_PORT" not in os.environ:
         return None
-    prefix = (f"solopo-watchdog/{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}/"
-              f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
-    store = connect_job_store(prefix, os.environ.get("MASTER_ADDR", "127.0.0.1"),
+    store = connect_job_store(os.environ.get("MASTER_ADDR", "127.0.0.1"),
                               int(os.environ["MASTER_PORT"]))
     return ProgressWatchdog(store, rank, world_size, minutes * 60, on_hang).start()
 

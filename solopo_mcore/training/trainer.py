@@ -202,7 +202,10 @@ class Trainer:
         """The watchdog found a hang (its thread; the main thread may be stuck in a
         collective): report it like any error and exit non-zero, so that torchrun stops the
         job, or restarts it with --max-restarts."""
-        os._exit(report_exception(HangError(message), "pretrain_solopo"))
+        code = report_exception(HangError(message), "pretrain_solopo")
+        if self.run_lock is not None:  # a restart, maybe on another host, may take it at once
+            self.run_lock.release()
+        os._exit(code)
 
     # ------------------------------------------------------------------ one step
     def _all_ranks(self, value: float, op) -> float:
