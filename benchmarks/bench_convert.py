@@ -175,8 +175,8 @@ def main() -> None:
                      "peak_over_share": round(run["peak_rss_gib"] / gib, 2),
                      "max_abs_logit_diff": run["report"].get("max_abs_logit_diff")})
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n| direction | TP | wall s | GB/s | peak RSS GiB (busiest rank) | x its share of "
-          f"the weights | bitwise round trip |\n|---|---|---|---|---|---|---|")
+    print("\n| direction | TP | wall s | GB/s | peak RSS GiB (busiest rank) | x its share of "
+          "the weights | bitwise round trip |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['direction']} | {r['tp']} | {r['wall_s']} | {r['gb_per_s']} | "
               f"{r['peak_rss_gib']} | {r['peak_over_share']} | "
