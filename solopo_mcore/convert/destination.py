@@ -99,9 +99,11 @@ class StagedDestination:
 
     def prepare(self) -> Path:
         """Collective: an empty staging directory (a leftover of an interrupted run is
-        removed). Returns its path."""
-        self.check()
+        removed). Returns its path. Only rank 0 checks again here: the others passed
+        :meth:`check` before the collectives that precede this, and may otherwise see the
+        staging folder rank 0 is creating."""
         if _is_rank0():
+            self.check()
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging.mkdir(parents=True)
             (self.staging / OWN_MARKER).touch()
