@@ -41,6 +41,9 @@ setup(
         #   flash-attn                   faster attention kernels (via TE)
         #   apex                         fused norms / optimizers (build from source)
         "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
+        # benchmarks/bench_vs_trl.py: TRL side by side. Pinned: benchmarks/vs_trl/conventions.py
+        # maps our keys to this version's arguments (docs/trl.md), checked by the benchmark.
+        "compare": ["trl==1.16.0"],
         # vLLM speeds up `python -m data_tools.sample_pairs` when installed.
         "sampling": ["vllm"],
     },

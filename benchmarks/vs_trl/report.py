@@ -1,0 +1,95 @@
+"""Tables of bench_vs_trl.py: per shape, length and variant, s/step (median and range over every
+timed step of every round), tokens/s, peak RSS, and TRL's time and memory over each variant's."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+TRL = "TRL long-PO"
+
+
+def summarize(timings: list) -> list:
+    groups: dict = {}
+    for entry in timings:
+        groups.setdefault((entry["shape"], entry["long_tokens"], entry["variant"]), []).append(entry)
+    rows = []
+    for (shape, length, variant), entries in groups.items():
+        ok = [e for e in entries if e["ok"]]
+        row = {"shape": shape, "long_tokens": length, "variant": variant,
+               "num_runs": len(entries), "num_failed": len(entries) - len(ok)}
+        if ok:
+            seconds = [s for e in ok for s in e["step_seconds"]]
+            tokens = [t for e in ok for t in e["tokens"]]
+            row.update(median_s=statistics.median(seconds), min_s=min(seconds),
+                       max_s=max(seconds), num_steps=len(seconds),
+                       tokens_per_step=statistics.median(tokens),
+                       tokens_per_s=sum(tokens) / sum(seconds),
+                       peak_rss_gib=max(e["peak_rss_gib"] for e in ok))
+        else:
+            row["error"] = entries[0].get("error", "")[:200]
+            row["oom"] = any(e.get("oom") for e in entries)
+        rows.append(row)
+    for row in rows:
+        trl = next((r for r in rows if r["shape"] == row["shape"] and
+                    r["long_tokens"] == row["long_tokens"] and r["variant"] == TRL), None)
+        if trl and "median_s" in trl and "median_s" in row:
+            row["trl_time_ratio"] = trl["median_s"] / row["median_s"]
+            row["trl_rss_ratio"] = trl["peak_rss_gib"] / row["peak_rss_gib"]
+    return rows
+
+
+def _check_table(check: dict) -> list:
+    lines = [f"Check on `{check['shape']}`, long context {check['long_tokens']} tokens, "
+             f"mode=long, {check['steps']} steps: identical token ids on both sides.", "",
+             "| algorithm | step | loss, ours | loss, TRL in our convention | loss, TRL as "
+             "shipped | rel. diff | log-probs rel. diff (max) |", "|---|---|---|---|---|---|---|"]
+    for algorithm, rows in check["algorithms"].items():
+        for r in rows:
+            lp = max(r["logps/chosen rel_diff"], r["logps/rejected rel_diff"])
+            lines.append(f"| {algorithm} | {r['step']} | {r['ours']:.6f} | "
+                         f"{r['trl_in_our_convention']:.6f} | {r['trl_as_shipped']:.6f} | "
+                         f"{r['rel_diff']:.1e} | {lp:.1e} |")
+    return lines
+
+
+def _timing_table(rows: list, shape: str) -> list:
+    lines = ["| long | variant | s/step median (range) | tokens/step | tokens/s | peak RSS GiB "
+             "| TRL time ÷ this | TRL RSS ÷ this |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted((r for r in rows if r["shape"] == shape),
+                    key=lambda r: (r["long_tokens"], r["variant"] != TRL, r["variant"])):
+        if "median_s" not in r:
+            what = "over the memory limit" if r.get("oom") else f"failed: {r.get('error', '')}"
+            lines.append(f"| {r['long_tokens']} | {r['variant']} | {what} | | | | | |")
+            continue
+        ratio = (f"{r['trl_time_ratio']:.2f}x" if "trl_time_ratio" in r else "")
+        rss = (f"{r['trl_rss_ratio']:.2f}x" if "trl_rss_ratio" in r else "")
+        lines.append(f"| {r['long_tokens']} | {r['variant']} | {r['median_s']:.2f} "
+                     f"({r['min_s']:.2f}-{r['max_s']:.2f}, {r['num_steps']} steps) | "
+                     f"{r['tokens_per_step']:.0f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['peak_rss_gib']:.2f} | {ratio} | {rss} |")
+    return lines
+
+
+def write_summary(payload: dict, path: Path) -> str:
+    env = payload["environment"]
+    lines = ["# ours vs TRL", "",
+             f"{env['date']}; Python {env['python']}, torch {env['torch']}, transformers "
+             f"{env['transformers']}, TRL {env['trl']}, megatron-core {env['megatron_core']}; "
+             f"{env['cores']} cores ({env['cpu']}), {env['threads']} torch threads per run, fp32.",
+             "", f"Command: `{env['command']}`", ""]
+    for name, shape in payload["shapes"].items():
+        c = shape["config"]
+        share = ", ".join(f"{int(n) // 1024}K: {v:.1%}" for n, v in shape["output_layer_share"].items())
+        lines.append(f"- `{name}`: hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, "
+                     f"vocab {c['vocab_size']}; output layer share of a full-logits forward "
+                     f"{share} ({shape['why']})")
+    lines.append("")
+    if "check" in payload:
+        lines += _check_table(payload["check"]) + [""]
+    for name in payload["shapes"]:
+        if "summary" in payload:
+            lines += [f"## {name}", ""] + _timing_table(payload["summary"], name) + [""]
+    text = "\n".join(lines)
+    Path(path).write_text(text + "\n")
+    return text
