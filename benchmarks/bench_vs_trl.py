@@ -7,7 +7,8 @@
 1. **Inputs** (benchmarks/vs_trl/inputs.py): per shape and long-context length, one random HF
    model and one dataset built by data_tools from the same ``pairs.jsonl``; TRL reads the rows
    as text with the chat template applied to the prompt, we read the indexed dataset.
-2. **Check** (before any timing; a failure stops the benchmark): for DPO, SimPO and ORPO on
+2. **Check** (before any timing, on every shape at the shortest length; a failure stops the
+   benchmark): for DPO, SimPO and ORPO on
    ``mode=long``, TRL's own tokenization must give exactly our token ids (prompt, chosen +
    EOS, rejected + EOS), and the losses and log-probs of the first ``--check-steps`` steps
    must agree. Where the conventions differ (ORPO's NLL term, conventions.py) TRL's loss is
@@ -20,7 +21,8 @@
    shape and length. Each process runs ``--warmup`` untimed and ``--steps`` timed steps; a step
    is timed from the previous step's end to its own (data, forward, backward, optimizer,
    logging). Peak RSS is the process's own maximum resident set; a run whose process tree goes
-   over ``--memory-limit-gib`` is stopped and reported as such.
+   over ``--memory-limit-gib`` is stopped and reported as such. After every TRL run, the token
+   ids it trained on are compared with ours again; a difference stops the benchmark.
 
 Writes ``OUT/results.json`` and ``OUT/summary.md`` (the tables of benchmarks/RESULTS.md).
 A benchmark, not a test: the figures go into RESULTS.md with the command and the machine.
@@ -80,8 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
     p.add_argument("--threads", type=int, default=2, help="torch threads in every run")
     p.add_argument("--check-steps", type=int, default=3, help="steps compared in the check")
-    p.add_argument("--check-shape", default="tiny-realvocab",
-                   help="shape of the check (the real BPE: tokenization matters there)")
+    p.add_argument("--check-shapes", default=None,
+                   help="shapes checked, at the shortest length (default: every --shapes)")
     p.add_argument("--check-tolerance", type=float, default=1e-4,
                    help="largest relative loss difference allowed in the check")
     p.add_argument("--check-only", action="store_true", help="check, do not time")
@@ -165,7 +167,7 @@ class Runner:
             args.memory_limit_gib = 0.85 * psutil.virtual_memory().total / 2**30
 
     def job(self, side: str, inputs, hyper: Hyper, mode: str, shared: bool, steps: int,
-            name: str, dump_tokens: int = 0, ref_path=None, orpo_nll: str = "shipped") -> dict:
+            name: str, ref_path=None, orpo_nll: str = "shipped") -> dict:
         self.count += 1
         work = self.out / "runs" / f"{self.count:03d}_{name}"
         work.mkdir(parents=True, exist_ok=True)
@@ -173,7 +175,7 @@ class Runner:
                 "threads": self.args.threads, "model_dir": str(inputs.model_dir),
                 "data_prefix": str(inputs.data_prefix), "overrides": our_overrides(hyper),
                 "hyper": vars(hyper), "work_dir": str(work), "out": str(work / "result.json"),
-                "max_length": inputs.long_tokens + 1024, "dump_tokens": dump_tokens, "orpo_nll": orpo_nll,
+                "max_length": inputs.long_tokens + 1024, "orpo_nll": orpo_nll,
                 "ref_path": str(ref_path) if ref_path else None}
         if side == "trl":
             spec["rows"] = inputs.examples()
@@ -206,6 +208,22 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
+def token_differences(trl_tokens: list, dataset) -> list:
+    """Where TRL's tokenization of the rows differs from our dataset (prompt, chosen + EOS,
+    rejected + EOS of each example TRL trained on); [] when identical."""
+    out = []
+    for i, (prompt, chosen, rejected) in enumerate(trl_tokens):
+        mine = dataset[i]
+        for field, a, b in (("prompt", prompt, mine.long_prompt), ("chosen", chosen, mine.chosen),
+                            ("rejected", rejected, mine.rejected)):
+            if list(a) != list(b):
+                first = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y),
+                             min(len(a), len(b)))
+                out.append(f"example {i} {field}: TRL's token ids differ from ours (TRL "
+                           f"{len(a)} ids, ours {len(b)}; first difference at position {first})")
+    return out
+
+
 def check(runner: Runner, inputs, dataset) -> dict:
     """Same tokens, same losses: see the module doc. Returns the comparison; exits on failure."""
     steps = runner.args.check_steps
@@ -217,19 +235,12 @@ def check(runner: Runner, inputs, dataset) -> dict:
         ours = runner.job("ours", inputs, hyper, "long", True, steps, f"check_{algorithm}_ours",
                           ref_path=ref)
         trl = runner.job("trl", inputs, hyper, "long", False, steps, f"check_{algorithm}_trl",
-                         dump_tokens=steps, orpo_nll="response")
+                         orpo_nll="response")
         for side, result in (("ours", ours), ("TRL", trl)):
             if not result["ok"]:
                 raise SystemExit(f"bench_vs_trl: check run ({algorithm}, {side}) failed: "
                                  f"{result['error']}")
-        for i, (prompt, chosen, rejected) in enumerate(trl["trl_tokens"]):
-            mine = dataset[i]
-            for field, a, b in (("prompt", prompt, mine.long_prompt), ("chosen", chosen, mine.chosen),
-                                ("rejected", rejected, mine.rejected)):
-                if list(a) != list(b):
-                    failures.append(f"{algorithm}: example {i} {field}: TRL's tokens differ from "
-                                    f"ours (TRL {len(a)} ids, ours {len(b)}; first difference "
-                                    f"at {next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))})")
+        failures += [f"{algorithm}: {f}" for f in token_differences(trl["trl_tokens"], dataset)]
         rows = []
         for k in range(steps):
             t_logged, o_logged = trl["steps"][k]["logged"], ours["steps"][k]["logged"]
@@ -261,17 +272,22 @@ def check(runner: Runner, inputs, dataset) -> dict:
         (runner.out / "check.json").write_text(json.dumps(report, indent=2))
         raise SystemExit("bench_vs_trl: the check failed, so no timing was run:\n  "
                          + "\n  ".join(failures))
-    log(f"check passed: identical token ids; losses and log-probs within "
+    log(f"check passed on {inputs.shape.name}: identical token ids; losses and log-probs within "
         f"{runner.args.check_tolerance:g} (relative) over {steps} steps, all three algorithms")
     return report
 
 
 def time_all(runner: Runner, all_inputs: dict) -> list:
+    """The interleaved timing runs (module doc, 3.); TRL's tokens are compared with ours after
+    every TRL run."""
+    from solopo_mcore.data.dataset import TripletDataset
+
     args = runner.args
     hyper = CHECK_HYPER[args.algorithm]
     results = []
     for (shape_name, length), inputs in all_inputs.items():
         ref = runner.reference(inputs, hyper) if args.algorithm == "dpo" else None
+        dataset = TripletDataset(str(inputs.data_prefix))
         for round_index in range(args.rounds):
             order = VARIANTS if round_index % 2 == 0 else VARIANTS[::-1]
             for label, side, mode, shared in order:
@@ -279,6 +295,12 @@ def time_all(runner: Runner, all_inputs: dict) -> list:
                                     f"time_{shape_name}_{length}_{side}_{mode}"
                                     f"{'_shared' if shared else ''}_r{round_index}",
                                     ref_path=ref if side == "ours" else None)
+                if result["ok"] and side == "trl":
+                    differences = token_differences(result["trl_tokens"], dataset)
+                    if differences:
+                        raise SystemExit(f"bench_vs_trl: {inputs.data_prefix}: TRL trained on "
+                                         f"other tokens than ours, so its timing would not "
+                                         f"compare:\n  " + "\n  ".join(differences[:5]))
                 entry = {"shape": shape_name, "long_tokens": length, "variant": label,
                          "round": round_index, "ok": result["ok"]}
                 if result["ok"]:
@@ -316,7 +338,8 @@ def main(argv=None) -> None:
     runner = Runner(args)
     runner.out.mkdir(parents=True, exist_ok=True)
     shapes = [s for s in args.shapes.split(",") if s]
-    unknown = [s for s in shapes + [args.check_shape] if s not in SHAPES]
+    check_shapes = [s for s in (args.check_shapes or args.shapes).split(",") if s]
+    unknown = [s for s in shapes + check_shapes if s not in SHAPES]
     if unknown:
         raise SystemExit(f"bench_vs_trl: unknown shape(s) {unknown}; known: {', '.join(SHAPES)}")
     lengths = _ints(args.lengths)
@@ -331,8 +354,10 @@ def main(argv=None) -> None:
     from solopo_mcore.data.dataset import TripletDataset
 
     if not args.skip_check:
-        inputs = build(args.check_shape, min(lengths))
-        payload["check"] = check(runner, inputs, TripletDataset(str(inputs.data_prefix)))
+        payload["check"] = []
+        for shape in check_shapes:
+            inputs = build(shape, min(lengths))
+            payload["check"].append(check(runner, inputs, TripletDataset(str(inputs.data_prefix))))
     if not args.check_only:
         all_inputs = {(s, n): build(s, n) for s in shapes for n in lengths}
         for (s, n), inputs in all_inputs.items():

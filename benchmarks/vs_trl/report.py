@@ -85,8 +85,8 @@ def write_summary(payload: dict, path: Path) -> str:
                      f"vocab {c['vocab_size']}; output layer share of a full-logits forward "
                      f"{share} ({shape['why']})")
     lines.append("")
-    if "check" in payload:
-        lines += _check_table(payload["check"]) + [""]
+    for check in payload.get("check", []):
+        lines += _check_table(check) + [""]
     for name in payload["shapes"]:
         if "summary" in payload:
             lines += [f"## {name}", ""] + _timing_table(payload["summary"], name) + [""]

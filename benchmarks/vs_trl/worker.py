@@ -2,7 +2,8 @@
 benchmarks.vs_trl.worker SPEC.json``. Writes ``spec["out"]`` (JSON): per-step wall seconds
 (from one step's end to the next's, everything the loop does), per-step logged figures, tokens
 per step and the process's peak RSS. For the correctness check, TRL's worker also writes the
-token ids its own tokenization produced for the first examples.
+token ids its own tokenization produced for the examples it trained on, which the benchmark
+compares with ours after every TRL run.
 """
 
 from __future__ import annotations
@@ -104,12 +105,16 @@ def run_trl(spec: dict) -> dict:
     """TRL's trainer for the algorithm, on the same HF model and pairs, as text (TRL tokenizes)."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from benchmarks.vs_trl.conventions import Hyper, trl_setup
 
     hyper = Hyper(**spec["hyper"])
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    from data_tools.tokenizer import load_tokenizer
+
+    # the tokenizer preprocess used: AutoTokenizer would rebuild a word-level tokenizer
+    # (builtin:qa-words) as merge-less BPE and split its words into characters
+    tokenizer = load_tokenizer(spec["model_dir"])
     rows = []
     for row in spec["rows"]:  # the standard (not conversational) format: prompt text with the
         prompt = tokenizer.apply_chat_template(  # chat template applied, as our preprocess does
@@ -130,12 +135,11 @@ def run_trl(spec: dict) -> dict:
     trainer = trainer_cls(model=model, args=config_cls(**kwargs),
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                           callbacks=[clock])
-    tokens = _trl_tokens(trainer, hyper.algorithm, spec.get("dump_tokens", 0))
+    tokens = _trl_tokens(trainer, hyper.algorithm, spec["steps"])  # what it trains on
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     seconds = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
-    per_example = [len(p) * 2 + len(c) + len(r) for p, c, r in _trl_tokens(
-        trainer, hyper.algorithm, spec["steps"])]
+    per_example = [len(p) * 2 + len(c) + len(r) for p, c, r in tokens]
     steps = [{"seconds": s, "tokens": per_example[i % len(per_example)], "logged": logged[i]}
              for i, s in enumerate(seconds)]
     return {"steps": steps, "trl_tokens": tokens}
