@@ -47,10 +47,12 @@ sys.path.insert(0, str(REPO))
 from benchmarks.vs_trl.conventions import TRL_VERSION, Hyper, our_overrides, trl_losses  # noqa: E402
 from benchmarks.vs_trl.inputs import SHAPES, build_inputs, output_layer_share  # noqa: E402
 from benchmarks.vs_trl.report import summarize, write_summary  # noqa: E402
+from solopo_mcore.config.sections import ObjectiveConfig  # noqa: E402
 
 #: Hyperparameters of the check, per algorithm (SimPO's beta as in its paper's range).
-CHECK_HYPER = {"dpo": Hyper("dpo", beta=0.1), "simpo": Hyper("simpo", beta=2.0, gamma=0.5),
-               "orpo": Hyper("orpo", orpo_lambda=0.1)}
+CHECK_HYPER = {"dpo": Hyper(ObjectiveConfig("dpo", beta=0.1)),
+               "simpo": Hyper(ObjectiveConfig("simpo", beta=2.0, gamma=0.5)),
+               "orpo": Hyper(ObjectiveConfig("orpo", orpo_lambda=0.1))}
 
 #: Timed variants: (label, side, mode, shared_prefix).
 VARIANTS = [("TRL long-PO", "trl", "long", False),
@@ -174,7 +176,7 @@ class Runner:
         spec = {"side": side, "mode": mode, "shared_prefix": shared, "steps": steps,
                 "threads": self.args.threads, "model_dir": str(inputs.model_dir),
                 "data_prefix": str(inputs.data_prefix), "overrides": our_overrides(hyper),
-                "hyper": vars(hyper), "work_dir": str(work), "out": str(work / "result.json"),
+                "hyper": hyper.to_dict(), "work_dir": str(work), "out": str(work / "result.json"),
                 "max_length": inputs.long_tokens + 1024, "orpo_nll": orpo_nll,
                 "ref_path": str(ref_path) if ref_path else None}
         if side == "trl":
@@ -320,6 +322,16 @@ def time_all(runner: Runner, all_inputs: dict) -> list:
     return results
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(args, trl_version: str) -> dict:
     import torch
     import transformers
@@ -328,7 +340,7 @@ def environment(args, trl_version: str) -> dict:
     return {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "trl": trl_version, "megatron_core": version("megatron-core"),
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "cpu": _cpu_model(), "cores": os.cpu_count(),
             "threads": args.threads, "command": " ".join(["python", *sys.argv])}
 
 

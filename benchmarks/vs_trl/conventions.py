@@ -22,71 +22,75 @@ orpo (cap)        (none)                           our mean log-prob is capped a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
+
+from solopo_mcore.config.sections import ObjectiveConfig, OptimizerConfig
 
 #: TRL version the mapping was checked against (setup.py's ``compare`` extra pins it).
 TRL_VERSION = "1.16.0"
 
 
+def constant_lr(lr: float = 1e-4) -> OptimizerConfig:
+    """AdamW at a constant ``lr`` (no warm-up, no decay), betas (0.9, 0.95), no weight decay."""
+    return OptimizerConfig(lr=lr, min_lr=lr, lr_warmup_steps=0, weight_decay=0.0)
+
+
 @dataclass
 class Hyper:
-    """One setting of the objective and optimizer, in our names."""
+    """One setting of the objective and optimizer, as our config sections; both trainers get
+    it (ours as dotted overrides, TRL through :func:`trl_setup`)."""
 
-    algorithm: str = "orpo"
-    """dpo, simpo or orpo."""
-    beta: float = 0.1
-    """DPO / SimPO reward scale."""
-    gamma: float = 0.5
-    """SimPO target margin."""
-    orpo_lambda: float = 0.1
-    """ORPO weight of the odds-ratio term."""
-    label_smoothing: float = 0.0
-    """DPO label smoothing (cDPO)."""
-    alpha: float = 1.0
-    """SoLo-RA weight (ours, mode=solo; TRL has no such term)."""
-    lr: float = 1e-4
-    """Constant learning rate (no warm-up, no decay) on both sides."""
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    """Global gradient-norm clip on both sides."""
+    objective: ObjectiveConfig
+    """``mode`` is the worker's (long for TRL's counterpart, solo for SoLoPO)."""
+    optimizer: OptimizerConfig = field(default_factory=constant_lr)
+    """Must be a constant learning rate: TRL gets ``lr_scheduler_type="constant"``."""
     seed: int = 1234
+    """Weights are the HF model's on both sides; the seed covers dropout and sampling."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Hyper":
+        return cls(ObjectiveConfig(**data["objective"]), OptimizerConfig(**data["optimizer"]),
+                   data["seed"])
 
 
 def our_overrides(hyper: Hyper) -> list:
-    """Dotted overrides of our recipe for ``hyper`` (objective and optimizer only)."""
-    return [f"objective.algorithm={hyper.algorithm}", f"objective.beta={hyper.beta}",
-            f"objective.gamma={hyper.gamma}", f"objective.orpo_lambda={hyper.orpo_lambda}",
-            f"objective.label_smoothing={hyper.label_smoothing}", f"objective.alpha={hyper.alpha}",
-            f"optimizer.lr={hyper.lr}", f"optimizer.min_lr={hyper.lr}",
-            "optimizer.lr_warmup_steps=0", "optimizer.weight_decay=0.0",
-            f"optimizer.adam_beta1={hyper.adam_beta1}", f"optimizer.adam_beta2={hyper.adam_beta2}",
-            f"optimizer.adam_eps={hyper.adam_eps}", f"optimizer.clip_grad={hyper.clip_grad}",
-            f"training.seed={hyper.seed}"]
+    """Dotted overrides of our recipe for ``hyper``: every objective (but ``mode``) and
+    optimizer key."""
+    out = [f"objective.{f.name}={getattr(hyper.objective, f.name)}"
+           for f in fields(ObjectiveConfig) if f.name != "mode"]
+    out += [f"optimizer.{f.name}={getattr(hyper.optimizer, f.name)}"
+            for f in fields(OptimizerConfig)]
+    return out + [f"training.seed={hyper.seed}"]
 
 
 def trl_setup(hyper: Hyper, max_length: int, common: dict):
     """``(TrainerClass, ConfigClass, config kwargs)`` of TRL for ``hyper``'s algorithm on the
     long context (mode=long). ``common``: the TrainingArguments both trainers share."""
-    shared = dict(common, learning_rate=hyper.lr, lr_scheduler_type="constant", warmup_steps=0,
-                  weight_decay=0.0, adam_beta1=hyper.adam_beta1, adam_beta2=hyper.adam_beta2,
-                  adam_epsilon=hyper.adam_eps, max_grad_norm=hyper.clip_grad, seed=hyper.seed,
-                  data_seed=hyper.seed, max_length=max_length)
-    if hyper.algorithm == "dpo":
+    opt, obj = hyper.optimizer, hyper.objective
+    if opt.min_lr != opt.lr or opt.lr_warmup_steps:
+        raise ValueError("the comparison needs a constant learning rate (min_lr = lr, no warm-up)")
+    shared = dict(common, learning_rate=opt.lr, lr_scheduler_type="constant", warmup_steps=0,
+                  weight_decay=opt.weight_decay, adam_beta1=opt.adam_beta1,
+                  adam_beta2=opt.adam_beta2, adam_epsilon=opt.adam_eps,
+                  max_grad_norm=opt.clip_grad, seed=hyper.seed, data_seed=hyper.seed,
+                  max_length=max_length)
+    if obj.algorithm == "dpo":
         from trl import DPOConfig, DPOTrainer
-        return DPOTrainer, DPOConfig, dict(shared, beta=hyper.beta, loss_type=["sigmoid"],
-                                           label_smoothing=hyper.label_smoothing,
+        return DPOTrainer, DPOConfig, dict(shared, beta=obj.beta, loss_type=["sigmoid"],
+                                           label_smoothing=obj.label_smoothing,
                                            precompute_ref_log_probs=True)
-    if hyper.algorithm == "simpo":
+    if obj.algorithm == "simpo":
         from trl.experimental.cpo import CPOConfig, CPOTrainer
-        return CPOTrainer, CPOConfig, dict(shared, loss_type="simpo", beta=hyper.beta,
-                                           simpo_gamma=hyper.gamma, cpo_alpha=0.0,
+        return CPOTrainer, CPOConfig, dict(shared, loss_type="simpo", beta=obj.beta,
+                                           simpo_gamma=obj.gamma, cpo_alpha=0.0,
                                            label_smoothing=0.0)
-    if hyper.algorithm == "orpo":
+    if obj.algorithm == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-        return ORPOTrainer, ORPOConfig, dict(shared, beta=hyper.orpo_lambda)
-    raise ValueError(f"algorithm {hyper.algorithm!r}: expected dpo, simpo or orpo")
+        return ORPOTrainer, ORPOConfig, dict(shared, beta=obj.orpo_lambda)
+    raise ValueError(f"algorithm {obj.algorithm!r}: expected dpo, simpo or orpo")
 
 
 def trl_losses(algorithm: str, logged: dict) -> tuple:

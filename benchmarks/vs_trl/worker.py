@@ -109,7 +109,7 @@ def run_trl(spec: dict) -> dict:
 
     from benchmarks.vs_trl.conventions import Hyper, trl_setup
 
-    hyper = Hyper(**spec["hyper"])
+    hyper = Hyper.from_dict(spec["hyper"])
     from data_tools.tokenizer import load_tokenizer
 
     # the tokenizer preprocess used: AutoTokenizer would rebuild a word-level tokenizer
@@ -129,13 +129,14 @@ def run_trl(spec: dict) -> dict:
                   dataloader_num_workers=0, train_sampling_strategy="sequential",
                   optim="adamw_torch", disable_tqdm=True, dataset_num_proc=None)
     trainer_cls, config_cls, kwargs = trl_setup(hyper, spec["max_length"], common)
-    if hyper.algorithm == "orpo" and spec.get("orpo_nll") == "response":
+    algorithm = hyper.objective.algorithm
+    if algorithm == "orpo" and spec.get("orpo_nll") == "response":
         trainer_cls = _response_nll_orpo(trainer_cls)
     clock = _StepClock()
     trainer = trainer_cls(model=model, args=config_cls(**kwargs),
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                           callbacks=[clock])
-    tokens = _trl_tokens(trainer, hyper.algorithm, spec["steps"])  # what it trains on
+    tokens = _trl_tokens(trainer, algorithm, spec["steps"])  # what it trains on
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     seconds = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
