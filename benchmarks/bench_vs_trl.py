@@ -48,6 +48,7 @@ from benchmarks.vs_trl.conventions import TRL_VERSION, Hyper, our_overrides, trl
 from benchmarks.vs_trl.inputs import SHAPES, build_inputs, output_layer_share  # noqa: E402
 from benchmarks.vs_trl.report import summarize, write_summary  # noqa: E402
 from solopo_mcore.config.sections import ObjectiveConfig  # noqa: E402
+from solopo_mcore.processes import parent_death_preexec  # noqa: E402
 
 #: Hyperparameters of the check, per algorithm (SimPO's beta as in its paper's range).
 CHECK_HYPER = {"dpo": Hyper(ObjectiveConfig("dpo", beta=0.1)),
@@ -94,7 +95,21 @@ def parse_args(argv=None):
     p.add_argument("--memory-limit-gib", type=float, default=None,
                    help="stop a run whose processes exceed this resident memory (default: 85%% "
                         "of this machine's memory)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name, least in (("steps", 1), ("warmup", 0), ("rounds", 1), ("threads", 1),
+                        ("check_steps", 1)):
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be at least {least}")
+    try:
+        lengths = _ints(args.lengths)
+    except ValueError:
+        p.error(f"--lengths {args.lengths!r}: expected comma-separated token counts, e.g. 1024,2048")
+    if not lengths or min(lengths) < 256:
+        p.error(f"--lengths {args.lengths!r}: each long context needs at least 256 tokens (the "
+                f"task's question and evidence alone take about 100)")
+    if args.check_only and args.skip_check:
+        p.error("--check-only and --skip-check together leave nothing to run")
+    return args
 
 
 def require_trl() -> str:
@@ -143,7 +158,8 @@ def run_process(args: list, env: dict, memory_limit_gib: float, log_path: Path) 
     """Run one process, stopping it above ``memory_limit_gib``; ``{"ok", "error"}``."""
     with open(log_path, "w") as out:
         proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=parent_death_preexec())  # ends with the benchmark
         peak = 0.0
         while proc.poll() is None:
             peak = max(peak, _tree_rss_gib(proc))
@@ -163,6 +179,10 @@ class Runner:
     def __init__(self, args):
         self.args = args
         self.out = Path(args.out).resolve()
+        if self.out.exists() and not self.out.is_dir():
+            raise SystemExit(f"bench_vs_trl: --out {args.out} is a file; give a folder")
+        # each invocation's runs in their own folder: a rerun never mixes with an earlier one
+        self.runs = self.out / "runs" / time.strftime("%Y%m%d-%H%M%S")
         self.count = 0
         if args.memory_limit_gib is None:
             import psutil
@@ -171,7 +191,7 @@ class Runner:
     def job(self, side: str, inputs, hyper: Hyper, mode: str, shared: bool, steps: int,
             name: str, ref_path=None, orpo_nll: str = "shipped") -> dict:
         self.count += 1
-        work = self.out / "runs" / f"{self.count:03d}_{name}"
+        work = self.runs / f"{self.count:03d}_{name}"
         work.mkdir(parents=True, exist_ok=True)
         spec = {"side": side, "mode": mode, "shared_prefix": shared, "steps": steps,
                 "threads": self.args.threads, "model_dir": str(inputs.model_dir),
@@ -192,7 +212,7 @@ class Runner:
     def reference(self, inputs, hyper: Hyper) -> Path:
         """Our DPO reference sidecar for ``inputs`` (the policy's start: the same HF model)."""
         path = self.out / "inputs" / f"{inputs.shape.name}_{inputs.long_tokens}" / "ref"
-        if not Path(str(path) + ".npy").is_file():
+        if not Path(str(path) + ".json").is_file():  # written last, atomically
             args = ["examples/precompute_ref_logprobs.py", "--output", path,
                     f"model.hf_config_path={inputs.model_dir}",
                     f"checkpoint.hf_init_dir={inputs.model_dir}", "model.params_dtype=fp32",

@@ -58,8 +58,13 @@ def _child_preexec(parent: int) -> None:  # runs in the child between fork and e
         os._exit(1)
 
 
+def parent_death_preexec():
+    """A ``preexec_fn`` for :mod:`subprocess`: the child receives SIGTERM if this process dies
+    (Linux; None elsewhere)."""
+    return functools.partial(_child_preexec, os.getpid()) \
+        if sys.platform.startswith("linux") else None
+
+
 def run_child(args: list, **kwargs) -> subprocess.CompletedProcess:
     """``subprocess.run(args, **kwargs)``, the child receiving SIGTERM if this process dies."""
-    preexec = functools.partial(_child_preexec, os.getpid()) \
-        if sys.platform.startswith("linux") else None
-    return subprocess.run([str(a) for a in args], preexec_fn=preexec, **kwargs)
+    return subprocess.run([str(a) for a in args], preexec_fn=parent_death_preexec(), **kwargs)

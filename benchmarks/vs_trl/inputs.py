@@ -19,7 +19,8 @@ the output layer is most of the FLOPs, which flatters a trainer that skips the c
 from __future__ import annotations
 
 import json
-import subprocess
+import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,8 +96,9 @@ class Inputs:
 
 
 def _run(args: list) -> None:
-    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO,
-                            capture_output=True, text=True)
+    from solopo_mcore.processes import run_child
+
+    result = run_child([sys.executable, *args], cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"`{' '.join(map(str, args[:3]))} ...` failed:\n"
                            f"{result.stdout[-2000:]}{result.stderr[-4000:]}")
@@ -106,13 +108,23 @@ def build_inputs(shape: Shape, long_tokens: int, root: Path, num_examples: int,
                  log=print) -> Inputs:
     """Build (once; reused when complete) the model and dataset for ``shape`` at
     ``long_tokens``."""
-    out = Path(root) / f"{shape.name}_{long_tokens}"
+    final = Path(root) / f"{shape.name}_{long_tokens}"
+    inputs = Inputs(shape, long_tokens, final / "model", final / "data" / "qa",
+                    final / "data" / "pairs.jsonl")
+    if final.is_dir():
+        if (final / "data" / "qa.meta.json").is_file() and (final / "model" / "config.json").is_file():
+            return inputs
+        raise RuntimeError(f"{final} is an incomplete inputs folder (not made by this version, "
+                           f"which builds in {final.name}.partial and renames it when complete); "
+                           f"delete it and run again")
+    # built in a scratch folder renamed when complete: an interrupted build is redone, never used
+    out = final.with_name(final.name + ".partial")
+    if out.exists():
+        log(f"removing {out}: an interrupted build of these inputs")
+        shutil.rmtree(out)
     model, data = out / "model", out / "data"
-    inputs = Inputs(shape, long_tokens, model, data / "qa", data / "pairs.jsonl")
-    if (data / "qa.meta.json").is_file() and (model / "config.json").is_file():
-        return inputs
-    log(f"building inputs: {shape.name}, long context {long_tokens} tokens -> {out}")
-    data.mkdir(parents=True, exist_ok=True)
+    log(f"building inputs: {shape.name}, long context {long_tokens} tokens -> {final}")
+    data.mkdir(parents=True)
     build_model = (
         "import sys; from data_tools.tokenizer import load_tokenizer; "
         "from solopo_mcore.models.tiny import build_tiny_hf_model; "
@@ -135,4 +147,5 @@ def build_inputs(shape: Shape, long_tokens: int, root: Path, num_examples: int,
              data / "qa", "--tokenizer", shape.tokenizer, "--max-seq-length",
              long_tokens + 512, "--num-proc", 1, "--model-config", model]):
         _run(command)
+    os.replace(out, final)
     return inputs
