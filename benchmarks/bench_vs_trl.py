@@ -55,6 +55,9 @@ CHECK_HYPER = {"dpo": Hyper(ObjectiveConfig("dpo", beta=0.1)),
                "simpo": Hyper(ObjectiveConfig("simpo", beta=2.0, gamma=0.5)),
                "orpo": Hyper(ObjectiveConfig("orpo", orpo_lambda=0.1))}
 
+#: Other processes using more than this many cores during a run make its timing suspect.
+OTHER_LOAD_WARNING_CORES = 0.2
+
 #: Timed variants: (label, side, mode, shared_prefix).
 VARIANTS = [("TRL long-PO", "trl", "long", False),
             ("ours long-PO, unshared", "ours", "long", False),
@@ -154,8 +157,20 @@ def _tree_rss_gib(proc) -> float:
         return 0.0
 
 
+def _busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (every process, every core)."""
+    import psutil
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
 def run_process(args: list, env: dict, memory_limit_gib: float, log_path: Path) -> dict:
-    """Run one process, stopping it above ``memory_limit_gib``; ``{"ok", "error"}``."""
+    """Run one process, stopping it above ``memory_limit_gib``; ``{"ok", "error",
+    "other_load_cores"}``: the CPU the rest of the machine used meanwhile, in cores (a run
+    that shared its cores with other work has timings that do not compare)."""
+    import resource
+    busy0, start = _busy_cpu_seconds(), time.perf_counter()
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log_path, "w") as out:
         proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=env,
                                 stdout=out, stderr=subprocess.STDOUT,
@@ -169,10 +184,13 @@ def run_process(args: list, env: dict, memory_limit_gib: float, log_path: Path) 
                 return {"ok": False, "error": f"stopped above --memory-limit-gib "
                                               f"{memory_limit_gib:.1f} GiB", "oom": True}
             time.sleep(0.25)
+    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
+    other = max(0.0, (_busy_cpu_seconds() - busy0 - own) / (time.perf_counter() - start))
     if proc.returncode != 0:
         tail = log_path.read_text()[-3000:]
         return {"ok": False, "error": f"exit {proc.returncode}; {log_path}:\n{tail}"}
-    return {"ok": True}
+    return {"ok": True, "other_load_cores": other}
 
 
 class Runner:
@@ -187,6 +205,16 @@ class Runner:
         if args.memory_limit_gib is None:
             import psutil
             args.memory_limit_gib = 0.85 * psutil.virtual_memory().total / 2**30
+
+    def require_examples(self, inputs, needed: int) -> None:
+        from solopo_mcore.data.dataset import TripletDataset
+
+        held = len(TripletDataset(str(inputs.data_prefix)))
+        if held < needed:
+            folder = inputs.data_prefix.parent.parent
+            raise SystemExit(f"bench_vs_trl: {folder} holds {held} examples, this run needs "
+                             f"{needed} (built by an earlier run with fewer steps); delete that "
+                             f"folder or use a new --out, and run again")
 
     def job(self, side: str, inputs, hyper: Hyper, mode: str, shared: bool, steps: int,
             name: str, ref_path=None, orpo_nll: str = "shipped") -> dict:
@@ -207,7 +235,7 @@ class Runner:
                              work / "log.txt")
         if not status["ok"]:
             return status
-        return {"ok": True, **json.loads((work / "result.json").read_text())}
+        return {**status, **json.loads((work / "result.json").read_text())}
 
     def reference(self, inputs, hyper: Hyper) -> Path:
         """Our DPO reference sidecar for ``inputs`` (the policy's start: the same HF model)."""
@@ -329,7 +357,12 @@ def time_all(runner: Runner, all_inputs: dict) -> list:
                     timed = result["steps"][args.warmup:]
                     entry.update(step_seconds=[s["seconds"] for s in timed],
                                  tokens=[s["tokens"] for s in timed],
-                                 peak_rss_gib=result["peak_rss_gib"])
+                                 peak_rss_gib=result["peak_rss_gib"],
+                                 other_load_cores=result["other_load_cores"])
+                    if result["other_load_cores"] > OTHER_LOAD_WARNING_CORES:
+                        log(f"warning: other processes used {result['other_load_cores']:.2f} "
+                            f"cores during this run; its timing is not comparable (stop other "
+                            f"work and run again)")
                     log(f"{shape_name} long {length} round {round_index + 1}: {label}: "
                         f"{statistics.median(entry['step_seconds']):.2f} s/step, peak RSS "
                         f"{entry['peak_rss_gib']:.2f} GiB")
@@ -366,14 +399,15 @@ def environment(args, trl_version: str) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    shapes = [s for s in args.shapes.split(",") if s]
+    check_shapes = [s for s in (args.check_shapes or args.shapes).split(",") if s]
+    unknown = sorted({s for s in shapes + check_shapes if s not in SHAPES})
+    if unknown:
+        raise SystemExit(f"bench_vs_trl: unknown shape(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(SHAPES)}")
     trl_version = require_trl()
     runner = Runner(args)
     runner.out.mkdir(parents=True, exist_ok=True)
-    shapes = [s for s in args.shapes.split(",") if s]
-    check_shapes = [s for s in (args.check_shapes or args.shapes).split(",") if s]
-    unknown = [s for s in shapes + check_shapes if s not in SHAPES]
-    if unknown:
-        raise SystemExit(f"bench_vs_trl: unknown shape(s) {unknown}; known: {', '.join(SHAPES)}")
     lengths = _ints(args.lengths)
     num_examples = max(args.warmup + args.steps, args.check_steps) + 8  # some may be skipped
     build = lambda shape, length: build_inputs(SHAPES[shape], length, runner.out / "inputs",  # noqa: E731
@@ -389,20 +423,31 @@ def main(argv=None) -> None:
         payload["check"] = []
         for shape in check_shapes:
             inputs = build(shape, min(lengths))
+            runner.require_examples(inputs, args.check_steps)
             payload["check"].append(check(runner, inputs, TripletDataset(str(inputs.data_prefix))))
+    failed = []
     if not args.check_only:
         all_inputs = {(s, n): build(s, n) for s in shapes for n in lengths}
-        for (s, n), inputs in all_inputs.items():
-            if len(TripletDataset(str(inputs.data_prefix))) < args.warmup + args.steps:
-                raise SystemExit(f"bench_vs_trl: {inputs.data_prefix} holds fewer examples "
-                                 f"than --warmup + --steps")
+        for inputs in all_inputs.values():
+            runner.require_examples(inputs, args.warmup + args.steps)
         payload["timings"] = time_all(runner, all_inputs)
         payload["summary"] = summarize(payload["timings"])
+        payload["variant_order"] = [label for label, *_ in VARIANTS]
+        failed = [t for t in payload["timings"] if not t["ok"]]
+    payload["memory_limit_gib"] = args.memory_limit_gib
     (runner.out / "results.json").write_text(json.dumps(payload, indent=2))
     text = write_summary(payload, runner.out / "summary.md")
     print(text)
     log(f"wrote {runner.out / 'results.json'} and {runner.out / 'summary.md'}")
+    if failed:
+        raise SystemExit(f"bench_vs_trl: {len(failed)} of {len(payload['timings'])} timed runs "
+                         f"failed or went over the memory limit (see the tables above)")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the workers end with this process (parent_death_preexec)
+        print("bench_vs_trl: interrupted; built inputs are kept and reused, a half-built one is "
+              "redone", file=sys.stderr)
+        sys.exit(130)
