@@ -1,7 +1,7 @@
 """Side by side with Hugging Face TRL: the same model, data, objective, optimizer and threads.
 
     pip install -e ".[compare]"              # TRL, pinned (benchmarks/vs_trl/conventions.py)
-    python benchmarks/bench_vs_trl.py        # check, then time; about 1.5 hours on 2 CPU cores
+    python benchmarks/bench_vs_trl.py        # check, then time; about an hour on 2 CPU cores
     python benchmarks/bench_vs_trl.py --check-only
 
 1. **Inputs** (benchmarks/vs_trl/inputs.py): per shape and long-context length, one random HF
@@ -433,6 +433,7 @@ def main(argv=None) -> None:
         payload["timings"] = time_all(runner, all_inputs)
         payload["summary"] = summarize(payload["timings"])
         payload["variant_order"] = [label for label, *_ in VARIANTS]
+        payload["timed_algorithm"] = args.algorithm
         failed = [t for t in payload["timings"] if not t["ok"]]
     payload["memory_limit_gib"] = args.memory_limit_gib
     (runner.out / "results.json").write_text(json.dumps(payload, indent=2))

@@ -119,7 +119,9 @@ def write_summary(payload: dict, path: Path) -> str:
     if "summary" in payload:
         order = payload.get("variant_order", [])
         for name in payload["shapes"]:
-            lines += [f"## {name}", ""] + _timing_table(payload["summary"], name, order) + [""]
+            algorithm = payload.get("timed_algorithm", "orpo").upper()
+            lines += [f"## {name}: {algorithm}, timed", ""] + \
+                _timing_table(payload["summary"], name, order) + [""]
         lines += [LEGEND, f"- Runs going over {payload['memory_limit_gib']:.1f} GiB resident "
                           f"(`--memory-limit-gib`) were stopped.", ""]
     text = "\n".join(lines)
