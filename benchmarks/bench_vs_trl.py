@@ -104,7 +104,7 @@ def parse_args(argv=None):
         if getattr(args, name) < least:
             p.error(f"--{name.replace('_', '-')} must be at least {least}")
     try:
-        lengths = _ints(args.lengths)
+        args.lengths = lengths = _ints(args.lengths)
     except ValueError:
         p.error(f"--lengths {args.lengths!r}: expected comma-separated token counts, e.g. 1024,2048")
     if not lengths or min(lengths) < 256:
@@ -223,7 +223,7 @@ class Runner:
         work.mkdir(parents=True, exist_ok=True)
         spec = {"side": side, "mode": mode, "shared_prefix": shared, "steps": steps,
                 "threads": self.args.threads, "model_dir": str(inputs.model_dir),
-                "data_prefix": str(inputs.data_prefix), "overrides": our_overrides(hyper),
+                "data_prefix": str(inputs.data_prefix), "overrides": our_overrides(hyper, inputs.model_dir, inputs.data_prefix),
                 "hyper": hyper.to_dict(), "work_dir": str(work), "out": str(work / "result.json"),
                 "max_length": inputs.long_tokens + 1024, "orpo_nll": orpo_nll,
                 "ref_path": str(ref_path) if ref_path else None}
@@ -239,13 +239,10 @@ class Runner:
 
     def reference(self, inputs, hyper: Hyper) -> Path:
         """Our DPO reference sidecar for ``inputs`` (the policy's start: the same HF model)."""
-        path = self.out / "inputs" / f"{inputs.shape.name}_{inputs.long_tokens}" / "ref"
+        path = inputs.model_dir.parent / "ref"
         if not Path(str(path) + ".json").is_file():  # written last, atomically
             args = ["examples/precompute_ref_logprobs.py", "--output", path,
-                    f"model.hf_config_path={inputs.model_dir}",
-                    f"checkpoint.hf_init_dir={inputs.model_dir}", "model.params_dtype=fp32",
-                    f"data.data_path={inputs.data_prefix}", "data.micro_batch_size=1",
-                    "data.global_batch_size=1", *our_overrides(hyper)]
+                    *our_overrides(hyper, inputs.model_dir, inputs.data_prefix)]
             status = run_process(args, _env("ours", self.args.threads),
                                  self.args.memory_limit_gib, path.with_suffix(".log"))
             if not status["ok"]:
@@ -408,7 +405,7 @@ def main(argv=None) -> None:
     trl_version = require_trl()
     runner = Runner(args)
     runner.out.mkdir(parents=True, exist_ok=True)
-    lengths = _ints(args.lengths)
+    lengths = args.lengths
     num_examples = max(args.warmup + args.steps, args.check_steps) + 8  # some may be skipped
     build = lambda shape, length: build_inputs(SHAPES[shape], length, runner.out / "inputs",  # noqa: E731
                                                num_examples, log)

@@ -56,10 +56,14 @@ class Hyper:
                    data["seed"])
 
 
-def our_overrides(hyper: Hyper) -> list:
-    """Dotted overrides of our recipe for ``hyper``: every objective (but ``mode``) and
-    optimizer key."""
-    out = [f"objective.{f.name}={getattr(hyper.objective, f.name)}"
+def our_overrides(hyper: Hyper, model_dir, data_prefix) -> list:
+    """Dotted overrides of our recipe: the HF model (architecture and start weights) and dataset
+    in fp32, one pair per step, then every objective (but ``mode``) and optimizer key of
+    ``hyper``."""
+    out = [f"model.hf_config_path={model_dir}", f"checkpoint.hf_init_dir={model_dir}",
+           "model.params_dtype=fp32", f"data.data_path={data_prefix}",
+           "data.micro_batch_size=1", "data.global_batch_size=1"]
+    out += [f"objective.{f.name}={getattr(hyper.objective, f.name)}"
            for f in fields(ObjectiveConfig) if f.name != "mode"]
     out += [f"optimizer.{f.name}={getattr(hyper.optimizer, f.name)}"
             for f in fields(OptimizerConfig)]

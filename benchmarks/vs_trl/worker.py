@@ -26,13 +26,10 @@ def run_ours(spec: dict) -> dict:
     from solopo_mcore.config import load_config
     from solopo_mcore.training.trainer import Trainer
 
-    overrides = [f"model.hf_config_path={spec['model_dir']}",
-                 f"checkpoint.hf_init_dir={spec['model_dir']}", "model.params_dtype=fp32",
-                 f"data.data_path={spec['data_prefix']}", "data.micro_batch_size=1",
-                 "data.global_batch_size=1", "data.shuffle=false", "data.num_eval_examples=0",
+    overrides = [*spec["overrides"], "data.shuffle=false", "data.num_eval_examples=0",
                  f"data.shared_prefix={str(spec['shared_prefix']).lower()}",
                  f"objective.mode={spec['mode']}", f"training.train_steps={spec['steps']}",
-                 "logging.progress_bar=false", *spec["overrides"]]
+                 "logging.progress_bar=false"]
     if spec.get("ref_path"):
         overrides.append(f"data.ref_logprobs_path={spec['ref_path']}")
     trainer = Trainer(load_config(None, overrides))
