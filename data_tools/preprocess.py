@@ -9,7 +9,9 @@ it is written last, so a dataset without it is incomplete and is refused by the 
 
 Examples whose longest segment (a prompt plus a response) exceeds ``--max-seq-length`` are
 skipped and counted, never truncated. With ``--model-config``, a tokenizer larger than the model's
-vocabulary and a ``--max-seq-length`` above its ``max_position_embeddings`` are refused. Zero
+vocabulary and a ``--max-seq-length`` above its usable positions are refused
+(``max_position_embeddings``, or ``factor x original_max_position_embeddings`` with YaRN in
+config.json or ``--yarn-factor``; the message gives the exact YaRN to add). Zero
 examples written is an error (with the skip counts), and nothing is written.
 
     python -m data_tools.preprocess --input pairs.jsonl --output-prefix data/solopo \\
@@ -118,27 +120,41 @@ def _sha256(paths) -> str:
     return digest.hexdigest()
 
 
-def check_model(tokenizer, model_config: Optional[str], max_seq_length: int) -> None:
+def check_model(tokenizer, model_config: Optional[str], max_seq_length: int,
+                yarn_factor: Optional[float] = None) -> None:
     """Refuse a tokenizer whose ids do not fit the model's embedding, and a --max-seq-length
-    that would let through segments longer than the model's max_position_embeddings."""
+    that would let through segments longer than the model's usable positions
+    (``max_position_embeddings``, or YaRN's scaled limit with ``yarn_factor`` or a YaRN
+    config.json); warn when config.json raised ``max_position_embeddings`` without scaling."""
     if model_config is None:
+        if yarn_factor is not None:
+            raise SystemExit("preprocess: --yarn-factor needs --model-config (the model whose "
+                             "positions it scales)")
         return
-    from solopo_mcore.models.hf_config import read_hf_config
+    from solopo_mcore.log import warn
+    from solopo_mcore.models.positions import (model_shape, position_limit_fix,
+                                               position_limit_text, unscaled_extension_warning)
 
-    shape = read_hf_config(model_config)
+    shape = model_shape(model_config, None if yarn_factor is None
+                        else {"type": "yarn", "factor": float(yarn_factor)})
     if len(tokenizer) > shape.vocab_size:
         raise SystemExit(f"preprocess: the tokenizer has {len(tokenizer)} tokens but the model "
                          f"({model_config}) has vocab_size={shape.vocab_size}: ids would not "
                          f"fit its embedding. Use the model's own tokenizer.")
-    if max_seq_length > shape.max_position_embeddings:
+    warning = unscaled_extension_warning(shape, model_config)
+    if warning:
+        warn("preprocess", warning)
+    if max_seq_length > shape.usable_positions:
         raise SystemExit(f"preprocess: --max-seq-length {max_seq_length} is longer than the "
-                         f"model's max_position_embeddings {shape.max_position_embeddings} "
-                         f"({model_config}): longer segments cannot be trained. Pass "
-                         f"--max-seq-length {shape.max_position_embeddings} or less.")
+                         f"model's {position_limit_text(shape)} ({model_config}): longer "
+                         f"segments cannot be trained. Fix: " + position_limit_fix(
+                             shape, max_seq_length, f"pass --max-seq-length "
+                             f"{shape.usable_positions} or less"))
 
 
 def run(input_path: str, output_prefix: str, tokenizer_name: str, max_seq_length: int,
-        num_proc: int = 1, model_config: Optional[str] = None, strict: bool = False) -> dict:
+        num_proc: int = 1, model_config: Optional[str] = None, strict: bool = False,
+        yarn_factor: Optional[float] = None) -> dict:
     import datasets
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -149,7 +165,7 @@ def run(input_path: str, output_prefix: str, tokenizer_name: str, max_seq_length
                     ".bin.previous", ".idx.previous", ".meta.json.previous")})
     report = RunReport("preprocess", strict=strict)
     tokenizer = load_tokenizer(tokenizer_name)
-    check_model(tokenizer, model_config, max_seq_length)
+    check_model(tokenizer, model_config, max_seq_length, yarn_factor)
     rows = []
     for line_number, row in read_jsonl(input_path, report):
         try:
@@ -245,11 +261,16 @@ def main(argv=None) -> None:
     parser.add_argument("--num-proc", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="tokenizer processes (default: CPU count - 1)")
     parser.add_argument("--model-config", help="HF model dir: refuse a larger tokenizer vocab "
-                        "and a --max-seq-length above its max_position_embeddings")
+                        "and a --max-seq-length above its usable positions "
+                        "(max_position_embeddings, or YaRN's factor x original positions)")
+    parser.add_argument("--yarn-factor", type=float,
+                        help="the run will add YaRN with this factor over config.json "
+                        "(model.rope_scaling={type: yarn, factor: F}): segments may be F x the "
+                        "model's trained positions (Qwen2.5: 4 -> 131072)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad row")
     args = parser.parse_args(argv)
     run(args.input, args.output_prefix, args.tokenizer, args.max_seq_length, args.num_proc,
-        args.model_config, args.strict)
+        args.model_config, args.strict, args.yarn_factor)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ def parse_args():
                         help="compare logits with transformers before the result replaces --dst")
     parser.add_argument("--tolerance", type=float, default=1e-3,
                         help="--verify: largest allowed |logit difference| (default: 1e-3)")
+    parser.add_argument("--verify-tokens", type=int, default=64,
+                        help="--verify: tokens per random sequence (default: 64); past a scaled "
+                             "model's original positions (YaRN, llama3) to check the scaling "
+                             "where it matters")
     parser.add_argument("--max-shard-gb", type=float, default=5.0,
                         help="mcore-to-hf: largest safetensors file in GB (files are streamed, "
                              "so this does not change memory; default: 5, as transformers)")
@@ -49,6 +53,8 @@ def parse_args():
         parser.error("--tp and --pp must be at least 1")
     if args.max_shard_gb <= 0:
         parser.error("--max-shard-gb must be positive")
+    if args.verify_tokens < 2:
+        parser.error("--verify-tokens must be at least 2")
     if args.direction == "hf-to-mcore":
         for flag, value, default in (("--hf-config", args.hf_config, None),
                                      ("--max-shard-gb", args.max_shard_gb, 5.0)):
@@ -70,11 +76,13 @@ def main():
     try:
         if args.direction == "hf-to-mcore":
             report = commands.hf_to_mcore(args.src, args.dst, args.tp, args.pp, args.dtype,
-                                          args.verify, args.tolerance, args.overwrite)
+                                          args.verify, args.tolerance, args.overwrite,
+                                          verify_tokens=args.verify_tokens)
         else:
             report = commands.mcore_to_hf(args.src, args.dst, args.tp, args.pp, args.hf_config,
                                           args.verify, args.tolerance, args.overwrite, args.dtype,
-                                          max_shard_bytes=int(args.max_shard_gb * 1e9))
+                                          max_shard_bytes=int(args.max_shard_gb * 1e9),
+                                          verify_tokens=args.verify_tokens)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(report, indent=2))
     finally:

@@ -1,7 +1,10 @@
-"""Estimate per-GPU memory for a recipe on a cluster, and suggest TP/PP/CP layouts that fit.
+"""Estimate per-GPU memory for a recipe on a cluster: a plan of every TP/PP/CP layout under each
+recompute setting (none, selective, full) and with optimizer CPU offload that fits, cheapest
+predicted cost first (recompute's added compute), the longest trainable long context per setting,
+and whether the model's positions reach the long context (YaRN otherwise).
 
-    python examples/estimate_memory.py --config qwen2.5-7b_solo-orpo_64k_4node --world-size 32 \
-        --long-tokens 65536 --short-tokens 1024 --device-gib 141
+    python examples/estimate_memory.py --config qwen2.5-7b_solo-orpo_128k_4node --world-size 32 \
+        --long-tokens 131072 --short-tokens 1024 --device-gib 80
 
 Reads the architecture from model.hf_config_path, or --model qwen2.5-7b|llama3.1-8b without the
 weights. Formulas: solopo_mcore/profiling/estimator.py. The microbatch is the one the trainer
@@ -15,13 +18,14 @@ import json
 
 from solopo_mcore.config import ConfigError, load_config
 from solopo_mcore.errors import entry_point
-from solopo_mcore.data.packing import TripletTokens, pack_triplets
-from solopo_mcore.losses.objective import MODE_ROLES
 from solopo_mcore.models.hf_config import read_hf_config, shape_from_dict
+from solopo_mcore.models.positions import with_rope_scaling
 from solopo_mcore.models.reference_configs import BY_NAME
-from solopo_mcore.parallel.layout import LayoutError, sequence_pad_multiple
-from solopo_mcore.profiling.estimator import (EstimateInputs, estimate_memory, inputs_from_batch,
-                                              sequence_parallel_saving_gib, suggest_layouts)
+from solopo_mcore.parallel.layout import LayoutError
+from solopo_mcore.profiling import plan
+from solopo_mcore.profiling.estimator import (EstimateInputs, estimate_memory,
+                                              sequence_parallel_saving_gib)
+from solopo_mcore.profiling.plan import positions_report
 
 
 def main(argv=None):
@@ -63,23 +67,13 @@ def main(argv=None):
             raise ConfigError(f"model.hf_config_path={cfg.model.hf_config_path}: no config.json "
                               f"there; pass --model {known} to estimate without the weights, or "
                               f"model.hf_config_path=HF_MODEL_DIR") from None
+    shape = with_rope_scaling(shape, cfg.model.rope_scaling.as_hf())
     p = cfg.parallel
-    # one example packed as the trainer packs it, repeated micro_batch_size times
-    response_ids = [1] * args.response_tokens
     for name in ("short_tokens", "long_tokens"):
         if getattr(args, name) <= args.response_tokens:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must exceed "
                               f"--response-tokens {args.response_tokens}: a segment is a context "
                               f"plus one response")
-    example = TripletTokens(short_prompt=[1] * (args.short_tokens - args.response_tokens),
-                            long_prompt=[1] * (args.long_tokens - args.response_tokens),
-                            chosen=response_ids,
-                            rejected=response_ids, index=0)
-    batch = pack_triplets([example], MODE_ROLES[cfg.objective.mode],
-                          pad_multiple=sequence_pad_multiple(p),
-                          shared_prefix=cfg.data.shared_prefix)
-    microbatch = inputs_from_batch(batch, repeat=cfg.data.micro_batch_size)
-    tokens, response = microbatch["microbatch_tokens"], microbatch["response_tokens"]
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * \
         p.context_parallel_size
     if args.world_size <= 0 or args.world_size % model_parallel:
@@ -90,70 +84,68 @@ def main(argv=None):
             f"a world size that is a multiple of {model_parallel}, or override "
             f"parallel.tensor_model_parallel_size / pipeline_model_parallel_size / "
             f"context_parallel_size so that their product divides {args.world_size}")
+
+    def make(long_tokens, cp=None, tp=None):
+        return plan.microbatch(cfg, args.short_tokens, long_tokens, args.response_tokens, cp, tp)
+
+    microbatch = make(args.long_tokens)
+    tokens, response = microbatch["microbatch_tokens"], microbatch["response_tokens"]
     common = dict(params_dtype=cfg.model.params_dtype,
                   distributed_optimizer=p.use_distributed_optimizer,
-                  optimizer_cpu_offload=cfg.optimizer.optimizer_cpu_offload,
-                  recompute=cfg.model.recompute_granularity or "none",
                   recompute_method=cfg.model.recompute_method,
                   recompute_num_layers=cfg.model.recompute_num_layers,
                   vocab_divisible_by=cfg.model.make_vocab_size_divisible_by,
                   sequence_parallel=p.sequence_parallel)
+    recipe = dict(common, optimizer_cpu_offload=cfg.optimizer.optimizer_cpu_offload,
+                  recompute=cfg.model.recompute_granularity or "none")
     inputs = EstimateInputs(
         tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
         cp=p.context_parallel_size, dp=args.world_size // model_parallel,
-        **microbatch, **common)
+        **microbatch, **recipe)
     estimate = estimate_memory(shape, inputs)
     fits = estimate["total_gib"] <= args.device_gib
+    rows = plan.enumerate_plan(shape, args.world_size,
+                               lambda cp, tp: make(args.long_tokens, cp, tp), common)
+    fitting = [r for r in rows if r.total_gib <= args.device_gib]
     report = {"model": shape.architecture, "mode": cfg.objective.mode,
               "shared_prefix": cfg.data.shared_prefix,
-              "microbatch_tokens": tokens, "recipe_layout": {
+              "microbatch_tokens": tokens, "long_tokens": args.long_tokens,
+              "positions": positions_report(shape, args.long_tokens, cfg.model.hf_config_path
+                                            or args.model),
+              "recipe_layout": {
                   "tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
                   "cp": p.context_parallel_size,
                   "dp": args.world_size // model_parallel,
-                  "sequence_parallel": p.sequence_parallel_enabled},
+                  "sequence_parallel": p.sequence_parallel_enabled,
+                  "recompute": recipe["recompute"],
+                  "optimizer_cpu_offload": recipe["optimizer_cpu_offload"]},
               # what sequence parallelism saves (or would save, if switched off) at this layout
               "sequence_parallel_saving_gib": round(sequence_parallel_saving_gib(shape, inputs),
                                                     2),
               "per_gpu_gib": {k: round(v, 2) for k, v in estimate.items() if k.endswith("_gib")},
               "fits": fits, "device_gib": args.device_gib,
-              "layouts_that_fit": suggest_layouts(shape, args.world_size, tokens, response,
-                                                  args.device_gib,
-                                                  segment_tokens=microbatch["segment_tokens"],
-                                                  segments=microbatch["segments"],
-                                                  **common)[:8]}
+              # the recipe's own recompute and offload settings, every layout that fits
+              "layouts_that_fit": [
+                  {k: v for k, v in r.as_dict().items() if k not in (
+                      "recompute", "optimizer_cpu_offload", "extra_compute_pct")}
+                  for r in fitting if r.recompute == recipe["recompute"] and
+                  r.optimizer_cpu_offload == recipe["optimizer_cpu_offload"]],
+              # every layout x recompute x offload that fits, cheapest predicted cost first
+              "plan": [r.as_dict() for r in fitting],
+              "longest_trainable": plan.longest_trainable(
+                  shape, args.world_size, args.device_gib, make, common,
+                  shortest=args.response_tokens + 1)}
+    if not fitting:
+        nearest = min(rows, key=lambda r: r.total_gib)
+        report["nearest_miss"] = dict(nearest.as_dict(), over_by_gib=round(
+            nearest.total_gib - args.device_gib, 1))
     print(json.dumps(report, indent=2) if args.json else describe(report))
     return report
 
 
 def describe(report: dict) -> str:
-    """The report as a few aligned lines and a table of the layouts that fit."""
-    layout = report["recipe_layout"]
-    gib = report["per_gpu_gib"]
-    sp = "on" if layout["sequence_parallel"] else "off"
-    lines = [
-        f"{report['model']}, mode {report['mode']}, shared prefix "
-        f"{'on' if report['shared_prefix'] else 'off'}: {report['microbatch_tokens']} tokens "
-        f"per microbatch",
-        f"recipe layout TP{layout['tp']} PP{layout['pp']} CP{layout['cp']} DP{layout['dp']} "
-        f"(sequence parallel {sp}): {gib['total_gib']:.1f} GiB per GPU of "
-        f"{report['device_gib']:g} -> {'fits' if report['fits'] else 'DOES NOT FIT'}",
-        "  " + ", ".join(f"{k[:-4]} {v:.1f}" for k, v in gib.items()
-                         if k not in ("total_gib", "tensors_gib")) + " (GiB)",
-    ]
-    if layout["tp"] > 1:
-        lines.append(f"  sequence parallelism saves {report['sequence_parallel_saving_gib']:.1f} "
-                     f"GiB per GPU here")
-    fitting = report["layouts_that_fit"]
-    if fitting:
-        lines += ["layouts that fit (first 8):", "   TP  PP  CP  DP  GiB/GPU"]
-        lines += [f"  {r['tp']:3d} {r['pp']:3d} {r['cp']:3d} {r['dp']:3d}  {r['total_gib']:7.1f}"
-                  for r in fitting]
-    else:
-        world = layout["tp"] * layout["pp"] * layout["cp"] * layout["dp"]
-        lines.append(f"no TP/PP/CP layout of {world} GPUs fits {report['device_gib']:g} GiB "
-                     f"per GPU")
-    lines.append("(--json prints every figure)")
-    return "\n".join(lines)
+    """The report as a few aligned lines and tables (``--json`` has every figure)."""
+    return plan.describe(report)
 
 
 if __name__ == "__main__":

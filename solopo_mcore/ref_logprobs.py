@@ -32,6 +32,7 @@ from solopo_mcore.storage.integrity import weights_fingerprint
 
 def compute_reference(config: RunConfig, output_path: str, log_every: int = 10) -> np.ndarray:
     require_training_data(config, need_reference=False)  # the sidecar is what this writes
+    build.check_positions(config)  # before any process group
     shape, pg_collection = setup_parallel(config)
     stack = build_model_stack(config, shape, pg_collection)
     source = {}

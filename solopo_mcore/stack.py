@@ -20,7 +20,8 @@ from solopo_mcore.config import ConfigError, ParallelConfig, RunConfig
 from solopo_mcore.convert.hf_io import HFCheckpointReader, export_hf
 from solopo_mcore.convert.tables import load_hf_tensors_into_chunks
 from solopo_mcore.models.builder import build_model_chunks, build_transformer_config
-from solopo_mcore.models.hf_config import ModelShape, read_hf_config
+from solopo_mcore.models.hf_config import ModelShape
+from solopo_mcore.models.positions import model_shape
 from solopo_mcore.models.layout_fit import check_model_fits_layout
 from solopo_mcore.parallel.layout import initialize_parallel
 from solopo_mcore.platform import default_device
@@ -45,7 +46,7 @@ def architecture_dir(config: RunConfig) -> str:
 
 
 def setup_parallel(config: RunConfig) -> tuple[ModelShape, object]:
-    shape = read_hf_config(architecture_dir(config))
+    shape = model_shape(architecture_dir(config), config.model.rope_scaling.as_hf())
     if config.training.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     check_model_fits_layout(shape, config.parallel)

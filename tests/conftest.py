@@ -37,6 +37,16 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_yarn(tmp_path_factory):
+    """Qwen2 with YaRN as Qwen2.5 documents it, scaled down: 256 trained positions, factor 4,
+    so 1,024 usable; the tests run it past 256."""
+    from solopo_mcore.models.tiny import TINY_YARN_OVERRIDES, build_tiny_hf_model
+    path = tmp_path_factory.mktemp("tiny_qwen2_yarn")
+    build_tiny_hf_model(path, "qwen2", vocab_size=1000, seed=4, overrides=TINY_YARN_OVERRIDES)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def qwen_tokenizer():
     """The real Qwen2.5 vocabulary, rebuilt offline from dashscope's qwen.tiktoken."""
     from data_tools.tokenizer import load_tokenizer

@@ -250,3 +250,27 @@ def test_wrong_config_or_truncated_file_is_refused_before_any_work(tiny_qwen2, t
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(ConversionError, match=f"{shard}: not a readable safetensors file"):
         HFCheckpointReader(str(src))
+
+
+def test_yarn_model_round_trip_carries_rope_scaling_and_verifies_past_its_positions(
+        tiny_qwen2_yarn, tmp_path):
+    """Qwen2.5's YaRN (scaled down: 256 trained positions, factor 4): --verify at 1,000 tokens
+    both ways, rope_scaling in the recorded and the exported config.json, weights bitwise."""
+    src_config = json.loads((Path(tiny_qwen2_yarn) / "config.json").read_text())
+    out = convert("hf-to-mcore", "--src", tiny_qwen2_yarn, "--dst", tmp_path / "mcore",
+                  "--verify", "--verify-tokens", "1000", "--tolerance", "1e-4")
+    report = json.loads(out.stdout[out.stdout.index("{"):])
+    assert report["verify_tokens"] == 1000 and report["max_abs_logit_diff"] < 1e-4
+    out = convert("mcore-to-hf", "--src", tmp_path / "mcore", "--dst", tmp_path / "hf",
+                  "--verify", "--verify-tokens", "1000", "--tolerance", "1e-4")
+    assert json.loads(out.stdout[out.stdout.index("{"):])["verify_tokens"] == 1000
+    exported = json.loads((tmp_path / "hf" / "config.json").read_text())
+    key = "rope_parameters" if "rope_parameters" in src_config else "rope_scaling"
+    assert exported[key] == src_config[key] and exported[key]["rope_type"] == "yarn"
+    original, back = _hf_tensors(tiny_qwen2_yarn), _hf_tensors(tmp_path / "hf")
+    assert all(torch.equal(t, back[n]) for n, t in original.items())
+    # past the usable positions is refused before anything is written
+    r = convert("hf-to-mcore", "--src", tiny_qwen2_yarn, "--dst", tmp_path / "again",
+                "--verify", "--verify-tokens", "2000", check=False)
+    assert r.returncode != 0 and "more than the model's 1024 usable positions" in r.stderr
+    assert not (tmp_path / "again").exists()

@@ -89,3 +89,22 @@ def test_every_algorithm_and_mode_matches_reference(layout, tiny_qwen2):
     world = layout.pop("world")
     run_distributed(world, "tests.helpers.layout_checks:check_objectives", hf_dir=tiny_qwen2,
                     timeout_s=600, **layout)
+
+
+# YaRN (Qwen2.5's way past 32K), scaled down: 256 trained positions, factor 4; ~700-900-token
+# long contexts with shared prefixes (the default packing), each layout against transformers.
+# tests/test_yarn.py shows the same comparison failing without the attention factor and with
+# unscaled frequencies.
+YARN_LONG = (700, 900)
+
+
+def test_yarn_tp2_sp_matches_reference_past_the_trained_positions(tiny_qwen2_yarn):
+    _check_sequence_parallel(2, tiny_qwen2_yarn, num_microbatches=2, long=YARN_LONG)
+
+
+def test_yarn_cp2_matches_reference_past_the_trained_positions(tiny_qwen2_yarn):
+    _check(2, tiny_qwen2_yarn, cp=2, num_microbatches=2, long=YARN_LONG)
+
+
+def test_yarn_pp2_matches_reference_past_the_trained_positions(tiny_qwen2_yarn):
+    _check(2, tiny_qwen2_yarn, pp=2, num_microbatches=2, long=YARN_LONG)

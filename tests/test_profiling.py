@@ -15,7 +15,7 @@ from solopo_mcore.data.packing import TripletTokens, pack_triplets, round_up
 from solopo_mcore.losses.objective import MODE_ROLES
 from solopo_mcore.profiling.estimator import (EstimateInputs, attention_key_bytes, estimate_memory,
                                               inputs_from_batch, parameter_counts,
-                                              response_tokens_on_busiest_cp_rank, suggest_layouts)
+                                              response_tokens_on_busiest_cp_rank)
 from solopo_mcore.profiling.memory import AllocatorPeakTracker, live_storages
 from solopo_mcore.profiling.flops import forward_flops_per_segment, mfu, training_step_flops
 from solopo_mcore.profiling.report import write_report
@@ -273,16 +273,102 @@ def test_allocator_tracker_measures_written_out_bytes():
     assert tracker.peak_bytes == 2 * 1000 * 256 * 4
 
 
-def test_estimator_says_which_layouts_fit_a_7b_run():
+def test_estimator_counts_a_7b_model():
     shape = shape_from_dict(QWEN25_7B_INSTRUCT)
-    layouts = suggest_layouts(shape, 8, microbatch_tokens=2 * 1024 + 65536,
-                              response_tokens=3 * 256, device_gib=80.0)
-    assert layouts and all(r["total_gib"] <= 80.0 for r in layouts)
-    assert all((r["tp"] * r["pp"] * r["cp"] * r["dp"]) == 8 for r in layouts)
     full = estimate_memory(shape, EstimateInputs(microbatch_tokens=1024, dp=1))
     assert 7.0e9 < parameter_counts(shape)["total"] < 7.7e9
     assert full["weights_gib"] == pytest.approx(parameter_counts(shape)["total"] * 2 / 1024 ** 3,
                                                 rel=1e-3)
+
+
+def test_memory_plan_lists_every_layout_and_recompute_setting_by_predicted_cost():
+    """Qwen2.5-7B at 131,072 tokens on 8 x 80 GB: nothing fits without recompute, full recompute
+    makes several layouts fit (TP2 at ~66 GiB); each row is the estimator's figure for its own
+    settings, the extra compute is the written-out FLOPs ratio, and rows come cheapest first."""
+    from solopo_mcore.config import load_config
+    from solopo_mcore.profiling import plan
+
+    shape = shape_from_dict(QWEN25_7B_INSTRUCT)
+    cfg = load_config("qwen2.5-7b_solo-orpo_8gpu", ["data.shared_prefix=false"])
+    common = dict(params_dtype="bf16", distributed_optimizer=True)
+
+    def make(cp, tp):
+        return plan.microbatch(cfg, 1024, 131072, 256, cp, tp)
+    rows = plan.enumerate_plan(shape, 8, make, common)
+    assert {(r.recompute, r.optimizer_cpu_offload) for r in rows} == {
+        (g, o) for g in ("none", "selective", "full") for o in (False, True)}
+    assert all(r.tp * r.pp * r.cp * r.dp == 8 for r in rows)
+    assert [plan.cost_key(r) for r in rows] == sorted(plan.cost_key(r) for r in rows)
+    fitting = [r for r in rows if r.total_gib <= 80]
+    assert fitting and {r.recompute for r in fitting} == {"full"}
+    tp2 = next(r for r in fitting if (r.tp, r.pp, r.cp, r.optimizer_cpu_offload) ==
+               (2, 1, 1, False))
+    assert 60 < tp2.total_gib < 70
+    for r in rows[::7]:
+        inputs = EstimateInputs(tp=r.tp, pp=r.pp, cp=r.cp, dp=r.dp, recompute=r.recompute,
+                                optimizer_cpu_offload=r.optimizer_cpu_offload,
+                                **make(r.cp, r.tp), **common)
+        assert r.total_gib == estimate_memory(shape, inputs)["total_gib"]
+    # extra compute, written out for the unshared short pair + long chosen (solo mode):
+    # per layer forward, per token 2h(q+2kv)d + 2qdh + 6hf, plus 4 x (L^2/2) x q x d attention
+    h, f, d = shape.hidden_size, shape.ffn_hidden_size, shape.kv_channels
+    q, kv, n_layers, vocab = (shape.num_attention_heads, shape.num_query_groups,
+                              shape.num_layers, shape.vocab_size)
+    segments = make(1, 1)["segments"]
+    lengths = [s.length for s in segments]
+    assert sorted(lengths) == [1024, 1024, 131072]
+    linear = sum(lengths) * (2 * h * (q + 2 * kv) * d + 2 * q * d * h + 6 * h * f) * n_layers
+    attention = sum(4 * (n * n / 2) * q * d for n in lengths) * n_layers
+    logits = 2 * h * vocab * 3 * 256
+    step = 3 * (linear + attention + logits)
+    by = {r.recompute: r.extra_compute for r in rows if (r.tp, r.cp, r.pp) == (1, 1, 1)}
+    assert by["none"] == 0
+    assert by["selective"] == pytest.approx(attention / step, rel=1e-9)
+    assert by["full"] == pytest.approx((linear + attention) / step, rel=1e-9)
+
+
+def _estimate_memory_cli():
+    """examples/estimate_memory.py's module (an example script, not a package module)."""
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import estimate_memory
+    finally:
+        sys.path.pop(0)
+    return estimate_memory
+
+
+def test_memory_plan_cli_names_what_fits_the_position_fix_and_the_nearest_miss():
+    main, describe = _estimate_memory_cli().main, _estimate_memory_cli().describe
+    # the issue's case: the 8-GPU recipe at 131,072 tokens, Qwen2.5's stock 32,768 positions
+    report = main(["--config", "qwen2.5-7b_solo-orpo_8gpu", "--model", "qwen2.5-7b",
+                   "--world-size", "8", "--long-tokens", "131072", "--device-gib", "80"])
+    assert not report["fits"] and report["plan"]
+    assert {r["recompute"] for r in report["plan"]} == {"full"}
+    assert not report["positions"]["fits"]
+    assert "131072 tokens is 4x the model's 32768 trained positions" in \
+        report["positions"]["message"]
+    assert "model.rope_scaling={type: yarn, factor: 4" in report["positions"]["message"]
+    text = describe(report)
+    assert "-> TOO SHORT" in text and "what fits, cheapest first" in text and "+33" in text
+    best = report["longest_trainable"]
+    assert best["recompute=full"]["long_tokens"] > best["recompute=selective"]["long_tokens"] \
+        > best["recompute=none"]["long_tokens"] > 32768
+    assert best["recompute=none, optimizer CPU offload"]["long_tokens"] >= \
+        best["recompute=none"]["long_tokens"]
+    # the 128K recipe sets YaRN: the positions reach, and its own layout fits
+    yarn = main(["--config", "qwen2.5-7b_solo-orpo_128k_4node", "--model", "qwen2.5-7b",
+                 "--world-size", "32", "--long-tokens", "131072", "--device-gib", "80"])
+    assert yarn["positions"]["fits"] and yarn["positions"]["usable_positions"] == 131072
+    assert yarn["fits"] and yarn["recipe_layout"]["recompute"] == "selective"
+    # nothing fits: said only then, with the nearest miss and the lengths that do fit
+    tight = main(["--config", "qwen2.5-7b_solo-orpo_8gpu", "--model", "qwen2.5-7b",
+                  "--world-size", "1", "--long-tokens", "131072", "--device-gib", "80",
+                  "parallel.tensor_model_parallel_size=1"])
+    assert not tight["plan"] and tight["nearest_miss"]["over_by_gib"] > 0
+    assert "nothing fits 80 GiB per GPU on 1 GPU at this length" in describe(tight)
+    longest = [v["long_tokens"] for v in tight["longest_trainable"].values() if v]
+    assert longest and max(longest) < 131072
+    assert "the shorter long contexts below fit" in describe(tight)
 
 
 @pytest.mark.parametrize("capacity,expected", [(0, 0), (3000, 2048), (19000, 18432),
@@ -351,15 +437,12 @@ def test_cpu_sweep_writes_every_output(tiny_qwen2, tmp_path):
 
 
 def test_estimate_memory_cli_for_a_recipe_and_cluster():
-    sys.path.insert(0, str(REPO / "examples"))
-    try:
-        from estimate_memory import main
-    finally:
-        sys.path.pop(0)
+    main = _estimate_memory_cli().main
     report = main(["--config", "qwen2.5-7b_solo-orpo_64k_4node", "--model", "qwen2.5-7b",
                    "--world-size", "32", "--long-tokens", "65536", "--device-gib", "141"])
     assert report["recipe_layout"] == {"tp": 4, "pp": 1, "cp": 4, "dp": 2,
-                                       "sequence_parallel": True}
+                                       "sequence_parallel": True, "recompute": "full",
+                                       "optimizer_cpu_offload": False}
     # sequence parallelism is on by default at TP 4; switched off, the estimate grows by the
     # saving the report states
     off = main(["--config", "qwen2.5-7b_solo-orpo_64k_4node", "--model", "qwen2.5-7b",

@@ -17,9 +17,14 @@ pytestmark = pytest.mark.e2e
 
 
 def test_tp2_training_loss_decreases_and_logs_every_metric(demo_data, tmp_path):
+    """Also with YaRN from the recipe (model.rope_scaling, as the Qwen2.5 long recipes set it;
+    the ~512-token long contexts run past its 256 'trained' positions): the exported
+    config.json carries it and transformers loads it."""
     result = run_torchrun(2, tiny_run_overrides(demo_data, tmp_path, 10, tp=2, extra=[
         f"logging.tensorboard_dir={tmp_path / 'tb'}", "training.eval_interval=5",
-        "checkpoint.save_interval=5", f"checkpoint.export_hf_dir={tmp_path / 'hf'}"]),
+        "checkpoint.save_interval=5", f"checkpoint.export_hf_dir={tmp_path / 'hf'}",
+        "model.rope_scaling.type=yarn", "model.rope_scaling.factor=4",
+        "model.rope_scaling.original_max_position_embeddings=256"]),
         show_warnings=True)
     # a user's bare torchrun command: no page of third-party warnings from every rank
     warned = [line for line in result.stderr.splitlines() if "Warning:" in line]
@@ -46,7 +51,10 @@ def test_tp2_training_loss_decreases_and_logs_every_metric(demo_data, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == \
         ["iter_0000005", "iter_0000010", "latest"]
     from transformers import AutoModelForCausalLM
-    AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    rope = exported.config.rope_parameters
+    assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == \
+        ("yarn", 4.0, 256)
 
 
 def test_solo_reward_distance_shrinks(demo_data, tmp_path):

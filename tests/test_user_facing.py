@@ -447,9 +447,12 @@ def test_estimate_memory_prints_a_table_and_json_on_request_with_overrides_anywh
     figures = json.loads(report.stdout)
     assert figures["recipe_layout"]["cp"] == 2
     lines = table.stdout.splitlines()
-    assert lines[1] == (f"recipe layout TP2 PP1 CP2 DP2 (sequence parallel on): "
-                        f"{figures['per_gpu_gib']['total_gib']:.1f} GiB per GPU of 141 -> fits")
-    rows = lines[lines.index("   TP  PP  CP  DP  GiB/GPU") + 1:-1]
-    assert [[float(x) for x in row.split()] for row in rows] == [
-        [r["tp"], r["pp"], r["cp"], r["dp"], round(r["total_gib"], 1)]
-        for r in figures["layouts_that_fit"]]
+    assert lines[2] == (f"recipe layout TP2 PP1 CP2 DP2 (sequence parallel on, recompute "
+                        f"selective): {figures['per_gpu_gib']['total_gib']:.1f} GiB per GPU of "
+                        f"141 -> fits")
+    header = "   TP  PP  CP  DP  recompute  offload  GiB/GPU  extra compute"
+    rows = lines[lines.index(header) + 1:lines.index(header) + 13]
+    assert [row.split() for row in rows] == [
+        [str(r["tp"]), str(r["pp"]), str(r["cp"]), str(r["dp"]), r["recompute"],
+         "yes" if r["optimizer_cpu_offload"] else "no", f"{r['total_gib']:.1f}",
+         f"{r['extra_compute_pct']:+.1f}%"] for r in figures["plan"][:12]]

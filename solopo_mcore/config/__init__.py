@@ -16,12 +16,12 @@ Parallel sizes use Megatron's own names and are passed into Megatron's ``Transfo
 from solopo_mcore.config.recipes import RECIPES_DIR, load_config, resolve_recipe, to_dict
 from solopo_mcore.config.sections import (CheckpointConfig, ConfigError, DataConfig,
                                           DistributedConfig, LoggingConfig, ModelConfig, ObjectiveConfig,
-                                          OptimizerConfig, ParallelConfig, RunConfig,
-                                          TrainingConfig)
+                                          OptimizerConfig, ParallelConfig, RopeScalingConfig,
+                                          RunConfig, TrainingConfig)
 from solopo_mcore.config.validation import check_launch, require_training_data, validate
 
 __all__ = ["RECIPES_DIR", "CheckpointConfig", "ConfigError", "DataConfig", "DistributedConfig",
            "LoggingConfig",
-           "ModelConfig", "ObjectiveConfig", "OptimizerConfig", "ParallelConfig", "RunConfig",
+           "ModelConfig", "ObjectiveConfig", "OptimizerConfig", "ParallelConfig", "RopeScalingConfig", "RunConfig",
            "TrainingConfig", "check_launch", "load_config", "require_training_data", "resolve_recipe", "to_dict",
            "validate"]

@@ -17,6 +17,36 @@ class ConfigError(UserError, ValueError):
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE scaling applied on top of the model's ``config.json``: YaRN, Qwen2.5's documented way
+    past its 32,768 trained positions (``{type: yarn, factor: 4.0,
+    original_max_position_embeddings: 32768}`` for 131,072). Left null, the model's own RoPE is
+    used as it is. Exported HF checkpoints carry it in their ``config.json``."""
+
+    type: Optional[Literal["yarn"]] = None
+    """null: config.json's RoPE unchanged; "yarn": YaRN with the values below, replacing any
+    scaling config.json has."""
+    factor: Optional[float] = None
+    """YaRN factor (>= 1): usable positions = factor x original_max_position_embeddings."""
+    original_max_position_embeddings: Optional[int] = None
+    """Positions the model was pretrained at; null: config.json's max_position_embeddings."""
+    beta_fast: Optional[float] = None
+    """YaRN beta_fast (null: 32, as transformers)."""
+    beta_slow: Optional[float] = None
+    """YaRN beta_slow (null: 1, as transformers)."""
+    attention_factor: Optional[float] = None
+    """Factor on cos/sin (null: 0.1 ln(factor) + 1, as transformers)."""
+
+    def as_hf(self) -> Optional[dict]:
+        """The ``rope_scaling`` entry for config.json (only the keys that are set), or None."""
+        if self.type is None:
+            return None
+        return {"type": self.type, **{k: getattr(self, k) for k in (
+            "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+            "attention_factor") if getattr(self, k) is not None}}
+
+
+@dataclass
 class ModelConfig:
     hf_config_path: Optional[str] = None
     """Directory (or config.json) of a Hugging Face model whose architecture is built."""
@@ -42,6 +72,8 @@ class ModelConfig:
     """Attention dropout probability."""
     hidden_dropout: float = 0.0
     """Hidden-state dropout probability."""
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    """RoPE scaling over config.json's (YaRN); unset: the model's own RoPE."""
 
 
 @dataclass

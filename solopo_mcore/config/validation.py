@@ -36,12 +36,32 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _check_rope_scaling(rope) -> None:
+    key = "model.rope_scaling"
+    set_keys = [f.name for f in dataclasses.fields(rope)
+                if f.name != "type" and getattr(rope, f.name) is not None]
+    if rope.type is None:
+        if set_keys:
+            raise ConfigError(f"{key}.{set_keys[0]} is set but {key}.type is null; set "
+                              f"{key}.type=yarn to use YaRN, or remove {key}.{set_keys[0]}")
+        return
+    if rope.factor is None or rope.factor < 1:
+        raise ConfigError(f"{key}.factor must be a number >= 1 with {key}.type={rope.type}, got "
+                          f"{rope.factor}; Qwen2.5 documents 4.0 (32,768 -> 131,072 positions)")
+    if rope.original_max_position_embeddings is not None:
+        _positive(f"{key}.original_max_position_embeddings",
+                  rope.original_max_position_embeddings)
+    if rope.attention_factor is not None:
+        _positive(f"{key}.attention_factor", rope.attention_factor)
+
+
 def validate(config: RunConfig) -> None:
     """Checks that need no process group or model file. Layout checks against the model's shape
     and the world size are in :func:`solopo_mcore.parallel.layout.validate_layout`."""
     p, d, o, opt, t = (config.parallel, config.data, config.objective, config.optimizer,
                        config.training)
     _check_choices(config, "")
+    _check_rope_scaling(config.model.rope_scaling)
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                 "context_parallel_size"):
         _positive(f"parallel.{key}", getattr(p, key))

@@ -73,11 +73,13 @@ def _param_names(chunks: list) -> dict:
 
 
 def _verify(report: dict, destination: StagedDestination, stack: ModelStack, hf_dir: str,
-            tolerance: float, cast: Optional[str] = None) -> None:
+            tolerance: float, cast: Optional[str] = None, verify_tokens: int = 64) -> None:
     """``cast``: how the weights were rounded on the way (e.g. "fp32 -> bf16"), for the hint."""
     start = time.time()
     try:
-        report["max_abs_logit_diff"] = verify_against_hf(stack, hf_dir, tolerance)
+        report["max_abs_logit_diff"] = verify_against_hf(stack, hf_dir, tolerance,
+                                                         seq_len=verify_tokens)
+        report["verify_tokens"] = verify_tokens
     except ConversionError as exc:
         if cast:
             exc = ConversionError(f"{exc} (the weights were cast {cast}: the rounding alone "
@@ -88,8 +90,16 @@ def _verify(report: dict, destination: StagedDestination, stack: ModelStack, hf_
     report["peak_rss_gib_rank0_with_verify"] = round(peak_rss_gib(), 3)
 
 
+def _check_verify_tokens(shape, verify: bool, verify_tokens: int) -> None:
+    if verify and verify_tokens > shape.usable_positions:
+        raise ConversionError(f"--verify-tokens {verify_tokens} is more than the model's "
+                              f"{shape.usable_positions} usable positions; pass "
+                              f"--verify-tokens {shape.usable_positions} or less")
+
+
 def hf_to_mcore(src: str, dst: str, tp: int = 1, pp: int = 1, dtype: Optional[str] = None,
-                verify: bool = False, tolerance: float = 1e-3, overwrite: bool = False) -> dict:
+                verify: bool = False, tolerance: float = 1e-3, overwrite: bool = False,
+                verify_tokens: int = 64) -> dict:
     start = time.time()
     if not Path(src).exists():
         raise ConversionError(f"--src {src} does not exist")
@@ -97,6 +107,7 @@ def hf_to_mcore(src: str, dst: str, tp: int = 1, pp: int = 1, dtype: Optional[st
     destination = StagedDestination(dst, overwrite)
     destination.check()
     shape = read_hf_config(src)
+    _check_verify_tokens(shape, verify, verify_tokens)
     reader = HFCheckpointReader(src)
     reader.check_names(shape)
     config = _run_config(src, tp, pp, _checkpoint_dtype(shape.raw, dtype))
@@ -125,7 +136,7 @@ def hf_to_mcore(src: str, dst: str, tp: int = 1, pp: int = 1, dtype: Optional[st
         source_dtype = _checkpoint_dtype(shape.raw, None)
         cast = None if source_dtype == config.model.params_dtype else \
             f"{source_dtype} -> {config.model.params_dtype}"
-        _verify(report, destination, stack, src, tolerance, cast)
+        _verify(report, destination, stack, src, tolerance, cast, verify_tokens)
     destination.commit()
     return report
 
@@ -133,7 +144,7 @@ def hf_to_mcore(src: str, dst: str, tp: int = 1, pp: int = 1, dtype: Optional[st
 def mcore_to_hf(src: str, dst: str, tp: int = 1, pp: int = 1, hf_config: Optional[str] = None,
                 verify: bool = False, tolerance: float = 1e-3, overwrite: bool = False,
                 dtype: Optional[str] = None,
-                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
+                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify_tokens: int = 64) -> dict:
     start = time.time()
     if not Path(src).exists():
         raise ConversionError(f"--src {src} does not exist")
@@ -154,6 +165,7 @@ def mcore_to_hf(src: str, dst: str, tp: int = 1, pp: int = 1, hf_config: Optiona
     if raw is None:
         raise ConversionError(f"{checkpoint}: no HF architecture recorded; pass --hf-config DIR")
     shape = shape_from_dict(raw, str(checkpoint))
+    _check_verify_tokens(shape, verify, verify_tokens)
     config = _run_config(None, tp, pp, _export_dtype(marker, raw, dtype))
     check_model_fits_layout(shape, config.parallel)
     pg_collection = initialize_parallel(config.parallel, config.training.seed)
@@ -169,6 +181,6 @@ def mcore_to_hf(src: str, dst: str, tp: int = 1, pp: int = 1, hf_config: Optiona
               "peak_rss_gib_rank0": round(peak_rss_gib(), 3)}
     if verify:
         stack = streamed_megatron_stack(config, shape, pg_collection, str(checkpoint))
-        _verify(report, destination, stack, str(staging), tolerance)
+        _verify(report, destination, stack, str(staging), tolerance, verify_tokens=verify_tokens)
     destination.commit()
     return report

@@ -97,22 +97,27 @@ class TripletDataset:
         self.ref_logp: Optional[np.ndarray] = None
         self.reference_fingerprint: Optional[str] = None
 
-    def check_max_length(self, max_position_embeddings: int) -> None:
+    def check_max_length(self, shape) -> None:
         """Refuse an example whose longest segment (prompt + response) the model cannot
-        position, naming the first such example."""
+        position (``shape.usable_positions``: max_position_embeddings, or YaRN's scaled limit),
+        naming the first such example and both fixes (YaRN, or shorter data)."""
+        from solopo_mcore.models.positions import position_limit_fix, position_limit_text
+
+        limit = shape.usable_positions
         lengths = np.asarray(self.indexed.sequence_lengths, dtype=np.int64).reshape(-1, 4)
         longest = np.maximum(lengths[:, 0], lengths[:, 1]) + np.maximum(lengths[:, 2],
                                                                          lengths[:, 3])
-        over = np.flatnonzero(longest > max_position_embeddings)
+        over = np.flatnonzero(longest > limit)
         if len(over):
             i = int(over[0])
             ids = self.meta.get(META_EXAMPLE_IDS) or []
             name = f"example {i}" + (f" (id {ids[i]!r})" if i < len(ids) else "")
             raise DatasetError(
                 f"dataset {self.prefix!r}: {name} has a {int(longest[i])}-token segment, longer "
-                f"than the model's max_position_embeddings {max_position_embeddings} "
-                f"({len(over)} examples are). Preprocess with --model-config and "
-                f"--max-seq-length <= {max_position_embeddings}.")
+                f"than the model's {position_limit_text(shape)} ({len(over)} examples are). "
+                f"Fix: " + position_limit_fix(
+                    shape, int(longest.max()), f"preprocess again with --model-config and "
+                    f"--max-seq-length {limit}"))
 
     @property
     def fingerprint(self) -> str:

@@ -52,7 +52,9 @@ class TorchCoreAttention(MegatronModule):
         self.num_heads = config.num_attention_heads // tp_size
         self.num_kv_heads = (config.num_query_groups or config.num_attention_heads) // tp_size
         self.head_dim = config.kv_channels
-        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(self.head_dim)
+        # config.softmax_scale carries YaRN's attention factor (models/rope.py)
+        self.softmax_scale = softmax_scale or config.softmax_scale or \
+            1.0 / math.sqrt(self.head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.cp_group = pg_collection.cp if pg_collection is not None else None
         self.cp_size = config.context_parallel_size

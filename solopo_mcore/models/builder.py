@@ -33,6 +33,7 @@ from solopo_mcore.log import warn
 from solopo_mcore.models.attention import TorchCoreAttention
 from solopo_mcore.models.hf_config import ModelShape, padded_vocab_size
 from solopo_mcore.models.norm import SequenceParallelRMSNorm
+from solopo_mcore.models.rope import inverse_frequencies, softmax_scale
 from solopo_mcore.models.shared_prefix import enable_positioned_rope
 from solopo_mcore.parallel.context import gather_first_dim
 from solopo_mcore.platform import transformer_config_overrides, transformer_engine_available
@@ -117,6 +118,8 @@ def build_transformer_config(shape: ModelShape, model_cfg: ModelConfig,
         # grad-accumulation fusions with TE) and CPU initialisation: platform.py.
         masked_softmax_fusion=False,
         persist_layer_norm=False,
+        # YaRN's attention factor m (on cos and sin of q and k in transformers) as m^2 / sqrt(d)
+        softmax_scale=softmax_scale(shape.kv_channels, shape.rope_scaling),
     )
     if model_cfg.recompute_granularity == "selective":
         kwargs["recompute_modules"] = ["core_attn"]
@@ -281,8 +284,7 @@ def build_model_chunks(shape: ModelShape, model_cfg: ModelConfig, parallel: Para
             share_embeddings_and_output_weights=shape.tie_word_embeddings,
             position_embedding_type="rope",
             rotary_base=int(shape.rope_theta),
-            rope_scaling=shape.rope_scaling is not None,
-            rope_scaling_factor=(shape.rope_scaling or {}).get("factor", 8.0),
+            rope_scaling=False,  # every scaling's frequencies are set by _set_rope_frequencies
             pg_collection=pg_collection,
             vp_stage=vp_stage if vp_size else None,
         )
@@ -296,17 +298,15 @@ def build_model_chunks(shape: ModelShape, model_cfg: ModelConfig, parallel: Para
 
 
 def _set_rope_frequencies(model: GPTModel, shape: ModelShape) -> None:
-    """Recompute RoPE inverse frequencies as transformers does (float32, HF theta, llama3 scaling).
+    """Set RoPE inverse frequencies as transformers computes them (float32, HF theta, llama3 or
+    YaRN scaling: :func:`solopo_mcore.models.rope.inverse_frequencies`).
 
-    Megatron fixes llama3's low/high frequency factors and original length at Llama 3.1's values;
-    the HF config is the source of truth, so apply its own numbers (identical for Llama 3.1)."""
+    Megatron fixes llama3's low/high frequency factors and original length at Llama 3.1's values
+    and builds YaRN frequencies on CUDA only; the HF config is the source of truth. YaRN's
+    attention factor is in the softmax scale (:func:`build_transformer_config`)."""
     rotary = getattr(model, "rotary_pos_emb", None)
     if rotary is None:
         return
-    dim = rotary.inv_freq.numel() * 2
-    inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64,
-                                                     device="cpu").float() / dim))
-    scaling = shape.rope_scaling
-    if scaling is not None:
-        inv_freq = rotary._apply_scaling(inv_freq, **scaling)
+    inv_freq = inverse_frequencies(shape.rope_theta, rotary.inv_freq.numel() * 2,
+                                   shape.rope_scaling)
     rotary.inv_freq = inv_freq.to(dtype=rotary.inv_freq.dtype, device=rotary.inv_freq.device)

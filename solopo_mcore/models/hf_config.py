@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from solopo_mcore.errors import UserError
+from solopo_mcore.models.rope import RopeScalingError, normalize_scaling, usable_positions
 
 
 @dataclass(frozen=True)
@@ -58,35 +59,39 @@ class ModelShape:
     tie_word_embeddings: bool
     rope_theta: float
     rope_scaling: Optional[dict]
-    """None, or the llama3 scaling: factor, low_freq_factor, high_freq_factor,
-    original_max_position_embeddings."""
+    """None, or the scaling with every value transformers uses, tagged by ``rope_type``:
+    ``llama3`` (factor, low/high_freq_factor, original_max_position_embeddings) or ``yarn``
+    (factor, original_max_position_embeddings, beta_fast/slow, truncate, attention_factor);
+    :func:`solopo_mcore.models.rope.normalize_scaling`."""
     max_position_embeddings: int
     raw: dict
     """The config.json contents, carried over on export."""
+
+    @property
+    def usable_positions(self) -> int:
+        """The longest segment the model may be trained on: ``max_position_embeddings``, or
+        YaRN's ``factor x original_max_position_embeddings``."""
+        return usable_positions(self.max_position_embeddings, self.rope_scaling)
 
 
 def _rope(cfg: dict, key: str) -> tuple[float, Optional[dict]]:
     params = cfg.get("rope_parameters")
     if isinstance(params, dict):  # transformers 5
         theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        kind = params.get("rope_type", "default")
+        kind = params.get("rope_type", params.get("type", "default"))
         scaling = None if kind in (None, "default") else dict(params)
     else:
         theta = cfg.get("rope_theta", 10000.0)
         scaling = cfg.get("rope_scaling")
-        kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
     if scaling is None:
         return float(theta), None
-    if kind != "llama3":
-        raise UnsupportedModelError(f"{key}: rope scaling type {kind!r} is not supported "
-                                    f"(supported: none, 'llama3')")
-    return float(theta), {
-        "factor": float(scaling["factor"]),
-        "low_freq_factor": float(scaling.get("low_freq_factor", 1.0)),
-        "high_freq_factor": float(scaling.get("high_freq_factor", 4.0)),
-        "original_max_position_embeddings": int(
-            scaling.get("original_max_position_embeddings", 8192)),
-    }
+    original = cfg.get("original_max_position_embeddings")
+    try:
+        return float(theta), normalize_scaling(
+            scaling, int(cfg.get("max_position_embeddings", 32768)),
+            None if original is None else int(original), key)
+    except RopeScalingError as exc:
+        raise UnsupportedModelError(str(exc)) from None
 
 
 def read_hf_config(path: Union[str, Path]) -> ModelShape:

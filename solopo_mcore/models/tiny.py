@@ -27,6 +27,13 @@ TINY_SHAPES = {
     ),
 }
 
+#: Qwen2.5's documented YaRN, scaled down: 256 trained positions, factor 4 -> 1,024 usable
+#: (max_position_embeddings stays at the trained length, as in Qwen2.5's config.json).
+TINY_YARN_OVERRIDES = {
+    "max_position_embeddings": 256,
+    "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
+}
+
 
 def build_tiny_hf_model(out_dir: str | Path, family: str = "qwen2", vocab_size: int = 1000,
                         seed: int = 0, tokenizer=None, overrides: Optional[dict] = None):

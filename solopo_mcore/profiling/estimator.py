@@ -363,31 +363,3 @@ def sequence_parallel_saving_gib(shape: ModelShape, x: EstimateInputs) -> float:
         return 0.0
     with_sp = estimate_memory(shape, replace(x, sequence_parallel=True))["total_gib"]
     return estimate_memory(shape, replace(x, sequence_parallel=False))["total_gib"] - with_sp
-
-
-def suggest_layouts(shape: ModelShape, world_size: int, microbatch_tokens: int,
-                    response_tokens: int, device_gib: float, **kwargs) -> list[dict]:
-    """Layouts (TP, PP, CP) that fit ``device_gib``, cheapest communication first; with sequence
-    parallelism at TP > 1, each row says how much it saves."""
-    fits = []
-    for tp in (1, 2, 4, 8):
-        if shape.num_attention_heads % tp or shape.num_query_groups % tp:
-            continue
-        for cp in (1, 2, 4, 8, 16):
-            for pp in (1, 2, 4, 8):
-                if world_size % (tp * cp * pp) or shape.num_layers % pp:
-                    continue
-                dp = world_size // (tp * cp * pp)
-                inputs = EstimateInputs(
-                    tp=tp, pp=pp, cp=cp, dp=dp, microbatch_tokens=microbatch_tokens,
-                    response_tokens=response_tokens, **kwargs)
-                est = estimate_memory(shape, inputs)
-                if est["total_gib"] <= device_gib:
-                    row = {"tp": tp, "pp": pp, "cp": cp, "dp": dp,
-                           "total_gib": round(est["total_gib"], 1)}
-                    if sequence_parallel_on(inputs):
-                        row["sequence_parallel_saving_gib"] = round(
-                            sequence_parallel_saving_gib(shape, inputs), 2)
-                    fits.append(row)
-    # prefer fewer model-parallel ranks (less communication), then more headroom
-    return sorted(fits, key=lambda r: (r["tp"] * r["pp"] * r["cp"], r["total_gib"]))

@@ -3,13 +3,17 @@ and packed microbatches cut for this rank. (The model side is :mod:`solopo_mcore
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 from solopo_mcore.config import ConfigError, RunConfig
 from solopo_mcore.data.dataset import DatasetError, TripletDataset
 from solopo_mcore.data.packing import PackedMicrobatch, pack_triplets
+from solopo_mcore.log import warn
 from solopo_mcore.models.hf_config import ModelShape
+from solopo_mcore.models.positions import model_shape, unscaled_extension_warning
 from solopo_mcore.parallel.layout import sequence_pad_multiple
+from solopo_mcore.stack import architecture_dir
 from solopo_mcore.storage.integrity import weights_fingerprint
 
 
@@ -19,6 +23,18 @@ def pad_multiple(config: RunConfig) -> int:
 
 
 RANDOM_INIT = "random initialisation"
+
+
+def check_positions(config: RunConfig) -> ModelShape:
+    """Before any process group: the run's model shape (config.json with
+    ``model.rope_scaling``), a warning when its ``max_position_embeddings`` was raised without
+    scaling, and every dataset segment within its usable positions. Returns the shape."""
+    shape = model_shape(architecture_dir(config), config.model.rope_scaling.as_hf())
+    warning = unscaled_extension_warning(shape, architecture_dir(config))
+    if warning and int(os.environ.get("RANK", "0")) == 0:
+        warn("model", warning)
+    TripletDataset(config.data.data_path).check_max_length(shape)
+    return shape
 
 
 def open_dataset(config: RunConfig, shape: ModelShape, need_reference: bool,
@@ -32,7 +48,7 @@ def open_dataset(config: RunConfig, shape: ModelShape, need_reference: bool,
     if vocab > shape.vocab_size:
         raise DatasetError(f"dataset {config.data.data_path} was tokenized with {vocab} tokens, more "
                          f"than the model's vocab_size {shape.vocab_size}")
-    dataset.check_max_length(shape.max_position_embeddings)
+    dataset.check_max_length(shape)
     if need_reference:
         fingerprint = None if start_weights is None else (
             RANDOM_INIT if start_weights == RANDOM_INIT else weights_fingerprint(start_weights))

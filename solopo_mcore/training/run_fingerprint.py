@@ -34,6 +34,10 @@ def run_fingerprint(config, shape, dataset_fingerprint: str,
 
 
 def compare_run_fingerprints(saved: dict, current: dict) -> list[tuple]:
-    """``(key, saved value, current value)`` for every key that differs."""
+    """``(key, saved value, current value)`` for every key that differs. (Checkpoints from before
+    YaRN support recorded llama3 scaling without its ``rope_type``: read as llama3.)"""
+    scaling = saved.get("model_shape.rope_scaling")
+    if isinstance(scaling, dict) and "rope_type" not in scaling:
+        saved = {**saved, "model_shape.rope_scaling": {"rope_type": "llama3", **scaling}}
     return [(k, saved.get(k, "<not recorded>"), current.get(k, "<not recorded>"))
             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]

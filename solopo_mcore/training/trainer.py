@@ -52,6 +52,7 @@ class Trainer:
 
     def __init__(self, config: RunConfig):
         require_training_data(config)  # before any process group or model
+        build.check_positions(config)  # segments within the model's positions (YaRN: scaled)
         check_launch(config, int(os.environ.get("WORLD_SIZE", "1")))
         self.config = config
         self.run_lock = None
