@@ -66,7 +66,9 @@ def parse_args():
 def main():
     args = parse_args()
     world = args.tp * args.pp
-    if world > 1 and "RANK" not in os.environ:  # relaunch under torchrun
+    if world > 1 and "RANK" not in os.environ:  # relaunch under torchrun, if the layout fits
+        from solopo_mcore.convert.commands import check_layout_before_launch
+        check_layout_before_launch(args.direction, args.src, args.hf_config, args.tp, args.pp)
         os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run",
                                   f"--nproc-per-node={world}", *sys.argv])
     from solopo_mcore.convert import commands

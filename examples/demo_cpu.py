@@ -53,6 +53,40 @@ def default_out(algorithm: str, cp: bool) -> str:
 RECIPE = "examples/recipes/tiny_cpu_qa.yaml"
 
 
+def recorded_variant(out: Path, report: dict):
+    """The variant a finished demo in ``out`` ran: recorded in its learning.json, or (demos from
+    before it was recorded) read from its last checkpoint's config; None if neither says."""
+    if report.get("variant"):
+        return report["variant"]
+    from solopo_mcore.storage.checkpoint import find_checkpoint, read_marker
+
+    checkpoint = find_checkpoint(str(out / "run" / "checkpoints"))
+    try:
+        config = read_marker(checkpoint)["config"] if checkpoint is not None else None
+    except (OSError, ValueError, KeyError):
+        return None
+    if config is None:
+        return None
+    cp = config["parallel"]["context_parallel_size"] > 1
+    return config["objective"]["algorithm"] + ("-cp" if cp else "")
+
+
+def finished_demo(out: Path, variant: str, algorithm: str, cp: bool):
+    """A finished demo's report when ``out`` holds one of this variant; None when there is none.
+    A finished demo of another variant is refused: its figures are not this variant's."""
+    path = out / "learning.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    recorded = recorded_variant(out, report)
+    if recorded is not None and recorded != variant:
+        raise UserError(
+            f"{out} holds a finished demo of variant {recorded}, not {variant} as asked; "
+            f"nothing was run and its figures are not {variant}'s. Run {variant} in its own "
+            f"folder: --out NEW_FOLDER (its default is {default_out(algorithm, cp)})")
+    return report
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,10 +121,11 @@ def main():
     from solopo_mcore.evaluation.learning import (describe, evaluate_command, learning_report,
                                                   write_heldout)
 
-    if (out / "learning.json").is_file():  # a finished demo: say what it measured, redo nothing
-        print(f"\n{out} holds a finished demo (its learning.json); nothing was rerun. Use "
-              f"--out NEW_FOLDER for a new run, or delete {out}.\n\n"
-              f"{describe(json.loads((out / 'learning.json').read_text()))}")
+    finished = finished_demo(out, variant, args.algorithm, args.cp)
+    if finished is not None:  # this variant's finished demo: say what it measured, redo nothing
+        print(f"\n{out} holds a finished demo of variant {variant} (its learning.json); nothing "
+              f"was rerun. Use --out NEW_FOLDER for a new run, or delete {out}.\n\n"
+              f"What the model learned ({variant}):\n{describe(finished)}")
         return
     if (data / "qa.meta.json").is_file() and (model / "mcore_init" / "latest").is_file():
         print(f"reusing the dataset and initial weights already in {out} (an interrupted demo; "
@@ -121,6 +156,7 @@ def main():
                                               "trained": run / "hf_export"}))
     report = learning_report(str(run / "metrics.jsonl"), str(evals), "untrained", "trained",
                              num_eval)
+    report["variant"] = variant
     (out / "learning.json").write_text(json.dumps(report, indent=2) + "\n")
     answer_points = {f"{ctx} context": [(step, a[ctx]["value"], *a[ctx]["ci95"]) for step, a in
                                         ((0, report["answer"]["before"]),

@@ -274,3 +274,20 @@ def test_yarn_model_round_trip_carries_rope_scaling_and_verifies_past_its_positi
                 "--verify", "--verify-tokens", "2000", check=False)
     assert r.returncode != 0 and "more than the model's 1024 usable positions" in r.stderr
     assert not (tmp_path / "again").exists()
+
+
+def test_a_layout_the_model_cannot_split_is_refused_before_torchrun(tiny_qwen2, tmp_path):
+    """--tp that does not divide the heads, --pp that does not divide the layers: one line
+    naming the option, from the first process (no torchrun relaunch, no traceback)."""
+    r = convert("hf-to-mcore", "--src", tiny_qwen2, "--dst", tmp_path / "o", "--tp", "3",
+                check=False)
+    assert r.returncode != 0
+    assert "--tp=3 does not divide num_attention_heads=4; choose a TP that divides the heads " \
+           "and the 2 KV groups: 1, 2" in r.stderr
+    assert "torch.distributed" not in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+    convert("hf-to-mcore", "--src", tiny_qwen2, "--dst", tmp_path / "m")
+    r = convert("mcore-to-hf", "--src", tmp_path / "m", "--dst", tmp_path / "h", "--pp", "3",
+                check=False)
+    assert r.returncode != 0 and "num_layers=4 is not divisible by --pp" in r.stderr
+    assert "torch.distributed" not in r.stderr

@@ -5,6 +5,8 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,23 @@ def test_idx_from_another_dataset_of_the_same_size_is_refused(demo_data, tmp_pat
     shutil.copy(str(tmp_path / "other.idx"), mine + ".idx")
     with pytest.raises(DatasetError, match=f"{mine}.idx is not the index {mine}.meta.json"):
         TripletDataset(mine)
+
+
+@pytest.mark.parametrize("old_meta", [False, True], ids=["meta", "meta-without-file-checks"])
+def test_truncated_idx_is_named_as_truncated(demo_data, tmp_path, old_meta):
+    from solopo_mcore.data.dataset import DatasetError, TripletDataset
+
+    prefix = _copy_dataset(demo_data["prefix"], tmp_path)
+    size = os.path.getsize(prefix + ".idx")
+    with open(prefix + ".idx", "r+b") as f:
+        f.truncate(size - 100)
+    if old_meta:
+        meta = json.loads(Path(prefix + ".meta.json").read_text())
+        del meta["file_checks"]
+        Path(prefix + ".meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match=rf"{prefix}.idx is truncated: {size - 100} bytes, its "
+                                           rf"header describes {size} \(\d+ sequences"):
+        TripletDataset(prefix)
 
 
 @pytest.mark.parametrize("old_meta", [False, True], ids=["meta", "meta-without-file-checks"])
@@ -277,3 +296,47 @@ def test_resume_refuses_other_settings_and_a_finished_run_rewrites_nothing(demo_
     assert [r["step"] for r in train] == [1]
     assert json.loads((new / "ckpt" / "iter_0000001" / "solopo_state.json").read_text())[
         "run_fingerprint"]["objective.algorithm"] == "simpo"
+    # extended from 2 to 6 steps: the schedule (warmup 3, so it spanned 4 steps) is re-planned
+    # over 6 on request, and the resume says so; written out, step 5 (4 steps done, 1 of 3 into
+    # the cosine) runs at min_lr + 0.75 (lr - min_lr), not at min_lr
+    result = run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 6, extra=common + [
+        "optimizer.override_lr_schedule=true"]))
+    assert "training.train_steps=6, but the checkpoint's LR schedule spans 4: optimizer." \
+           "override_lr_schedule=true re-planned warmup + cosine over 6 steps" in result.stdout
+    train, _ = read_metrics(tmp_path / "metrics.jsonl")
+    lr = {r["step"]: r["optimizer/lr"] for r in train}
+    assert lr[5] == pytest.approx(3e-4 + 0.75 * (3e-3 - 3e-4), rel=1e-6)
+
+
+def test_a_finished_demo_of_another_variant_is_refused_and_the_same_one_named(tmp_path):
+    """``demo_cpu.py --algorithm dpo --out F`` where F holds a finished ORPO demo: exit 1 naming
+    both variants and --out; asked for ORPO, it reports ORPO's figures under that name. Demos from
+    before the variant was recorded are read from their checkpoint's config."""
+    report = {"num_eval_examples": 4, "pairwise": {}, "variant": "orpo", "answer": {
+        when: {ctx: {"value": 0.5, "ci95": [0.1, 0.9], "n": 4} for ctx in ("short", "long")}
+        for when in ("before", "after")}}
+    (tmp_path / "learning.json").write_text(json.dumps(report))
+
+    def demo(*args):
+        return subprocess.run([sys.executable, "examples/demo_cpu.py", "--out", str(tmp_path),
+                               *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    other = demo("--algorithm", "dpo")
+    assert other.returncode == 1
+    assert f"{tmp_path} holds a finished demo of variant orpo, not dpo as asked" in other.stderr
+    assert "--out NEW_FOLDER (its default is runs/demo/dpo)" in other.stderr
+    assert "Greedy answer accuracy" not in other.stdout
+    same = demo("--algorithm", "orpo")
+    assert same.returncode == 0, same.stderr
+    assert "finished demo of variant orpo" in same.stdout and \
+        "What the model learned (orpo):" in same.stdout
+    # an older learning.json without the variant: the checkpoint's config says it
+    del report["variant"]
+    (tmp_path / "learning.json").write_text(json.dumps(report))
+    iteration = tmp_path / "run" / "checkpoints" / "iter_0000010"
+    iteration.mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("10")
+    (iteration / "metadata.json").write_text("{}")
+    (iteration / "solopo_state.json").write_text(json.dumps({"config": {
+        "objective": {"algorithm": "simpo"}, "parallel": {"context_parallel_size": 2}}}))
+    cp = demo("--algorithm", "simpo")
+    assert cp.returncode == 1 and "variant simpo-cp, not simpo as asked" in cp.stderr

@@ -205,6 +205,37 @@ def test_a_stopped_rank_is_named_by_the_watchdog(demo_data, tmp_path):
     assert "sent no heartbeat for 6 s" in out
 
 
+def test_slurm_dry_run_without_slurm_checks_the_recipe_and_the_node_count(tmp_path):
+    """No scontrol on this machine: the dry run expands the host list itself; a misspelt
+    recipe, a layout that does not fit nodes x GPUs, and a host list of another size are each
+    one line, before anything is printed for a node."""
+    script = REPO / "examples" / "slurm" / "solopo_multinode.sbatch"
+    base = {k: v for k, v in os.environ.items() if k != "PATH"}
+    env = {**base, "PATH": "/usr/bin:/bin", "SOLOPO_DRY_RUN": "1", "SLURM_JOB_ID": "5",
+           "SLURM_JOB_NODELIST": "gpu[07-09],login1", "SLURM_NNODES": "4"}
+    assert subprocess.run(["bash", "-c", "command -v scontrol"], env=env).returncode != 0
+
+    def dry(recipe, **changes):
+        return subprocess.run(["bash", str(script), recipe], cwd=REPO, env={**env, **changes},
+                              capture_output=True, text=True, timeout=120)
+    ok = dry("qwen2.5-7b_solo-orpo_64k_4node")
+    assert ok.returncode == 0, ok.stderr
+    assert [line.split()[2] for line in ok.stdout.splitlines()] == \
+        ["(gpu07):", "(gpu08):", "(gpu09):", "(login1):"]
+    assert "--rdzv-endpoint gpu07:29500" in ok.stdout
+    typo = dry("qwen2.5-7b_solo-orpo_64k_4nod")
+    assert typo.returncode != 0 and not typo.stdout
+    assert "recipe 'qwen2.5-7b_solo-orpo_64k_4nod' is neither a file nor a named recipe" in \
+        typo.stderr and "qwen2.5-7b_solo-orpo_64k_4node" in typo.stderr
+    three = dry("qwen2.5-7b_solo-orpo_64k_4node", SLURM_NNODES="3",
+                SLURM_JOB_NODELIST="gpu[07-09]")
+    assert three.returncode != 0 and not three.stdout
+    assert "24 processes" in three.stderr and "TP x PP x CP = 4 x 1 x 4 = 16" in three.stderr
+    mismatch = dry("qwen2.5-7b_solo-orpo_64k_4node", SLURM_JOB_NODELIST="gpu[07-09]")
+    assert mismatch.returncode != 0 and not mismatch.stdout
+    assert "names 3 hosts but SLURM_NNODES is 4" in mismatch.stderr
+
+
 def test_slurm_script_dry_run_prints_each_node_s_command(tmp_path):
     """``bash -n`` passes; SOLOPO_DRY_RUN=1 under a fake 4-node allocation prints the torchrun
     command of every node (c10d rendezvous on the first host, restarts, the recipe, overrides
@@ -236,6 +267,8 @@ def test_slurm_script_dry_run_prints_each_node_s_command(tmp_path):
     (fake / "scontrol").write_text(f"#!/bin/bash\nif [ \"$1\" = requeue ]; then echo requeue $2 "
                                    f">> {log}; else printf 'gpu-a\\ngpu-b\\n'; fi\n")
     env.pop("SOLOPO_DRY_RUN")
+    # the fake allocation below has two hosts; tiny_cpu's batch fits 2 x 1 ranks
+    env.update(SLURM_NNODES="2", GPUS_PER_NODE="1")
     job = subprocess.Popen(["bash", str(script), "tiny_cpu"], cwd=REPO, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 30

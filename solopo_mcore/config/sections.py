@@ -167,6 +167,11 @@ class OptimizerConfig:
     default); steps whose scaled gradients overflow are skipped and the scale is halved."""
     optimizer_cpu_offload: bool = False
     """Keep optimizer state on CPU (megatron-core hybrid offload; needs the distributed optimizer)."""
+    override_lr_schedule: bool = False
+    """On a resume whose training.train_steps differs from the checkpoint's: re-plan the warmup +
+    cosine schedule over the new length from the current step (Megatron's
+    --override-opt_param-scheduler). Off (default): the checkpoint's schedule is kept, so steps
+    past its end run at min_lr; the resume says which, either way."""
 
 
 @dataclass

@@ -184,3 +184,23 @@ def mcore_to_hf(src: str, dst: str, tp: int = 1, pp: int = 1, hf_config: Optiona
         _verify(report, destination, stack, str(staging), tolerance, verify_tokens=verify_tokens)
     destination.commit()
     return report
+
+
+def check_layout_before_launch(direction: str, src: str, hf_config: Optional[str], tp: int,
+                               pp: int) -> None:
+    """Before relaunching under torchrun: the model's heads, KV groups and layers split over
+    ``--tp`` / ``--pp`` (one line naming the options). A source that cannot be read yet is left
+    to the conversion itself, which names what is missing."""
+    raw = None
+    try:
+        if direction == "hf-to-mcore" or hf_config is not None:
+            raw = read_hf_config(src if direction == "hf-to-mcore" else hf_config).raw
+        else:
+            checkpoint = find_checkpoint(src) if (Path(src) / "latest").exists() or not \
+                (Path(src) / "metadata.json").exists() else Path(src)
+            raw = read_marker(checkpoint).get("hf_config") if checkpoint is not None else None
+    except (OSError, ValueError):
+        return
+    if raw is not None:
+        check_model_fits_layout(shape_from_dict(raw, src), ParallelConfig(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), "--tp", "--pp")

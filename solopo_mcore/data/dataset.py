@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,11 @@ class DatasetError(UserError, ValueError):
 def check_files_against_meta(prefix: str, meta: dict) -> None:
     """Refuse a ``.bin``/``.idx`` that is not the one its ``.meta.json`` was written for."""
     recorded = meta.get(META_FILE_CHECKS)
+    truncated = idx_truncation(prefix + ".idx")
+    if truncated:
+        raise DatasetError(f"{prefix}.idx is truncated: {truncated}; it was cut short (an "
+                           f"interrupted copy or a full disk). Copy it again from where the "
+                           f"dataset was built, or preprocess again.")
     if recorded is None:
         warn("data", f"{prefix}.meta.json has no file_checks (written by an older "
                      f"preprocess): .bin/.idx identity not verified")
@@ -44,6 +50,27 @@ def check_files_against_meta(prefix: str, meta: dict) -> None:
     if sampled_sha256(prefix + ".bin") != recorded["bin_sampled_sha256"]:
         raise DatasetError(f"{prefix}.bin does not match {prefix}.meta.json (sampled SHA-256 "
                            f"differs): it was modified or belongs to another dataset. {fix}")
+
+
+def idx_truncation(path: str) -> Optional[str]:
+    """How a Megatron ``.idx`` is shorter than its own header says (``"N bytes, its header
+    describes M"``), or None when it is whole. Layout (megatron-core's ``_IndexReader``): a 9-byte
+    magic, version (8), dtype code (1), sequence count (8), document count (8), then int32
+    lengths and int64 pointers per sequence and int64 document indices."""
+    size = os.path.getsize(path)
+    header = 9 + 8 + 1 + 8 + 8
+    if size < header:
+        return f"{size} bytes, shorter than the {header}-byte header"
+    with open(path, "rb") as f:
+        if f.read(9) != b"MMIDIDX\x00\x00":
+            return None  # not a truncation: the SHA-256 check names it
+        f.seek(9 + 8 + 1)
+        num_sequences, num_documents = struct.unpack("<QQ", f.read(16))
+    expected = header + 12 * num_sequences + 8 * num_documents
+    if size < expected:
+        return (f"{size} bytes, its header describes {expected} ({num_sequences} sequences, "
+                f"{num_documents} document offsets)")
+    return None
 
 
 class TripletDataset:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
@@ -53,6 +55,11 @@ def build_optimizer(model: list, opt: OptimizerConfig, parallel: ParallelConfig,
     return optimizer
 
 
+def schedule_length(opt: OptimizerConfig, train_steps: int) -> int:
+    """The steps warmup + cosine decay span (Megatron's ``lr_decay_steps``)."""
+    return max(train_steps, opt.lr_warmup_steps + 1)
+
+
 def build_scheduler(optimizer, opt: OptimizerConfig, train_steps: int) -> OptimizerParamScheduler:
     """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``train_steps``."""
     return OptimizerParamScheduler(
@@ -61,10 +68,52 @@ def build_scheduler(optimizer, opt: OptimizerConfig, train_steps: int) -> Optimi
         max_lr=opt.lr,
         min_lr=opt.min_lr,
         lr_warmup_steps=opt.lr_warmup_steps,
-        lr_decay_steps=max(train_steps, opt.lr_warmup_steps + 1),
+        lr_decay_steps=schedule_length(opt, train_steps),
         lr_decay_style="cosine",
         start_wd=opt.weight_decay,
         end_wd=opt.weight_decay,
         wd_incr_steps=max(train_steps, 1),
         wd_incr_style="constant",
     )
+
+
+def _lr_for_step(scheduler: OptimizerParamScheduler, step: int) -> float:
+    """The LR step ``step`` (1-based) runs at: the schedule at ``step - 1`` completed steps."""
+    saved = scheduler.num_steps
+    scheduler.num_steps = step - 1
+    try:
+        return scheduler.get_lr(scheduler.optimizer.param_groups[0])
+    finally:
+        scheduler.num_steps = saved
+
+
+def reconcile_schedule(scheduler: OptimizerParamScheduler, opt: OptimizerConfig,
+                       train_steps: int) -> Optional[str]:
+    """After a resume: one line when this run's ``train_steps`` gives another schedule length
+    than the checkpoint's (which Megatron keeps), saying what the new steps' LR will be; with
+    ``opt.override_lr_schedule`` the schedule is first re-planned over the new length from the
+    current step. None when the lengths agree."""
+    saved, planned = scheduler.lr_decay_steps, schedule_length(opt, train_steps)
+    if saved == planned:
+        return None
+    done = scheduler.num_steps
+    first, last = done + 1, max(train_steps, done + 1)
+    before = f"training.train_steps={train_steps}, but the checkpoint's LR schedule spans {saved}"
+    if opt.override_lr_schedule:
+        scheduler.lr_decay_steps = planned
+        scheduler.wd_incr_steps = max(train_steps, 1)
+        scheduler.step(increment=0)  # the param groups' LR for the next step, on the new plan
+        return (f"{before}: optimizer.override_lr_schedule=true re-planned warmup + cosine over "
+                f"{planned} steps; step {first} runs at LR {_lr_for_step(scheduler, first):.3g}, "
+                f"step {last} at {_lr_for_step(scheduler, last):.3g}")
+    if train_steps > saved:
+        kept = (f"steps {max(first, saved + 1)}-{train_steps} run at min_lr "
+                f"{opt.min_lr:g} (the schedule ended at step {saved})")
+    else:
+        kept = (f"the run stops at step {train_steps} at LR "
+                f"{_lr_for_step(scheduler, train_steps):.3g}, before the schedule reaches min_lr")
+    scheduler.lr_decay_steps = planned  # only to show what the re-planned schedule would give
+    would = _lr_for_step(scheduler, first)
+    scheduler.lr_decay_steps = saved
+    return (f"{before}: {kept}. To re-plan the cosine over {planned} steps from here, add "
+            f"optimizer.override_lr_schedule=true (step {first} would run at LR {would:.3g})")

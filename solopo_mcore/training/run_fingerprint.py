@@ -23,8 +23,10 @@ def run_fingerprint(config, shape, dataset_fingerprint: str,
     out = {f"model_shape.{k}": v for k, v in sorted(vars(shape).items()) if k != "raw"}
     for section in RESUME_CHECKED_SECTIONS:
         out.update({f"{section}.{k}": v for k, v in tree[section].items()})
-    for free in ("optimizer.optimizer_cpu_offload", "optimizer.initial_loss_scale"):
-        out.pop(free, None)  # where the state lives, and the fp16 scale's start: not the run
+    for free in ("optimizer.optimizer_cpu_offload", "optimizer.initial_loss_scale",
+                 "optimizer.override_lr_schedule"):
+        # where the state lives, the fp16 scale's start, how an extended run re-plans: not the run
+        out.pop(free, None)
     for key in RESUME_CHECKED_KEYS:
         section, name = key.split(".")
         out[key] = tree[section][name]

@@ -36,7 +36,7 @@ from solopo_mcore.training.engine import run_global_batch
 from solopo_mcore.training.forward_step import make_forward_step, reduce_metrics
 from solopo_mcore.training.run_fingerprint import compare_run_fingerprints, run_fingerprint
 from solopo_mcore.training.logs import RunLogger
-from solopo_mcore.training.optim import build_optimizer, build_scheduler
+from solopo_mcore.training.optim import build_optimizer, build_scheduler, reconcile_schedule
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -176,6 +176,10 @@ class Trainer:
         self.step = int(marker["step"])
         self.num_skipped_steps = int(marker.get("num_skipped_steps", 0))
         log("solopo", f"resumed from {path} at step {self.step}")
+        schedule = reconcile_schedule(self.scheduler, self.config.optimizer,
+                                      self.config.training.train_steps)
+        if schedule:
+            (log if self.config.optimizer.override_lr_schedule else warn)("solopo", schedule)
         return SamplerState(consumed_examples=int(marker["consumed_examples"]))
 
     def save(self) -> None:
