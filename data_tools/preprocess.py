@@ -131,6 +131,9 @@ def check_model(tokenizer, model_config: Optional[str], max_seq_length: int,
             raise SystemExit("preprocess: --yarn-factor needs --model-config (the model whose "
                              "positions it scales)")
         return
+    if yarn_factor is not None and not yarn_factor >= 1:
+        raise SystemExit(f"preprocess: --yarn-factor {yarn_factor:g} must be at least 1 (the "
+                         f"factor usable positions are multiplied by; Qwen2.5 documents 4)")
     from solopo_mcore.log import warn
     from solopo_mcore.models.positions import (model_shape, position_limit_fix,
                                                position_limit_text, unscaled_extension_warning)
@@ -150,6 +153,31 @@ def check_model(tokenizer, model_config: Optional[str], max_seq_length: int,
                          f"segments cannot be trained. Fix: " + position_limit_fix(
                              shape, max_seq_length, f"pass --max-seq-length "
                              f"{shape.usable_positions} or less"))
+
+
+@contextlib.contextmanager
+def _out_of_space_is_one_line(prefix: Path, tmp_prefix: Path):
+    """A full disk while writing the dataset (however it arrives,
+    :mod:`solopo_mcore.storage.space`): the partial ``.tmp.*`` files are removed, an existing
+    dataset under the prefix is left as it was, and the error is one line."""
+    try:
+        yield
+    except Exception as exc:  # the writer here is Megatron's IndexedDatasetBuilder: OSError
+        from solopo_mcore.storage.space import free_text, is_out_of_space
+
+        if not is_out_of_space(exc, prefix.parent):
+            raise
+        removed = []
+        for ext in (".bin", ".idx", ".meta.json"):
+            if os.path.exists(str(tmp_prefix) + ext):
+                os.remove(str(tmp_prefix) + ext)
+                removed.append(tmp_prefix.name + ext)
+        existing = ("the dataset already there is unchanged"
+                    if os.path.exists(str(prefix) + ".meta.json") else "nothing was written")
+        raise SystemExit(f"preprocess: no space left on the device writing {prefix}.*: "
+                         f"{free_text(prefix.parent)} after removing the partial files "
+                         f"({', '.join(removed) or 'none'}); {existing}. Free space or choose "
+                         f"an --output-prefix on a larger disk, and run again.") from None
 
 
 def run(input_path: str, output_prefix: str, tokenizer_name: str, max_seq_length: int,
@@ -189,60 +217,61 @@ def run(input_path: str, output_prefix: str, tokenizer_name: str, max_seq_length
     prefix = Path(output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = prefix.with_name(prefix.name + ".tmp")
-    builder = IndexedDatasetBuilder(str(tmp_prefix) + ".bin", dtype=np.int32)
-    ids, lengths = [], {k: [] for k in SEQUENCES_PER_EXAMPLE}
-    num_tokens = 0
-    for r in (table if table is not None else []):
-        longest = max(len(r["short_prompt"]), len(r["long_prompt"])) + max(len(r["chosen"]),
-                                                                              len(r["rejected"]))
-        if longest > max_seq_length:
-            report.skip(f"{input_path}:{r['line']}", "too_long",
-                        f"longest segment {longest} tokens > --max-seq-length {max_seq_length}")
-            continue
-        for key in SEQUENCES_PER_EXAMPLE:
-            builder.add_item(torch.tensor(r[key], dtype=torch.int32))
-            lengths[key].append(len(r[key]))
-            num_tokens += len(r[key])
-        builder.end_document()
-        ids.append(r["id"])
-        report.written += 1
-    builder.finalize(str(tmp_prefix) + ".idx")
-    if report.written == 0:
-        for ext in (".bin", ".idx"):
-            os.remove(str(tmp_prefix) + ext)
-        report.print_summary()
-        d = report.as_dict()
-        reasons = ", ".join(f"{k}={v}" for k, v in d["skipped"].items()) or "none"
-        raise SystemExit(f"preprocess: 0 examples written from {input_path} (read {d['read']}, "
-                         f"skipped {d['skipped_total']}: {reasons}); nothing was written to "
-                         f"{prefix}.*. Fix the input, or raise --max-seq-length if rows were "
-                         f"too_long.")
-    meta = {
-        "format": FORMAT,
-        "sequences_per_example": list(SEQUENCES_PER_EXAMPLE),
-        "num_examples": report.written,
-        "num_tokens": num_tokens,
-        "tokenizer": tokenizer_name,
-        "vocab_size": len(tokenizer),
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-        "max_seq_length": max_seq_length,
-        "fingerprint": _sha256([str(tmp_prefix) + ".bin", str(tmp_prefix) + ".idx"]),
-        "file_checks": file_checks(str(tmp_prefix)),  # sizes and hashes, not names
-        "source": str(input_path),
-        "source_sha256": _sha256([input_path]),
-        "lengths": {k: _histogram(v) for k, v in lengths.items()},
-        "report": report.as_dict(),
-        "example_ids": ids,
-    }
-    write_json(str(tmp_prefix) + ".meta.json", meta)
-    # .bin, .idx and .meta.json replace a previous dataset under this prefix as one set
-    if os.path.exists(str(prefix) + ".meta.json"):
-        print(f"preprocess: replacing the dataset at {prefix} (a run reading it will see new "
-              f"data: a training run that resumes on it refuses the changed fingerprint)",
-              flush=True)
-    commit_file_set({str(tmp_prefix) + ext: str(prefix) + ext
-                     for ext in (".bin", ".idx", ".meta.json")})
+    with _out_of_space_is_one_line(prefix, tmp_prefix):
+        builder = IndexedDatasetBuilder(str(tmp_prefix) + ".bin", dtype=np.int32)
+        ids, lengths = [], {k: [] for k in SEQUENCES_PER_EXAMPLE}
+        num_tokens = 0
+        for r in (table if table is not None else []):
+            longest = max(len(r["short_prompt"]), len(r["long_prompt"])) + \
+                max(len(r["chosen"]), len(r["rejected"]))
+            if longest > max_seq_length:
+                report.skip(f"{input_path}:{r['line']}", "too_long",
+                            f"longest segment {longest} tokens > --max-seq-length {max_seq_length}")
+                continue
+            for key in SEQUENCES_PER_EXAMPLE:
+                builder.add_item(torch.tensor(r[key], dtype=torch.int32))
+                lengths[key].append(len(r[key]))
+                num_tokens += len(r[key])
+            builder.end_document()
+            ids.append(r["id"])
+            report.written += 1
+        builder.finalize(str(tmp_prefix) + ".idx")
+        if report.written == 0:
+            for ext in (".bin", ".idx"):
+                os.remove(str(tmp_prefix) + ext)
+            report.print_summary()
+            d = report.as_dict()
+            reasons = ", ".join(f"{k}={v}" for k, v in d["skipped"].items()) or "none"
+            raise SystemExit(f"preprocess: 0 examples written from {input_path} (read {d['read']}, "
+                             f"skipped {d['skipped_total']}: {reasons}); nothing was written to "
+                             f"{prefix}.*. Fix the input, or raise --max-seq-length if rows were "
+                             f"too_long.")
+        meta = {
+            "format": FORMAT,
+            "sequences_per_example": list(SEQUENCES_PER_EXAMPLE),
+            "num_examples": report.written,
+            "num_tokens": num_tokens,
+            "tokenizer": tokenizer_name,
+            "vocab_size": len(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+            "max_seq_length": max_seq_length,
+            "fingerprint": _sha256([str(tmp_prefix) + ".bin", str(tmp_prefix) + ".idx"]),
+            "file_checks": file_checks(str(tmp_prefix)),  # sizes and hashes, not names
+            "source": str(input_path),
+            "source_sha256": _sha256([input_path]),
+            "lengths": {k: _histogram(v) for k, v in lengths.items()},
+            "report": report.as_dict(),
+            "example_ids": ids,
+        }
+        write_json(str(tmp_prefix) + ".meta.json", meta)
+        # .bin, .idx and .meta.json replace a previous dataset under this prefix as one set
+        if os.path.exists(str(prefix) + ".meta.json"):
+            print(f"preprocess: replacing the dataset at {prefix} (a run reading it will see new "
+                  f"data: a training run that resumes on it refuses the changed fingerprint)",
+                  flush=True)
+        commit_file_set({str(tmp_prefix) + ext: str(prefix) + ext
+                         for ext in (".bin", ".idx", ".meta.json")})
     report.extra.update(num_tokens=num_tokens, output=str(prefix) + ".{bin,idx,meta.json}")
     report.print_summary()
     return meta

@@ -55,6 +55,8 @@ def parse_args():
         parser.error("--max-shard-gb must be positive")
     if args.verify_tokens < 2:
         parser.error("--verify-tokens must be at least 2")
+    if args.verify_tokens != 64 and not args.verify:
+        parser.error("--verify-tokens applies to --verify only; add --verify")
     if args.direction == "hf-to-mcore":
         for flag, value, default in (("--hf-config", args.hf_config, None),
                                      ("--max-shard-gb", args.max_shard_gb, 5.0)):

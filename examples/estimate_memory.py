@@ -3,8 +3,8 @@ recompute setting (none, selective, full) and with optimizer CPU offload that fi
 predicted cost first (recompute's added compute), the longest trainable long context per setting,
 and whether the model's positions reach the long context (YaRN otherwise).
 
-    python examples/estimate_memory.py --config qwen2.5-7b_solo-orpo_128k_4node --world-size 32 \
-        --long-tokens 131072 --short-tokens 1024 --device-gib 80
+    python examples/estimate_memory.py --config qwen2.5-7b_solo-orpo_128k_4node \\
+        --world-size 32 --long-tokens 131072 --short-tokens 1024 --device-gib 80
 
 Reads the architecture from model.hf_config_path, or --model qwen2.5-7b|llama3.1-8b without the
 weights. Formulas: solopo_mcore/profiling/estimator.py. The microbatch is the one the trainer
@@ -18,6 +18,7 @@ import json
 
 from solopo_mcore.config import ConfigError, load_config
 from solopo_mcore.errors import entry_point
+from solopo_mcore.log import warn
 from solopo_mcore.models.hf_config import read_hf_config, shape_from_dict
 from solopo_mcore.models.positions import with_rope_scaling
 from solopo_mcore.models.reference_configs import BY_NAME
@@ -32,7 +33,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True,
-                        help="recipe: a YAML file or a name from examples/recipes/")
+                        help="recipe: a YAML file or the name of a shipped recipe "
+                             "(solopo_mcore/recipes/)")
     parser.add_argument("--model", choices=sorted(BY_NAME),
                         help="use a known architecture instead of the recipe's "
                              "model.hf_config_path (no weights needed)")
@@ -53,6 +55,10 @@ def main(argv=None):
     parser.add_argument("overrides", nargs="*",
                         help="dotted recipe overrides, e.g. parallel.context_parallel_size=4")
     args = parser.parse_intermixed_args(argv)
+    for flag, value in (("--world-size", args.world_size), ("--device-gib", args.device_gib),
+                        ("--response-tokens", args.response_tokens)):
+        if not value > 0:
+            parser.error(f"{flag} must be positive, got {value:g}")
     cfg = load_config(args.config, args.overrides)
     known = "{" + ",".join(sorted(BY_NAME)) + "}"
     if args.model:
@@ -74,9 +80,13 @@ def main(argv=None):
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must exceed "
                               f"--response-tokens {args.response_tokens}: a segment is a context "
                               f"plus one response")
+    if args.short_tokens > args.long_tokens:
+        warn("estimate_memory", f"--short-tokens {args.short_tokens} is longer than --long-tokens "
+                                f"{args.long_tokens}: the short context is the evidence alone, "
+                                f"the long one the same evidence among distractors")
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * \
         p.context_parallel_size
-    if args.world_size <= 0 or args.world_size % model_parallel:
+    if args.world_size % model_parallel:
         raise LayoutError(
             f"--world-size {args.world_size} is not divisible by the recipe's TP x PP x CP = "
             f"{p.tensor_model_parallel_size} x {p.pipeline_model_parallel_size} x "

@@ -54,7 +54,7 @@ def test_unknown_recipe_lists_the_named_ones():
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")
-                                          if not p.stem.startswith("tiny_cpu")))
+                                          if not p.stem.startswith(("tiny_cpu", "smollm2"))))
 def test_paper_recipes_load_and_fit_their_cluster(recipe):
     cfg = load_config(recipe)
     model = "qwen2.5-7b" if recipe.startswith("qwen") else "llama3.1-8b"
@@ -155,3 +155,21 @@ def test_launch_size_is_checked_before_any_process_group(world, overrides, messa
     with pytest.raises(ConfigError, match=message):
         check_launch(load_config("tiny_cpu", overrides), world)
     assert check_launch(load_config("tiny_cpu", ["parallel.tensor_model_parallel_size=1"]), 2) == 2
+
+
+def test_the_pretrained_cpu_recipe_fits_smollm2_and_a_from_scratch_lr_is_warned_of():
+    from solopo_mcore.training.build import from_scratch_lr_warning
+
+    cfg = load_config("smollm2-135m_cpu", ["checkpoint.hf_init_dir=/models/smollm2"])
+    check_model_fits_layout(shape_from_dict(BY_NAME["smollm2-135m"]), cfg.parallel)
+    assert validate_layout(cfg.parallel, 2) == 2  # DP 2 on the 2-core machine
+    assert cfg.model.params_dtype == "fp32" and cfg.objective.alpha == 1.0
+    assert from_scratch_lr_warning(cfg) is None
+    demo = load_config("tiny_cpu_qa", ["checkpoint.hf_init_dir=/models/smollm2"])
+    warning = from_scratch_lr_warning(demo)
+    assert warning.startswith("optimizer.lr=0.003 with pretrained weights (/models/smollm2)")
+    assert "smollm2-135m_cpu recipe: 2e-5" in warning
+    with pytest.raises(Exception, match="does not divide num_attention_heads=9"):
+        check_model_fits_layout(shape_from_dict(BY_NAME["smollm2-135m"]),
+                                load_config("smollm2-135m_cpu",
+                                            ["parallel.tensor_model_parallel_size=2"]).parallel)

@@ -32,12 +32,13 @@ ALLOWED = {
     "ref_logprobs": BASE | {"config", "storage", "parallel", "losses", "data", "stack",
                             "training"},
     "profiling": BASE | {"config", "parallel", "models", "losses", "data", "stack", "training"},
-    "evaluation": BASE | {"config", "storage", "parallel", "convert", "training.curves"},
+    "evaluation": BASE | {"config", "storage", "parallel", "convert", "training.curves",
+                          "data.heldout"},
 }
 """What each unit (a subpackage or a top-level module) may import. ``pkg.mod`` allows that one
 module of another unit only: ``stack`` loads and exports HF weights through convert's tables,
 ``training`` reports FLOPs/MFU and memory through profiling's measurement functions,
-``evaluation`` reads training curves, and config validation keeps outputs apart from inputs
+``evaluation`` reads training curves and the held-out split, and config validation keeps outputs apart from inputs
 with the one check every entry point uses."""
 
 

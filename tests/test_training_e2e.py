@@ -41,6 +41,14 @@ def test_tp2_training_loss_decreases_and_logs_every_metric(demo_data, tmp_path):
             "throughput/tflops_per_gpu", "memory/max_rss_gib", "time/step_sec"}
     assert keys <= set(train[-1]), keys - set(train[-1])
     assert [r["step"] for r in evals] == [0, 5, 10]  # step 0: the initial model
+    # the held-out split it evaluates, beside the metrics, ready for evaluate_qa --input
+    meta = json.loads(open(demo_data["prefix"] + ".meta.json").read())
+    heldout = [json.loads(line) for line in open(tmp_path / "heldout.jsonl")]
+    assert [r["id"] for r in heldout] == meta["example_ids"][-8:]  # tiny_cpu: 8 held out
+    assert all(r["prompt_long"] and r["answers"] for r in heldout)
+    from solopo_mcore.evaluation.items import TRIPLET_FIELDS, read_heldout, triplet_items
+    assert len(triplet_items(read_heldout(str(tmp_path / "heldout.jsonl"),
+                                          TRIPLET_FIELDS))) == 2 * 8  # short and long
     assert {"eval/accuracy/short", "eval/accuracy/long",
             "eval/reward/distance_chosen"} <= set(evals[0])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -199,8 +199,14 @@ def test_data_past_the_positions_is_refused_before_any_process_group(demo_data, 
            "300}" in message and '"rope_scaling": {"type": "yarn"' in message
     assert "--yarn-factor 4" in message and "--max-seq-length 300" in message
     assert dist.is_initialized() == was_initialized  # refused before any process group
+    # YaRN too small for the data: the fix is a larger factor, not "add YaRN"
+    cfg.model.rope_scaling.type, cfg.model.rope_scaling.factor = "yarn", 2.0
+    with pytest.raises(DatasetError, match=r"600 usable positions \(YaRN factor 2 x 300\).*"
+                                           r"Fix: either raise the YaRN factor from 2 to 4 for "
+                                           r"the longest segment"):
+        build.check_positions(cfg)
     # the fix it names works: the same data with YaRN from the recipe
-    cfg.model.rope_scaling.type, cfg.model.rope_scaling.factor = "yarn", 4.0
+    cfg.model.rope_scaling.factor = 4.0
     assert build.check_positions(cfg).usable_positions == 1200
     # preprocess says the same, and takes --yarn-factor
     with pytest.raises(SystemExit, match=r"max_position_embeddings 300 .*Fix: either add YaRN"):

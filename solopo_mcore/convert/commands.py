@@ -124,10 +124,11 @@ def hf_to_mcore(src: str, dst: str, tp: int = 1, pp: int = 1, dtype: Optional[st
         return shard_for_param(param, name, reader.source, shape, tp_group.size(),
                                tp_group.rank())
     produce = shard_producer(chunks, names, make_shard)
-    written = save_model_only(str(staging), chunks,
-                              state={"hf_config": shape.raw, "source_hf_dir": str(src),
-                                     "params_dtype": config.model.params_dtype},
-                              sharded_strategy=LazyTorchDistSave(produce))
+    with destination.writing():
+        written = save_model_only(str(staging), chunks,
+                                  state={"hf_config": shape.raw, "source_hf_dir": str(src),
+                                         "params_dtype": config.model.params_dtype},
+                                  sharded_strategy=LazyTorchDistSave(produce))
     report = {"direction": "hf-to-mcore", "src": src, "dst": dst, "tp": tp, "pp": pp,
               "seconds": round(time.time() - start, 1),
               "peak_rss_gib_rank0": round(peak_rss_gib(), 3)}
@@ -174,8 +175,9 @@ def mcore_to_hf(src: str, dst: str, tp: int = 1, pp: int = 1, hf_config: Optiona
     check_checkpoint_layout(chunks, str(checkpoint))  # the architecture fits the checkpoint
     staging = destination.prepare()
     params = (pair for group in load_groups(chunks, str(checkpoint)) for pair in group)
-    write_hf_checkpoint(chunks, shape, str(staging), pg_collection, params=params,
-                        source_dir=source_dir, max_shard_bytes=max_shard_bytes)
+    with destination.writing():
+        write_hf_checkpoint(chunks, shape, str(staging), pg_collection, params=params,
+                            source_dir=source_dir, max_shard_bytes=max_shard_bytes)
     report = {"direction": "mcore-to-hf", "src": str(checkpoint), "dst": dst, "tp": tp, "pp": pp,
               "seconds": round(time.time() - start, 1),
               "peak_rss_gib_rank0": round(peak_rss_gib(), 3)}

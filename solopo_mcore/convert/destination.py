@@ -10,12 +10,14 @@ file system; the methods are collective (barriers) when torch.distributed is ini
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
 
 from solopo_mcore.convert.tables import ConversionError
 from solopo_mcore.storage.paths import refuse_overlaps
+from solopo_mcore.storage.space import WRITE_ERRORS, free_text, is_out_of_space
 
 
 def _dist():
@@ -109,6 +111,25 @@ class StagedDestination:
             (self.staging / OWN_MARKER).touch()
         _barrier()
         return self.staging
+
+    @contextlib.contextmanager
+    def writing(self):
+        """Around the writes into the staging directory: a full disk (however it arrives:
+        :mod:`solopo_mcore.storage.space`) removes the staging directory and becomes one line;
+        ``DST`` is untouched either way."""
+        try:
+            yield self.staging
+        except WRITE_ERRORS as exc:
+            if not is_out_of_space(exc, self.staging):
+                raise
+            if _is_rank0():
+                shutil.rmtree(self.staging, ignore_errors=True)
+            kept = f"{self.final} is unchanged" if self.final.exists() else \
+                f"{self.final} was not created"
+            raise ConversionError(
+                f"no space left on the device writing {self.staging}: {free_text(self.final)} "
+                f"after removing the partial result; {kept}. Free space or choose a --dst on a "
+                f"larger disk, and run the same command again") from None
 
     def commit(self) -> Path:
         """Collective: the staging directory becomes the destination."""

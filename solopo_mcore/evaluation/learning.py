@@ -14,6 +14,8 @@ import json
 import math
 from pathlib import Path
 
+from solopo_mcore.data.heldout import heldout_ids
+from solopo_mcore.data.heldout import heldout_rows as rows_for_ids
 from solopo_mcore.training.curves import read_metrics
 
 
@@ -25,19 +27,7 @@ def heldout_rows(triplets_path: str, dataset_prefix: str, num_eval_examples: int
     """The rows of ``triplets_path`` (build_triplets output) that the trainer holds out: the
     last ``num_eval_examples`` examples of the dataset (``data.num_eval_examples``), by id."""
     meta = json.loads(Path(dataset_prefix + ".meta.json").read_text())
-    ids = meta["example_ids"][len(meta["example_ids"]) - num_eval_examples:]
-    wanted = set(ids)
-    rows = {}
-    with open(triplets_path, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            if row["id"] in wanted:
-                rows[row["id"]] = row
-    missing = [i for i in ids if i not in rows]
-    if missing:
-        raise ValueError(f"{triplets_path}: held-out example ids missing ({missing[:3]}...); "
-                         f"was {dataset_prefix} built from it?")
-    return [rows[i] for i in ids]
+    return rows_for_ids(triplets_path, heldout_ids(meta, num_eval_examples))
 
 
 def write_heldout(triplets_path: str, dataset_prefix: str, num_eval_examples: int,

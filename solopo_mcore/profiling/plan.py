@@ -266,7 +266,9 @@ def describe(report: dict) -> str:
     rows = report["plan"]
     if rows:
         lines += [f"what fits, cheapest first ({len(rows)} settings; extra compute = the FLOPs "
-                  f"recompute adds to a step):",
+                  f"recompute adds to a step; optimizer CPU offload adds host transfers and a "
+                  f"CPU optimizer step, not predicted here, so it ranks after the same setting "
+                  f"without it):",
                   "   TP  PP  CP  DP  recompute  offload  GiB/GPU  extra compute"]
         lines += [f"  {r['tp']:3d} {r['pp']:3d} {r['cp']:3d} {r['dp']:3d}  {r['recompute']:9s}  "
                   f"{'yes' if r['optimizer_cpu_offload'] else 'no':7s}  {r['total_gib']:7.1f}  "
@@ -290,13 +292,13 @@ def describe(report: dict) -> str:
     lines.append("longest trainable long segment per setting (tokens, best layout):")
     for name, best in report["longest_trainable"].items():
         if best is None:
-            lines.append(f"  {name:40s} none fits")
+            lines.append(f"  {name:42s}      none fits")
             continue
         r = best["layout"]
         note = "" if best["long_tokens"] <= positions["usable_positions"] else \
             " (past the usable positions)"
         at_least = ">=" if best.get("at_search_limit") else "  "
-        lines.append(f"  {name:40s} {at_least}{best['long_tokens']:8d}  TP{r['tp']} PP{r['pp']} "
+        lines.append(f"  {name:42s} {at_least}{best['long_tokens']:8d}  TP{r['tp']} PP{r['pp']} "
                      f"CP{r['cp']} DP{r['dp']} {r['total_gib']:.1f} GiB{note}")
     lines.append("(--json prints every figure)")
     return "\n".join(lines)

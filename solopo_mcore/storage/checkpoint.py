@@ -19,7 +19,6 @@ position, the LR schedule, the config and each rank's RNG state are in the check
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -37,6 +36,7 @@ from solopo_mcore.errors import UserError
 from solopo_mcore.log import log, warn
 from solopo_mcore.platform import (device_rng_state, protect_checkpoint_writer,
                                    set_device_rng_state)
+from solopo_mcore.storage.space import WRITE_ERRORS, free_text, gib, is_out_of_space
 from solopo_mcore.storage.integrity import (CHECKSUMS, complete_checksums, files_written_by,
                                              hash_files, read_checksums, verify_files,
                                              write_checksums)
@@ -202,31 +202,11 @@ def _materialize_optimizer_state(optimizer) -> None:
         inner.zero_grad(set_to_none=True)
 
 
-def _is_disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what it wraps: a cause, a context, dist_checkpointing's per-rank
-    failures) is ENOSPC / EDQUOT."""
-    seen, todo = set(), [exc]
-    while todo:
-        err = todo.pop()
-        if err is None or id(err) in seen:
-            continue
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        todo += [err.__cause__, err.__context__]
-        failures = getattr(err, "failures", None)
-        if isinstance(failures, dict):
-            todo += [f for f in failures.values() if isinstance(f, BaseException)]
-    text = str(exc)
-    return "No space left on device" in text or "[Errno 28]" in text
-
-
 def checkpoint_num_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def _gib(num_bytes: float) -> str:
-    return f"{num_bytes / 2**30:.2f} GiB"
+_gib = gib
 
 
 class CheckpointManager:
@@ -276,8 +256,8 @@ class CheckpointManager:
                 warn("checkpoint", problem)
         try:
             dist_checkpointing.save(sharded, str(partial), sharded_strategy=sharded_strategy)
-        except Exception as exc:
-            if not _is_disk_full(exc):
+        except WRITE_ERRORS as exc:
+            if not is_out_of_space(exc, partial):
                 raise
             self._fail_disk_full(step, final, partial, rank)
         dist.barrier()
@@ -301,19 +281,34 @@ class CheckpointManager:
         dist.barrier()
         return final
 
+    def remove_stale_partials(self) -> list:
+        """Remove ``iter_N.partial`` folders left by a save whose writer died (killed, out of
+        memory, out of space). Call only while holding the run's lock (no live writer). Returns
+        what was removed."""
+        if not self.save_dir or not Path(self.save_dir).is_dir():
+            return []
+        stale = sorted(p for p in Path(self.save_dir).iterdir()
+                       if p.is_dir() and p.name.endswith(".partial") and
+                       _ITER.match(p.name[:-len(".partial")]))
+        for folder in stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            log("checkpoint", f"removed {folder}: a save that never completed (its writer "
+                              f"stopped); the checkpoints before it are unaffected")
+        return stale
+
     def _fail_disk_full(self, step: int, final: Path, partial: Path, rank: int) -> None:
         """The disk filled up during a save: remove the partial save and raise one line."""
         latest = find_checkpoint(self.save_dir)
         needed = checkpoint_num_bytes(latest) if latest is not None else None
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
-        free = shutil.disk_usage(self.save_dir).free
         need = f"about {_gib(needed)} needed (the size of {latest.name}), " if needed else ""
         kept = (f"the last good checkpoint {latest} is intact and stays latest"
                 if latest is not None else "no earlier checkpoint exists")
         raise CheckpointError(
             f"no space left on the device while saving step {step} to {final}: {need}"
-            f"{_gib(free)} free after removing the partial save; {kept}. Free space (or lower "
+            f"{free_text(self.save_dir)} after removing the partial save; {kept}. Free space "
+            f"(or lower "
             f"checkpoint.keep_last, or move checkpoint.save_dir to a larger disk) and run the "
             f"same command again to resume.")
 

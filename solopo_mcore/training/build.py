@@ -10,7 +10,7 @@ from solopo_mcore.config import ConfigError, RunConfig
 from solopo_mcore.data.dataset import DatasetError, TripletDataset
 from solopo_mcore.data.packing import PackedMicrobatch, pack_triplets
 from solopo_mcore.log import warn
-from solopo_mcore.models.hf_config import ModelShape
+from solopo_mcore.models.hf_config import ModelShape, read_hf_config
 from solopo_mcore.models.positions import model_shape, unscaled_extension_warning
 from solopo_mcore.parallel.layout import sequence_pad_multiple
 from solopo_mcore.stack import architecture_dir
@@ -28,13 +28,40 @@ RANDOM_INIT = "random initialisation"
 def check_positions(config: RunConfig) -> ModelShape:
     """Before any process group: the run's model shape (config.json with
     ``model.rope_scaling``), a warning when its ``max_position_embeddings`` was raised without
-    scaling, and every dataset segment within its usable positions. Returns the shape."""
-    shape = model_shape(architecture_dir(config), config.model.rope_scaling.as_hf())
+    scaling, every dataset segment within its usable positions, and a warning when pretrained
+    weights meet a from-scratch learning rate. Returns the shape."""
+    override = config.model.rope_scaling.as_hf()
+    shape = model_shape(architecture_dir(config), override)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     warning = unscaled_extension_warning(shape, architecture_dir(config))
-    if warning and int(os.environ.get("RANK", "0")) == 0:
+    if warning and rank0:
         warn("model", warning)
+    own = read_hf_config(architecture_dir(config)).rope_scaling
+    if override is not None and own is not None and rank0:
+        warn("model", f"model.rope_scaling (YaRN, factor {override['factor']:g}) replaces the "
+                      f"{own['rope_type']} scaling (factor {own['factor']:g}) of "
+                      f"{architecture_dir(config)}'s config.json")
     TripletDataset(config.data.data_path).check_max_length(shape)
+    lr_warning = from_scratch_lr_warning(config)
+    if lr_warning and rank0:
+        warn("optimizer", lr_warning)
     return shape
+
+
+#: Above this peak LR, pretrained weights are being trained at a from-scratch rate.
+FROM_SCRATCH_LR = 1e-3
+
+
+def from_scratch_lr_warning(config: RunConfig) -> Optional[str]:
+    """A warning when pretrained weights (checkpoint.hf_init_dir) meet a from-scratch learning
+    rate, as when a CPU demo recipe is pointed at a real model; None otherwise."""
+    lr = config.optimizer.lr
+    if not config.checkpoint.hf_init_dir or lr < FROM_SCRATCH_LR:
+        return None
+    return (f"optimizer.lr={lr:g} with pretrained weights ({config.checkpoint.hf_init_dir}): "
+            f"a rate for training from scratch, which wrecks what the model knows; "
+            f"preference training of pretrained models uses about 5e-7 to 5e-5 (the "
+            f"smollm2-135m_cpu recipe: 2e-5). Set optimizer.lr (and optimizer.min_lr)")
 
 
 def open_dataset(config: RunConfig, shape: ModelShape, need_reference: bool,

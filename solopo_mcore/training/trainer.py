@@ -36,6 +36,8 @@ from solopo_mcore.training.engine import run_global_batch
 from solopo_mcore.training.forward_step import make_forward_step, reduce_metrics
 from solopo_mcore.training.run_fingerprint import compare_run_fingerprints, run_fingerprint
 from solopo_mcore.training.logs import RunLogger
+from solopo_mcore.data.heldout import write_heldout
+from solopo_mcore.models.positions import describe_rope
 from solopo_mcore.training.optim import build_optimizer, build_scheduler, reconcile_schedule
 
 
@@ -59,6 +61,7 @@ class Trainer:
         if config.checkpoint.save_dir and int(os.environ.get("RANK", "0")) == 0:
             # one run per save_dir (storage/lock.py); the job's rank 0 holds it
             self.run_lock = RunLock(config.checkpoint.save_dir).acquire()
+            CheckpointManager(config.checkpoint.save_dir, 1).remove_stale_partials()
         self.shape, self.pg_collection = setup_parallel(config)
         self.watchdog = start_watchdog(config.distributed.watchdog_minutes, self._on_hang,
                                        dist.get_rank(), dist.get_world_size())
@@ -114,12 +117,18 @@ class Trainer:
             getattr(self.pg_collection, name).rank() == 0 for name in ("tp", "cp", "dp"))
         self.logger = RunLogger(config.logging, config.training.train_steps, self.is_logging_rank,
                                 run_config=to_dict(config), start_step=self.step)
+        if self.is_logging_rank and config.logging.metrics_path and len(self.eval_idx):
+            rows = write_heldout(config.data.data_path, self.dataset.meta, len(self.eval_idx),
+                                 os.path.dirname(os.path.abspath(config.logging.metrics_path)))
+            log("solopo", f"held-out examples for examples/evaluate_qa.py --input: {rows}"
+                if rows else "held-out example ids: heldout_ids.json beside the metrics")
         self.peak_tflops = device_peak_tflops(config.logging.peak_tflops)
         self._stop_requested = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self.logger.message(
             f"[solopo] {config.objective.mode}/{config.objective.algorithm} | "
-            f"{self.shape.architecture} {self.shape.num_layers}L h{self.shape.hidden_size} | "
+            f"{self.shape.architecture} {self.shape.num_layers}L h{self.shape.hidden_size}"
+            f"{describe_rope(self.shape)} | "
             f"{describe_layout(self.pg_collection)} | "
             f"{'TE' if use_te_spec(config.model) else 'torch SDPA'} "
             f"attention{', shared prefixes' if config.data.shared_prefix else ''} | "
