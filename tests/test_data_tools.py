@@ -237,7 +237,9 @@ def test_preprocess_replaces_a_dataset_as_one_set(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real_replace(src, dst)
     monkeypatch.setattr(common.os, "replace", failing_replace)
-    with pytest.raises(OSError, match="No space left"):
+    # one line naming the space (the partial files removed); the previous set untouched
+    with pytest.raises(SystemExit, match=r"preprocess: no space left on the device writing "
+                                         r".*the dataset already there is unchanged"):
         preprocess.run(str(source), prefix, "builtin:qa-words", 256)
     monkeypatch.setattr(common.os, "replace", real_replace)
     assert {ext: open(prefix + ext, "rb").read() for ext in before} == before

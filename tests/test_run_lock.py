@@ -70,3 +70,27 @@ def test_the_heartbeat_keeps_a_long_run_alive(tmp_path, monkeypatch):
     assert json.loads((tmp_path / LOCK_NAME).read_text())["heartbeat"] > first
     held.release()
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_log_paths_are_locked_too_and_a_second_run_is_refused_naming_the_key(tmp_path):
+    from solopo_mcore.storage.lock import lock_run_paths
+
+    paths = {"checkpoint.save_dir": str(tmp_path / "ckpt"),
+             "logging.metrics_path": str(tmp_path / "logs" / "metrics.jsonl"),
+             "logging.tensorboard_dir": str(tmp_path / "ckpt"),  # the same folder: one lock
+             "logging.wandb_dir": None}
+    first = lock_run_paths(paths, "run-a")
+    assert len(first) == 2
+    assert (tmp_path / "logs" / f".metrics.jsonl{LOCK_NAME}").is_file()
+    # another run with its own save_dir but the same metrics file
+    with pytest.raises(RunLockError, match=rf"logging.metrics_path={tmp_path}/logs/metrics.jsonl "
+                                           rf"is in use by another run \(host .*run id run-a"):
+        lock_run_paths({"checkpoint.save_dir": str(tmp_path / "other"),
+                        "logging.metrics_path": paths["logging.metrics_path"]}, "run-b")
+    # what it had taken before the refusal is released: the other save_dir is free again
+    assert not (tmp_path / "other" / LOCK_NAME).exists()
+    with pytest.raises(RunLockError, match="logging.tensorboard_dir=.* would mix their records"):
+        lock_run_paths({"logging.tensorboard_dir": str(tmp_path / "ckpt")}, "run-c")
+    for lock in first:
+        lock.release()
+    assert len(lock_run_paths(paths, "run-d")) == 2

@@ -109,8 +109,8 @@ def test_sigterm_saves_a_loadable_checkpoint(demo_data, tmp_path):
     """SIGTERM to the launcher's whole process group (as torchrun and Slurm deliver it) after
     earlier saves: the save the signal asks for completes (dist_checkpointing's writer server,
     started by the earlier saves, must survive the same signal). While it trains, a second run
-    into the same checkpoint.save_dir is refused, naming the first; after the first exits, its
-    lock is gone and the folder resumes."""
+    into the same checkpoint.save_dir, and a third into the same logging.metrics_path, are
+    refused, naming the first; after the first exits, its lock is gone and the folder resumes."""
     cmd = torchrun_cmd(1, "examples/pretrain_solopo.py", "--config", TINY_RECIPE,
                        *tiny_run_overrides(demo_data, tmp_path, 500,
                                            extra=["data.num_eval_examples=0",
@@ -131,6 +131,20 @@ def test_sigterm_saves_a_loadable_checkpoint(demo_data, tmp_path):
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert second.returncode != 0 and "is in use by another run" in second.stderr, \
         second.stderr[-3000:]
+    # a run with its own save_dir but the first's metrics file: refused too, naming the key
+    # and the first run's id, which every record of the (never renamed) file carries
+    third = subprocess.run(torchrun_cmd(1, "examples/pretrain_solopo.py", "--config",
+                                        TINY_RECIPE, *tiny_run_overrides(
+                                            demo_data, tmp_path / "third", 500, extra=[
+                                                f"logging.metrics_path={metrics}"])),
+                           cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    run_ids = {r["run_id"] for r in records}
+    assert len(run_ids) == 1 and not list(tmp_path.glob("metrics.jsonl.before-*"))
+    assert third.returncode != 0 and f"logging.metrics_path={metrics} is in use by another " \
+        f"run" in third.stderr and f"run id {run_ids.pop()}" in third.stderr, \
+        third.stderr[-3000:]
     assert proc.poll() is None  # the first run went on
     os.killpg(proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)

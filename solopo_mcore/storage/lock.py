@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -75,11 +76,15 @@ def describe_holder(holder: dict) -> str:
 
 
 class RunLock:
-    """The lock of one checkpoint folder, held by this process until :meth:`release`."""
+    """The lock of one checkpoint folder (or log path: ``key``, ``lock_name``), held by this
+    process until :meth:`release`."""
 
-    def __init__(self, directory: str, run_id: Optional[str] = None):
+    def __init__(self, directory: str, run_id: Optional[str] = None,
+                 key: str = "checkpoint.save_dir", lock_name: str = LOCK_NAME,
+                 value: Optional[str] = None):
         self.directory = Path(directory)
-        self.path = self.directory / LOCK_NAME
+        self.path = self.directory / lock_name
+        self.key, self.value = key, value or str(directory)
         self.record = {"host": socket.gethostname(), "pid": os.getpid(),
                        "started": time.time(), "heartbeat": time.time(),
                        "run_id": run_id or os.environ.get("TORCHELASTIC_RUN_ID") or "none"}
@@ -98,12 +103,14 @@ class RunLock:
                     continue  # released meanwhile: try again
                 reason = stale_reason(holder, self.path)
                 if reason is None:
+                    harm = ("resume and overwrite each other's checkpoints"
+                            if self.key == "checkpoint.save_dir" else
+                            "mix their records (and a new run would rename the live one's)")
                     raise RunLockError(
-                        f"checkpoint.save_dir={self.directory} is in use by another run "
-                        f"({describe_holder(holder)}; lock file {self.path}). Two runs in one "
-                        f"folder would resume and overwrite each other's checkpoints. Wait "
-                        f"for it or stop it, or give this run another checkpoint.save_dir. "
-                        f"If that run is certainly gone, delete {self.path}.")
+                        f"{self.key}={self.value} is in use by another run "
+                        f"({describe_holder(holder)}; lock file {self.path}). Two runs there "
+                        f"would {harm}. Wait for it or stop it, or give this run another "
+                        f"{self.key}. If that run is certainly gone, delete {self.path}.")
                 warn("checkpoint", f"taking over the stale lock {self.path} "
                                    f"({describe_holder(holder)}): {reason}")
                 stale = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
@@ -149,3 +156,34 @@ class RunLock:
                     current.get("host") == self.record["host"]:
                 self.path.unlink(missing_ok=True)
             self.held = False
+
+
+def new_run_id() -> str:
+    """An id for one invocation of a run: its start time and 6 random hex digits."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def lock_run_paths(paths: dict, run_id: str) -> list:
+    """Take the lock of every path a run writes (``{config key: path}``; a folder, or a file
+    such as ``logging.metrics_path`` whose lock sits beside it), once per lock file. Refuses,
+    naming the key and the holder, when another live run holds one; on a refusal the locks
+    taken so far are released."""
+    held, seen = [], set()
+    try:
+        for key, value in paths.items():
+            if not value:
+                continue
+            path = Path(value)
+            is_file = key.endswith("_path")
+            directory = path.parent if is_file else path
+            name = f".{path.name}{LOCK_NAME}" if is_file else LOCK_NAME
+            where = (directory.resolve() / name)
+            if where in seen:
+                continue
+            seen.add(where)
+            held.append(RunLock(str(directory), run_id, key, name, str(value)).acquire())
+    except BaseException:
+        for lock in held:
+            lock.release()
+        raise
+    return held

@@ -55,11 +55,15 @@ def rewind_metrics(path: Path, step: int) -> int:
 
 class RunLogger:
     def __init__(self, cfg: LoggingConfig, total_steps: int, enabled: bool,
-                 run_config: Optional[dict] = None, start_step: int = 0):
+                 run_config: Optional[dict] = None, start_step: int = 0,
+                 run_id: Optional[str] = None):
         """``start_step``: the step the run starts or resumes from. Records of later steps,
         left by an attempt that stopped after its last checkpoint, are dropped from
-        metrics.jsonl and purged from TensorBoard, so each series reads once, increasing."""
+        metrics.jsonl and purged from TensorBoard, so each series reads once, increasing.
+        ``run_id``: this invocation's id, in every metrics.jsonl record (the log paths are
+        locked by the trainer, so no other live run writes here)."""
         self.cfg = cfg
+        self.run_id = run_id
         self.total_steps = total_steps
         self.enabled = enabled
         self.start_time = time.time()
@@ -81,6 +85,8 @@ class RunLogger:
             # hidden from readers
             self.writer = SummaryWriter(cfg.tensorboard_dir,
                                         purge_step=start_step + 1 if start_step else 0)
+            if run_id is not None:
+                self.writer.add_text("run_id", run_id, start_step)
         if cfg.metrics_path:
             path = Path(cfg.metrics_path)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +119,8 @@ class RunLogger:
                 "time/step_sec", 0.0)
         record = {"step": step, **{prefix + k: v for k, v in metrics.items()}}
         if self.metrics_file:
-            self.metrics_file.write(json.dumps(record) + "\n")
+            tagged = record if self.run_id is None else {**record, "run_id": self.run_id}
+            self.metrics_file.write(json.dumps(tagged) + "\n")
             self.metrics_file.flush()
         if self.writer:
             for key, value in record.items():

@@ -29,7 +29,7 @@ from solopo_mcore.stack import (build_model_stack, load_hf_weights, maybe_export
                                  setup_parallel)
 from solopo_mcore.storage.checkpoint import (CheckpointError, CheckpointManager,
                                               find_verified_checkpoint, read_marker)
-from solopo_mcore.storage.lock import RunLock
+from solopo_mcore.storage.lock import lock_run_paths, new_run_id
 from solopo_mcore.storage.paths import overlap
 from solopo_mcore.training import build
 from solopo_mcore.training.engine import run_global_batch
@@ -57,12 +57,21 @@ class Trainer:
         build.check_positions(config)  # segments within the model's positions (YaRN: scaled)
         check_launch(config, int(os.environ.get("WORLD_SIZE", "1")))
         self.config = config
-        self.run_lock = None
-        if config.checkpoint.save_dir and int(os.environ.get("RANK", "0")) == 0:
-            # one run per save_dir (storage/lock.py); the job's rank 0 holds it
-            self.run_lock = RunLock(config.checkpoint.save_dir).acquire()
+        self.run_locks = []
+        self.run_id = new_run_id()
+        if int(os.environ.get("RANK", "0")) == 0:
+            # one live run per save_dir and per log path (storage/lock.py); rank 0 holds them
+            lg = config.logging
+            self.run_locks = lock_run_paths({
+                "checkpoint.save_dir": config.checkpoint.save_dir,
+                "logging.metrics_path": lg.metrics_path,
+                "logging.tensorboard_dir": lg.tensorboard_dir,
+                "logging.wandb_dir": lg.wandb_dir if lg.wandb_project else None}, self.run_id)
             CheckpointManager(config.checkpoint.save_dir, 1).remove_stale_partials()
         self.shape, self.pg_collection = setup_parallel(config)
+        shared_id = [self.run_id]  # rank 0's: the id its locks and every record carry
+        dist.broadcast_object_list(shared_id, src=0)
+        self.run_id = shared_id[0]
         self.watchdog = start_watchdog(config.distributed.watchdog_minutes, self._on_hang,
                                        dist.get_rank(), dist.get_world_size())
         obj = config.objective
@@ -116,7 +125,8 @@ class Trainer:
         self.is_logging_rank = self.is_last_stage and all(
             getattr(self.pg_collection, name).rank() == 0 for name in ("tp", "cp", "dp"))
         self.logger = RunLogger(config.logging, config.training.train_steps, self.is_logging_rank,
-                                run_config=to_dict(config), start_step=self.step)
+                                run_config=to_dict(config), start_step=self.step,
+                                run_id=self.run_id)
         if self.is_logging_rank and config.logging.metrics_path and len(self.eval_idx):
             rows = write_heldout(config.data.data_path, self.dataset.meta, len(self.eval_idx),
                                  os.path.dirname(os.path.abspath(config.logging.metrics_path)))
@@ -217,8 +227,8 @@ class Trainer:
         collective): report it like any error and exit non-zero, so that torchrun stops the
         job, or restarts it with --max-restarts."""
         code = report_exception(HangError(message), "pretrain_solopo")
-        if self.run_lock is not None:  # a restart, maybe on another host, may take it at once
-            self.run_lock.release()
+        for lock in self.run_locks:  # a restart, maybe on another host, may take them at once
+            lock.release()
         os._exit(code)
 
     # ------------------------------------------------------------------ one step
@@ -378,5 +388,5 @@ class Trainer:
             self.watchdog.stop()
         self.logger.close()
         destroy_parallel()
-        if self.run_lock is not None:
-            self.run_lock.release()
+        for lock in self.run_locks:
+            lock.release()
