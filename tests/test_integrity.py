@@ -44,18 +44,25 @@ def test_idx_from_another_dataset_of_the_same_size_is_refused(demo_data, tmp_pat
         TripletDataset(mine)
 
 
-@pytest.mark.parametrize("old_meta", [False, True], ids=["meta", "meta-without-file-checks"])
-def test_truncated_idx_is_named_as_truncated(demo_data, tmp_path, old_meta):
-    from solopo_mcore.data.dataset import DatasetError, TripletDataset
-
+def _truncated_copy(demo_data, tmp_path, ext: str, old_meta: bool) -> tuple:
+    """A copy of the demo dataset with ``PREFIX{ext}`` 100 bytes short (and, ``old_meta``, a
+    meta.json written before file_checks existed); returns (prefix, the file's full size)."""
     prefix = _copy_dataset(demo_data["prefix"], tmp_path)
-    size = os.path.getsize(prefix + ".idx")
-    with open(prefix + ".idx", "r+b") as f:
+    size = os.path.getsize(prefix + ext)
+    with open(prefix + ext, "r+b") as f:
         f.truncate(size - 100)
     if old_meta:
         meta = json.loads(Path(prefix + ".meta.json").read_text())
         del meta["file_checks"]
         Path(prefix + ".meta.json").write_text(json.dumps(meta))
+    return prefix, size
+
+
+@pytest.mark.parametrize("old_meta", [False, True], ids=["meta", "meta-without-file-checks"])
+def test_truncated_idx_is_named_as_truncated(demo_data, tmp_path, old_meta):
+    from solopo_mcore.data.dataset import DatasetError, TripletDataset
+
+    prefix, size = _truncated_copy(demo_data, tmp_path, ".idx", old_meta)
     with pytest.raises(DatasetError, match=rf"{prefix}.idx is truncated: {size - 100} bytes, its "
                                            rf"header describes {size} \(\d+ sequences"):
         TripletDataset(prefix)
@@ -65,14 +72,8 @@ def test_truncated_idx_is_named_as_truncated(demo_data, tmp_path, old_meta):
 def test_short_bin_is_refused_at_load_naming_the_file(demo_data, tmp_path, old_meta):
     from solopo_mcore.data.dataset import DatasetError, TripletDataset
 
-    prefix = _copy_dataset(demo_data["prefix"], tmp_path)
-    size = os.path.getsize(prefix + ".bin")
-    with open(prefix + ".bin", "r+b") as f:
-        f.truncate(size - 100)
-    if old_meta:  # written before file_checks existed: the .idx still gives the size
-        meta = json.loads(Path(prefix + ".meta.json").read_text())
-        del meta["file_checks"]
-        Path(prefix + ".meta.json").write_text(json.dumps(meta))
+    # old_meta: written before file_checks existed, the .idx still gives the size
+    prefix, size = _truncated_copy(demo_data, tmp_path, ".bin", old_meta)
     with pytest.raises(DatasetError, match=f"{prefix}.bin holds {size - 100} bytes"):
         TripletDataset(prefix)
 

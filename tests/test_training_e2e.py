@@ -123,22 +123,18 @@ def test_sigterm_saves_a_loadable_checkpoint(demo_data, tmp_path):
     while time.time() < deadline and (not metrics.exists() or
                                       len(metrics.read_text().splitlines()) < 2):
         time.sleep(0.5)
-    second = subprocess.run(torchrun_cmd(1, "examples/pretrain_solopo.py", "--config",
-                                         TINY_RECIPE, *tiny_run_overrides(
-                                             demo_data, tmp_path / "second", 500, extra=[
-                                                 f"checkpoint.save_dir={tmp_path / 'ckpt'}"])),
-                            cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    def another_run(run_dir, override):  # a second trainer beside the live one
+        return subprocess.run(
+            torchrun_cmd(1, "examples/pretrain_solopo.py", "--config", TINY_RECIPE,
+                         *tiny_run_overrides(demo_data, run_dir, 500, extra=[override])),
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    second = another_run(tmp_path / "second", f"checkpoint.save_dir={tmp_path / 'ckpt'}")
     assert second.returncode != 0 and "is in use by another run" in second.stderr, \
         second.stderr[-3000:]
     # a run with its own save_dir but the first's metrics file: refused too, naming the key
     # and the first run's id, which every record of the (never renamed) file carries
-    third = subprocess.run(torchrun_cmd(1, "examples/pretrain_solopo.py", "--config",
-                                        TINY_RECIPE, *tiny_run_overrides(
-                                            demo_data, tmp_path / "third", 500, extra=[
-                                                f"logging.metrics_path={metrics}"])),
-                           cwd=REPO, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    third = another_run(tmp_path / "third", f"logging.metrics_path={metrics}")
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     run_ids = {r["run_id"] for r in records}
     assert len(run_ids) == 1 and not list(tmp_path.glob("metrics.jsonl.before-*"))
