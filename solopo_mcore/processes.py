@@ -45,10 +45,12 @@ def exit_with_parent(sig: int = signal.SIGKILL) -> bool:
 
 def checkpoint_writer_server_init() -> None:
     """Initializer of the checkpoint writer's result-queue server process (see
-    :func:`solopo_mcore.platform.protect_checkpoint_writer`): it ignores SIGTERM, which torchrun
+    :func:`protect_checkpoint_writer`): it ignores SIGTERM, which torchrun
     sends to a rank's whole process group while that rank still needs the server to save, and it
-    is killed when the rank that started it dies."""
+    is killed when the rank that started it dies. It starts with SIGTERM blocked (a pending one
+    is discarded once ignored)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     exit_with_parent(signal.SIGKILL)
 
 
@@ -68,3 +70,48 @@ def parent_death_preexec():
 def run_child(args: list, **kwargs) -> subprocess.CompletedProcess:
     """``subprocess.run(args, **kwargs)``, the child receiving SIGTERM if this process dies."""
     return subprocess.run([str(a) for a in args], preexec_fn=parent_death_preexec(), **kwargs)
+
+
+_CHECKPOINT_WRITER_MANAGERS: list = []
+
+
+def protect_checkpoint_writer() -> None:
+    """Start dist_checkpointing's write-results queue ourselves, in a server that survives the
+    rank's SIGTERM and dies with the rank. Idempotent; call before the first save.
+
+    megatron-core (0.16.1 to 0.19.x, ``dist_checkpointing/strategies/filesystem_async.py``) keeps
+    a module-global queue served by a ``multiprocessing`` Manager process that it starts at the
+    first save and reuses. torchrun stops a rank by signalling its whole process group, so that
+    server died with the same SIGTERM the rank handles by saving: the save then failed with
+    BrokenPipeError and left ``iter_N.partial``. After ``kill -9`` the server outlived the rank.
+
+    The server starts with SIGTERM blocked (a SIGTERM while it starts stays pending until its
+    initializer ignores it; the rank's own arrives once the server runs, and the rank saves), and
+    without re-importing the entry script: a spawned process runs the parent's ``__main__``
+    module again, i.e. megatron-core and torch (~9 s on 2 cores), during which the same SIGTERM
+    killed it ("unexpected EOFError" at a rank's first save)."""
+    import signal
+    from multiprocessing import get_context
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    main = sys.modules.get("__main__")
+    hidden = {key: main.__dict__.pop(key) for key in ("__file__",)
+              if main is not None and key in main.__dict__}
+    spec = getattr(main, "__spec__", None)
+    if main is not None:
+        main.__spec__ = None
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        manager = SyncManager(ctx=get_context("spawn"))
+        manager.start(initializer=checkpoint_writer_server_init)
+    finally:
+        if main is not None:
+            main.__dict__.update(hidden)
+            main.__spec__ = spec
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    _CHECKPOINT_WRITER_MANAGERS.append(manager)  # lives as long as the rank
+    filesystem_async._results_queue = manager.Queue()

@@ -8,6 +8,28 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+#: A test whose call takes longer than this states why, with ``@pytest.mark.slow(reason=...)``
+#: (docs/testing.md); the session's summary names those that do not.
+SLOW_TEST_S = 60.0
+_UNEXPLAINED_SLOW: list = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.duration > SLOW_TEST_S and \
+            item.get_closest_marker("slow") is None:
+        _UNEXPLAINED_SLOW.append((report.duration, item.nodeid))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _UNEXPLAINED_SLOW:
+        terminalreporter.write_sep("=", f"tests over {SLOW_TEST_S:.0f} s without a stated reason")
+        for seconds, nodeid in sorted(_UNEXPLAINED_SLOW, reverse=True):
+            terminalreporter.write_line(f"{seconds:7.1f} s  {nodeid}  (add @pytest.mark.slow("
+                                        f"reason=...) or make it cheaper: docs/testing.md)")
+
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory):
@@ -85,3 +107,13 @@ def convergence_inputs(tmp_path_factory):
     convergence tests (tests/helpers/convergence.py). Returns paths and digests."""
     from tests.helpers.convergence import build_inputs
     return build_inputs(tmp_path_factory.mktemp("convergence"))
+
+
+@pytest.fixture(scope="session")
+def run_data(convergence_inputs):
+    """A dataset and model for tests that need *a* training run (resume, signals, restarts,
+    checkpoints, exports): the convergence inputs above, whose 629-word vocabulary makes a
+    step ~10x cheaper than ``demo_data``'s 151,665-token Qwen vocabulary. Same keys as
+    ``demo_data`` for ``tiny_run_overrides`` ("model", "prefix"). Read only: runs write into
+    their own folders."""
+    return convergence_inputs

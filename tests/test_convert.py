@@ -12,13 +12,26 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.helpers.launch import REPO, run_torchrun
+from tests.helpers.launch import REPO, run_script, run_torchrun
 
 
-def convert(*args, check=True):
-    result = subprocess.run([sys.executable, "examples/convert_checkpoint.py", *map(str, args)],
-                            cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+def convert(*args, check=True, real=False):
+    """examples/convert_checkpoint.py ARGS. Its ranks come from the warm launcher
+    (tests/helpers/warm_launch.py) unless ``real``: the real command relaunches itself under
+    torchrun at --tp x --pp > 1, after its layout check (test_a_layout_the_model_cannot_split...,
+    test_trained_checkpoint_exports...), and measures its own memory
+    (test_conversion_holds_one_layer...)."""
+    args = [str(a) for a in args]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    world = 1
+    for flag in ("--tp", "--pp"):
+        if flag in args:
+            world *= int(args[args.index(flag) + 1])
+    if not real:
+        result = run_script(world, "examples/convert_checkpoint.py", args, env=env)
+    else:
+        result = subprocess.run([sys.executable, "examples/convert_checkpoint.py", *args],
+                                cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-5000:]}")
@@ -140,17 +153,18 @@ def test_bad_tensors_layouts_and_destinations_are_named(tiny_qwen2, tmp_path):
         check_source_and_destination(str(tmp_path / "m.partial"), str(tmp_path / "m"))
 
 
-def test_trained_checkpoint_exports_and_verifies(demo_data, tmp_path):
+def test_trained_checkpoint_exports_and_verifies(run_data, tmp_path):
     """A checkpoint after a few training steps exports to HF whose logits match it."""
-    run_torchrun(1, [f"model.hf_config_path={demo_data['model']}",
-                     f"checkpoint.hf_init_dir={demo_data['model']}",
-                     f"data.data_path={demo_data['prefix']}",
+    run_torchrun(1, [f"model.hf_config_path={run_data['model']}",
+                     f"checkpoint.hf_init_dir={run_data['model']}",
+                     f"data.data_path={run_data['prefix']}",
                      "parallel.tensor_model_parallel_size=1", "training.train_steps=3",
                      "data.num_eval_examples=0", f"checkpoint.save_dir={tmp_path / 'ckpt'}"])
+    # the real command: it relaunches itself under torchrun for its 2 ranks
     out = convert("mcore-to-hf", "--src", tmp_path / "ckpt", "--dst", tmp_path / "hf", "--tp", 2,
-                  "--verify", "--tolerance", "1e-4")
+                  "--verify", "--tolerance", "1e-4", real=True)
     assert "max |logit diff| vs transformers" in out.stdout
-    exported, initial = _hf_tensors(tmp_path / "hf"), _hf_tensors(demo_data["model"])
+    exported, initial = _hf_tensors(tmp_path / "hf"), _hf_tensors(run_data["model"])
     assert not torch.equal(exported["model.norm.weight"], initial["model.norm.weight"])
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
     umask = os.umask(0)
@@ -184,9 +198,10 @@ def test_conversion_holds_one_layer_not_the_model(tmp_path):
         build_tiny_hf_model(hf, "qwen2", vocab_size=1000, seed=0,
                             overrides=dict(wide, num_hidden_layers=layers))
         weights[name] = sum(f.stat().st_size for f in hf.glob("*.safetensors"))
-        there = convert("hf-to-mcore", "--src", hf, "--dst", tmp_path / f"{name}_mcore")
+        there = convert("hf-to-mcore", "--src", hf, "--dst", tmp_path / f"{name}_mcore",
+                        real=True)
         back = convert("mcore-to-hf", "--src", tmp_path / f"{name}_mcore",
-                       "--dst", tmp_path / f"{name}_hf")
+                       "--dst", tmp_path / f"{name}_hf", real=True)
         peaks[name] = [json.loads(r.stdout[r.stdout.index("{"):])["peak_rss_gib_rank0"] * 2**30
                        for r in (there, back)]
     added_weights = weights["deep"] - weights["short"]  # 14 layers, ~300 MB in fp32
@@ -194,15 +209,15 @@ def test_conversion_holds_one_layer_not_the_model(tmp_path):
         assert deep - short < 0.35 * added_weights, (direction, deep - short, added_weights)
 
 
-def test_training_from_a_converted_checkpoint_equals_training_from_hf(demo_data, tmp_path):
+def test_training_from_a_converted_checkpoint_equals_training_from_hf(run_data, tmp_path):
     """The converter's dist checkpoint, written at TP2 (another vocabulary padding), loads
     through training's own loader at TP1: step-1 loss and rewards equal the run from HF."""
     from tests.helpers.launch import read_metrics, tiny_run_overrides
 
-    convert("hf-to-mcore", "--src", demo_data["model"], "--dst", tmp_path / "mcore", "--tp", 2)
+    convert("hf-to-mcore", "--src", run_data["model"], "--dst", tmp_path / "mcore", "--tp", 2)
     quiet = ["data.num_eval_examples=0"]
-    run_torchrun(1, tiny_run_overrides(demo_data, tmp_path / "from_hf", 1, extra=quiet))
-    result = run_torchrun(1, tiny_run_overrides(demo_data, tmp_path / "from_mcore", 1, extra=[
+    run_torchrun(1, tiny_run_overrides(run_data, tmp_path / "from_hf", 1, extra=quiet))
+    result = run_torchrun(1, tiny_run_overrides(run_data, tmp_path / "from_mcore", 1, extra=[
         *quiet, f"checkpoint.load_dir={tmp_path / 'mcore'}", "checkpoint.finetune=true"]))
     assert "initialised weights from" in result.stdout
     (hf_row,), _ = read_metrics(tmp_path / "from_hf" / "metrics.jsonl")
@@ -280,7 +295,7 @@ def test_a_layout_the_model_cannot_split_is_refused_before_torchrun(tiny_qwen2, 
     """--tp that does not divide the heads, --pp that does not divide the layers: one line
     naming the option, from the first process (no torchrun relaunch, no traceback)."""
     r = convert("hf-to-mcore", "--src", tiny_qwen2, "--dst", tmp_path / "o", "--tp", "3",
-                check=False)
+                check=False, real=True)
     assert r.returncode != 0
     assert "--tp=3 does not divide num_attention_heads=4; choose a TP that divides the heads " \
            "and the 2 KV groups: 1, 2" in r.stderr
@@ -288,6 +303,6 @@ def test_a_layout_the_model_cannot_split_is_refused_before_torchrun(tiny_qwen2, 
     assert not (tmp_path / "o").exists()
     convert("hf-to-mcore", "--src", tiny_qwen2, "--dst", tmp_path / "m")
     r = convert("mcore-to-hf", "--src", tmp_path / "m", "--dst", tmp_path / "h", "--pp", "3",
-                check=False)
+                check=False, real=True)
     assert r.returncode != 0 and "num_layers=4 is not divisible by --pp" in r.stderr
     assert "torch.distributed" not in r.stderr

@@ -14,6 +14,7 @@ from data_tools import build_triplets, preprocess
 from data_tools.scoring import normalize_answer, select_pair, sub_em
 from solopo_mcore.data.dataset import DatasetError, TripletDataset
 from solopo_mcore.data.sampler import SamplerState, TripletSampler
+from tests.helpers.launch import run_python
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -135,8 +136,7 @@ def test_incomplete_dataset_is_refused(demo_data, tmp_path):
 
 
 def _run_tool(module, *args):
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
-                          text=True, env={"PYTHONWARNINGS": "ignore", **__import__("os").environ})
+    return run_python(f"-m {module}", args, env={"PYTHONWARNINGS": "ignore", **__import__("os").environ})
 
 
 def test_bad_rows_are_reported_with_line_and_reason(tmp_path, demo_data):

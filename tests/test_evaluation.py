@@ -3,7 +3,6 @@ intervals, the NIAH grid, end-to-end runs (oracle / wrong / tiny model), resume,
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,20 +197,18 @@ def test_cli_megatron_checkpoint_matches_its_hf_source(demo_data, tmp_path):
     """examples/evaluate_qa.py on a Megatron checkpoint (exported on the fly) gives the same
     generations as on the HF checkpoint it was converted from; the temporary export is removed."""
     import os
-    import subprocess
-    import sys
 
-    repo = Path(__file__).resolve().parent.parent
+    from tests.helpers.launch import run_python
+
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    subprocess.run([sys.executable, "examples/convert_checkpoint.py", "hf-to-mcore", "--src",
-                    str(demo_data["model"]), "--dst", str(tmp_path / "mcore")], cwd=repo,
-                   check=True, capture_output=True, timeout=600, env=env)
-    out = subprocess.run(
-        [sys.executable, "examples/evaluate_qa.py", "--input", str(demo_data["triplets"]),
-         "--output", str(tmp_path / "eval"), "--model", f"hf={demo_data['model']}",
-         "--model", f"mcore={tmp_path / 'mcore'}", "--limit", "2", "--max-new-tokens", "3",
-         "--backend", "hf", "--batch-size", "4"],
-        cwd=repo, capture_output=True, text=True, timeout=600, env=env)
+    converted = run_python("examples/convert_checkpoint.py", [
+        "hf-to-mcore", "--src", demo_data["model"], "--dst", tmp_path / "mcore"], env=env)
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    out = run_python("examples/evaluate_qa.py", [
+        "--input", demo_data["triplets"], "--output", tmp_path / "eval",
+        "--model", f"hf={demo_data['model']}", "--model", f"mcore={tmp_path / 'mcore'}",
+        "--limit", "2", "--max-new-tokens", "3", "--backend", "hf", "--batch-size", "4"],
+        env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| hf |" in out.stdout and "| mcore |" in out.stdout
     hf_lines = (tmp_path / "eval" / "hf" / "results.jsonl").read_text().splitlines()

@@ -5,15 +5,13 @@ trainer keeps its last good checkpoint, and the next start removes a ``.partial`
 died. Skipped, with the reason, where a tmpfs cannot be mounted (not root, no mount rights)."""
 
 import os
-import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.launch import REPO, TINY_RECIPE, torchrun_cmd, tiny_run_overrides
+from tests.helpers.launch import TINY_RECIPE, run_python, run_script, tiny_run_overrides
 
 pytestmark = pytest.mark.e2e
 
@@ -40,10 +38,12 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
-def _run(cmd, **kw):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
-                          **kw)
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def _train(overrides):
+    return run_script(1, "examples/pretrain_solopo.py", ["--config", TINY_RECIPE, *overrides],
+                      env=ENV)
 
 
 def _error_lines(stderr: str) -> list:
@@ -51,22 +51,19 @@ def _error_lines(stderr: str) -> list:
     return [line for line in stderr.splitlines() if line.startswith("[rank")]
 
 
-def test_training_save_on_a_full_disk(demo_data, tmp_path, tmpfs):
+def test_training_save_on_a_full_disk(run_data, tmp_path, tmpfs):
     # the size of one checkpoint of this run, measured on the ordinary disk
     probe = tmp_path / "probe"
-    result = _run(torchrun_cmd(1, "examples/pretrain_solopo.py", "--config", TINY_RECIPE,
-                               *tiny_run_overrides(demo_data, probe, 2, extra=[
-                                   "data.num_eval_examples=0"])))
+    result = _train(tiny_run_overrides(run_data, probe, 2, extra=["data.num_eval_examples=0"]))
     assert result.returncode == 0, result.stderr[-3000:]
     one = sum(p.stat().st_size for p in (probe / "ckpt" / "iter_0000002").rglob("*")
               if p.is_file())
     disk = tmpfs(int(one * 1.5))  # room for the step-2 checkpoint, not for step 4's beside it
     save_dir = disk / "ckpt"
-    overrides = tiny_run_overrides(demo_data, tmp_path, 4, extra=[
+    overrides = tiny_run_overrides(run_data, tmp_path, 4, extra=[
         "data.num_eval_examples=0", "checkpoint.save_interval=2",
         f"checkpoint.save_dir={save_dir}"])
-    result = _run(torchrun_cmd(1, "examples/pretrain_solopo.py", "--config", TINY_RECIPE,
-                               *overrides))
+    result = _train(overrides)
     assert result.returncode != 0
     errors = _error_lines(result.stderr)
     assert len(errors) == 1, result.stderr[-3000:]
@@ -82,9 +79,8 @@ def test_training_save_on_a_full_disk(demo_data, tmp_path, tmpfs):
     stale = save_dir / "iter_0000004.partial"
     stale.mkdir()
     (stale / "__0_0.distcp").write_bytes(b"x" * 100)
-    result = _run(torchrun_cmd(1, "examples/pretrain_solopo.py", "--config", TINY_RECIPE,
-                               *tiny_run_overrides(demo_data, tmp_path, 2, extra=[
-                                   "data.num_eval_examples=0", f"checkpoint.save_dir={save_dir}"])))
+    result = _train(tiny_run_overrides(run_data, tmp_path, 2, extra=[
+        "data.num_eval_examples=0", f"checkpoint.save_dir={save_dir}"]))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"removed {stale}: a save that never completed" in result.stdout
     assert not stale.exists()
@@ -93,8 +89,8 @@ def test_training_save_on_a_full_disk(demo_data, tmp_path, tmpfs):
 def test_converter_destination_on_a_full_disk(tiny_qwen2, tmpfs):
     disk = tmpfs(300 * 1024)  # the tiny model's checkpoint is larger
     dst = disk / "mcore"
-    result = _run([sys.executable, "examples/convert_checkpoint.py", "hf-to-mcore", "--src",
-                   tiny_qwen2, "--dst", str(dst)])
+    result = run_python("examples/convert_checkpoint.py",
+                        ["hf-to-mcore", "--src", tiny_qwen2, "--dst", dst], env=ENV)
     assert result.returncode != 0
     errors = _error_lines(result.stderr)
     assert len(errors) == 1, result.stderr[-3000:]
@@ -107,9 +103,9 @@ def test_converter_destination_on_a_full_disk(tiny_qwen2, tmpfs):
 def test_preprocess_output_on_a_full_disk(demo_data, tmpfs):
     disk = tmpfs(64 * 1024)
     prefix = disk / "data"
-    result = _run([sys.executable, "-m", "data_tools.preprocess", "--input",
-                   str(demo_data["pairs"]), "--output-prefix", str(prefix), "--num-proc", "1",
-                   "--max-seq-length", "1024"])
+    result = run_python("-m data_tools.preprocess", [
+        "--input", demo_data["pairs"], "--output-prefix", prefix, "--num-proc", "1",
+        "--max-seq-length", "1024"], env=ENV)
     assert result.returncode != 0
     assert f"preprocess: no space left on the device writing {prefix}.*: " in result.stderr
     assert "after removing the partial files (data.tmp.bin" in result.stderr

@@ -5,15 +5,13 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.helpers.dist import run_distributed
-from tests.helpers.launch import read_metrics, run_torchrun, tiny_run_overrides
+from tests.helpers.launch import read_metrics, run_python, run_torchrun, tiny_run_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -266,15 +264,15 @@ def test_run_fingerprint_names_each_difference(demo_data):
 
 
 @pytest.mark.e2e
-def test_resume_refuses_other_settings_and_a_finished_run_rewrites_nothing(demo_data, tmp_path):
+def test_resume_refuses_other_settings_and_a_finished_run_rewrites_nothing(run_data, tmp_path):
     common = ["data.num_eval_examples=0", f"checkpoint.export_hf_dir={tmp_path / 'hf'}"]
-    run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 2, extra=common))
+    run_torchrun(1, tiny_run_overrides(run_data, tmp_path, 2, extra=common))
     ckpt = tmp_path / "ckpt"
     state = json.loads((ckpt / "iter_0000002" / "solopo_state.json").read_text())
     assert state["run_fingerprint"]["objective.algorithm"] == "orpo"
     # another algorithm into the same save_dir: refused, both values and the fix named
     with pytest.raises(AssertionError) as info:
-        run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 4, extra=common + ["objective.algorithm=simpo"]))
+        run_torchrun(1, tiny_run_overrides(run_data, tmp_path, 4, extra=common + ["objective.algorithm=simpo"]))
     text = str(info.value)
     assert "refusing to resume" in text and \
         "objective.algorithm: checkpoint 'orpo', this run 'simpo'" in text
@@ -282,14 +280,14 @@ def test_resume_refuses_other_settings_and_a_finished_run_rewrites_nothing(demo_
     # the finished run again: says so, rewrites neither checkpoints nor the export
     stamps = {p: p.stat().st_mtime_ns for p in [*(tmp_path / "hf").iterdir(),
                                                  *(ckpt / "iter_0000002").iterdir()]}
-    result = run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 2, extra=common))
+    result = run_torchrun(1, tiny_run_overrides(run_data, tmp_path, 2, extra=common))
     assert "nothing to train: the checkpoint is at step 2 and training.train_steps=2" in \
         result.stdout
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
     assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000002", "latest"]
     # finetune: a new run from those weights, in its own save_dir, at step 0
     new = tmp_path / "finetune"
-    result = run_torchrun(1, tiny_run_overrides(demo_data, new, 1, extra=[
+    result = run_torchrun(1, tiny_run_overrides(run_data, new, 1, extra=[
         "data.num_eval_examples=0", "objective.algorithm=simpo", f"checkpoint.load_dir={ckpt}",
         "checkpoint.finetune=true"]))
     assert f"initialised weights from {ckpt / 'iter_0000002'}" in result.stdout
@@ -300,7 +298,7 @@ def test_resume_refuses_other_settings_and_a_finished_run_rewrites_nothing(demo_
     # extended from 2 to 6 steps: the schedule (warmup 3, so it spanned 4 steps) is re-planned
     # over 6 on request, and the resume says so; written out, step 5 (4 steps done, 1 of 3 into
     # the cosine) runs at min_lr + 0.75 (lr - min_lr), not at min_lr
-    result = run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 6, extra=common + [
+    result = run_torchrun(1, tiny_run_overrides(run_data, tmp_path, 6, extra=common + [
         "optimizer.override_lr_schedule=true"]))
     assert "training.train_steps=6, but the checkpoint's LR schedule spans 4: optimizer." \
            "override_lr_schedule=true re-planned warmup + cosine over 6 steps" in result.stdout
@@ -319,8 +317,7 @@ def test_a_finished_demo_of_another_variant_is_refused_and_the_same_one_named(tm
     (tmp_path / "learning.json").write_text(json.dumps(report))
 
     def demo(*args):
-        return subprocess.run([sys.executable, "examples/demo_cpu.py", "--out", str(tmp_path),
-                               *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+        return run_python("examples/demo_cpu.py", ["--out", tmp_path, *args], timeout=300)
     other = demo("--algorithm", "dpo")
     assert other.returncode == 1
     assert f"{tmp_path} holds a finished demo of variant orpo, not dpo as asked" in other.stderr

@@ -25,7 +25,7 @@ ALLOWED = {
     "models": BASE | {"config", "parallel"},
     "losses": {"config", "roles"},
     "data": BASE | {"storage", "parallel", "models"},
-    "convert": BASE | {"config", "models", "parallel", "storage", "stack"},
+    "convert": BASE | {"config", "models", "parallel", "storage", "stack", "profiling.memory"},
     "stack": BASE | {"config", "models", "parallel", "convert.hf_io", "convert.tables"},
     "training": BASE | {"config", "storage", "parallel", "models", "losses", "data", "stack",
                         "profiling.flops", "profiling.memory"},
@@ -37,7 +37,8 @@ ALLOWED = {
 }
 """What each unit (a subpackage or a top-level module) may import. ``pkg.mod`` allows that one
 module of another unit only: ``stack`` loads and exports HF weights through convert's tables,
-``training`` reports FLOPs/MFU and memory through profiling's measurement functions,
+``training`` reports FLOPs/MFU and memory through profiling's measurement functions (and
+``convert`` its peak memory),
 ``evaluation`` reads training curves and the held-out split, and config validation keeps outputs apart from inputs
 with the one check every entry point uses."""
 

@@ -3,7 +3,6 @@ OOM-recovering max-length search, and a CPU sweep that writes every output."""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -21,7 +20,7 @@ from solopo_mcore.profiling.flops import forward_flops_per_segment, mfu, trainin
 from solopo_mcore.profiling.report import write_report
 from solopo_mcore.profiling.sweep import (DEFAULT_VARIANTS, SimulatedOOM, find_max_length,
                                           parse_variants)
-from tests.helpers.launch import REPO, torchrun_cmd
+from tests.helpers.launch import REPO, run_script
 SMALL_HF = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "intermediate_size": 16,
             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
             "vocab_size": 10}
@@ -395,14 +394,13 @@ def test_max_length_search_propagates_other_errors():
 
 def test_cpu_sweep_writes_every_output(tiny_qwen2, tmp_path):
     out = tmp_path / "profile"
-    cmd = torchrun_cmd(
-        1, "examples/profile_solopo.py", "--config", "tiny_cpu", "--out", out,
+    result = run_script(1, "examples/profile_solopo.py", [
+        "--config", "tiny_cpu", "--out", out,
         "--long-lengths", "256,512", "--short-tokens", "128", "--response-tokens", "16",
         "--steps", "1", "--warmup", "0", "--trace", "--find-max-len", "--max-len-start", "512",
         "--max-len-limit", "4096", "--max-len-granularity", "512",
-        f"model.hf_config_path={tiny_qwen2}", "parallel.tensor_model_parallel_size=1")
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        f"model.hf_config_path={tiny_qwen2}", "parallel.tensor_model_parallel_size=1"],
+        env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 0, result.stderr[-4000:]
     for name in ("results.json", "results.csv", "time_vs_length.png", "memory_vs_length.png",
                  "summary.md", "trace_solo-shared_256.json"):

@@ -5,26 +5,25 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.helpers.launch import (REPO, TINY_RECIPE, read_metrics, run_torchrun,
-                                  tiny_run_overrides, torchrun_cmd)
+from tests.helpers.launch import (REPO, TINY_RECIPE, read_metrics, run_python, run_script,
+                                  run_torchrun, tiny_run_overrides, torchrun_cmd)
 
 pytestmark = pytest.mark.e2e
 
 
-def test_tp2_training_loss_decreases_and_logs_every_metric(demo_data, tmp_path):
+def test_tp2_training_loss_decreases_and_logs_every_metric(run_data, tmp_path):
     """Also with YaRN from the recipe (model.rope_scaling, as the Qwen2.5 long recipes set it;
-    the ~512-token long contexts run past its 256 'trained' positions): the exported
+    the ~200-token long contexts run past its 128 'trained' positions): the exported
     config.json carries it and transformers loads it."""
-    result = run_torchrun(2, tiny_run_overrides(demo_data, tmp_path, 10, tp=2, extra=[
+    result = run_torchrun(2, tiny_run_overrides(run_data, tmp_path, 10, tp=2, extra=[
         f"logging.tensorboard_dir={tmp_path / 'tb'}", "training.eval_interval=5",
         "checkpoint.save_interval=5", f"checkpoint.export_hf_dir={tmp_path / 'hf'}",
         "model.rope_scaling.type=yarn", "model.rope_scaling.factor=4",
-        "model.rope_scaling.original_max_position_embeddings=256"]),
+        "model.rope_scaling.original_max_position_embeddings=128"]),
         show_warnings=True)
     # a user's bare torchrun command: no page of third-party warnings from every rank
     warned = [line for line in result.stderr.splitlines() if "Warning:" in line]
@@ -42,7 +41,7 @@ def test_tp2_training_loss_decreases_and_logs_every_metric(demo_data, tmp_path):
     assert keys <= set(train[-1]), keys - set(train[-1])
     assert [r["step"] for r in evals] == [0, 5, 10]  # step 0: the initial model
     # the held-out split it evaluates, beside the metrics, ready for evaluate_qa --input
-    meta = json.loads(open(demo_data["prefix"] + ".meta.json").read())
+    meta = json.loads(open(run_data["prefix"] + ".meta.json").read())
     heldout = [json.loads(line) for line in open(tmp_path / "heldout.jsonl")]
     assert [r["id"] for r in heldout] == meta["example_ids"][-8:]  # tiny_cpu: 8 held out
     assert all(r["prompt_long"] and r["answers"] for r in heldout)
@@ -62,13 +61,13 @@ def test_tp2_training_loss_decreases_and_logs_every_metric(demo_data, tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     rope = exported.config.rope_parameters
     assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == \
-        ("yarn", 4.0, 256)
+        ("yarn", 4.0, 128)
 
 
-def test_solo_reward_distance_shrinks(demo_data, tmp_path):
+def test_solo_reward_distance_shrinks(run_data, tmp_path):
     """Full-batch SoLo-SimPO with a strong alignment weight: |r(x_short,y_w) - r(x_long,y_w)|
     on the same batch falls."""
-    run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 8, extra=[
+    run_torchrun(1, tiny_run_overrides(run_data, tmp_path, 8, extra=[
         "data.global_batch_size=8", "data.micro_batch_size=4", "data.shuffle=false",
         "data.num_eval_examples=0", "objective.algorithm=simpo", "objective.beta=10.0",
         "objective.alpha=20.0", "optimizer.lr=1e-3", "optimizer.lr_warmup_steps=0",
@@ -79,14 +78,17 @@ def test_solo_reward_distance_shrinks(demo_data, tmp_path):
     assert distances[-1] < 0.5 * distances[0], distances
 
 
-def test_resume_equals_uninterrupted_run_bitwise(demo_data, tmp_path):
+def test_resume_equals_uninterrupted_run_bitwise(run_data, tmp_path):
+    """The uninterrupted run under the real torchrun, the interrupted one from the warm
+    launcher (tests/helpers/warm_launch.py): bitwise equal also shows that the warm launcher
+    runs the trainer as torchrun does."""
     common = ["training.deterministic=true", "checkpoint.save_interval=3",
               "data.num_eval_examples=0"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_torchrun(1, tiny_run_overrides(demo_data, straight, 6, extra=common))
-    run_torchrun(1, tiny_run_overrides(demo_data, resumed, 6, extra=common + ["training.exit_interval=3"]))
+    run_torchrun(1, tiny_run_overrides(run_data, straight, 6, extra=common), real=True)
+    run_torchrun(1, tiny_run_overrides(run_data, resumed, 6, extra=common + ["training.exit_interval=3"]))
     assert (resumed / "ckpt" / "latest").read_text() == "3"
-    run_torchrun(1, tiny_run_overrides(demo_data, resumed, 6, extra=common))
+    run_torchrun(1, tiny_run_overrides(run_data, resumed, 6, extra=common))
     a, _ = read_metrics(straight / "metrics.jsonl")
     b, _ = read_metrics(resumed / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
@@ -96,23 +98,23 @@ def test_resume_equals_uninterrupted_run_bitwise(demo_data, tmp_path):
             assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
 
 
-def test_resume_at_a_different_tensor_parallel_layout(demo_data, tmp_path):
+def test_resume_at_a_different_tensor_parallel_layout(run_data, tmp_path):
     common = ["checkpoint.save_interval=3", "data.num_eval_examples=0"]
-    run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 6, extra=common + ["training.exit_interval=3"]))
-    run_torchrun(2, tiny_run_overrides(demo_data, tmp_path, 6, tp=2, extra=common))
+    run_torchrun(1, tiny_run_overrides(run_data, tmp_path, 6, extra=common + ["training.exit_interval=3"]))
+    run_torchrun(2, tiny_run_overrides(run_data, tmp_path, 6, tp=2, extra=common))
     train, _ = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
     assert train[3]["loss/total"] < train[0]["loss/total"]
 
 
-def test_sigterm_saves_a_loadable_checkpoint(demo_data, tmp_path):
+def test_sigterm_saves_a_loadable_checkpoint(run_data, tmp_path):
     """SIGTERM to the launcher's whole process group (as torchrun and Slurm deliver it) after
     earlier saves: the save the signal asks for completes (dist_checkpointing's writer server,
     started by the earlier saves, must survive the same signal). While it trains, a second run
     into the same checkpoint.save_dir, and a third into the same logging.metrics_path, are
     refused, naming the first; after the first exits, its lock is gone and the folder resumes."""
     cmd = torchrun_cmd(1, "examples/pretrain_solopo.py", "--config", TINY_RECIPE,
-                       *tiny_run_overrides(demo_data, tmp_path, 500,
+                       *tiny_run_overrides(run_data, tmp_path, 500,
                                            extra=["data.num_eval_examples=0",
                                                   "checkpoint.save_interval=1"]))
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -124,11 +126,10 @@ def test_sigterm_saves_a_loadable_checkpoint(demo_data, tmp_path):
                                       len(metrics.read_text().splitlines()) < 2):
         time.sleep(0.5)
     def another_run(run_dir, override):  # a second trainer beside the live one
-        return subprocess.run(
-            torchrun_cmd(1, "examples/pretrain_solopo.py", "--config", TINY_RECIPE,
-                         *tiny_run_overrides(demo_data, run_dir, 500, extra=[override])),
-            cwd=REPO, capture_output=True, text=True, timeout=300,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        return run_script(1, "examples/pretrain_solopo.py", [
+            "--config", TINY_RECIPE, *tiny_run_overrides(run_data, run_dir, 500,
+                                                         extra=[override])],
+            env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
     second = another_run(tmp_path / "second", f"checkpoint.save_dir={tmp_path / 'ckpt'}")
     assert second.returncode != 0 and "is in use by another run" in second.stderr, \
         second.stderr[-3000:]
@@ -151,17 +152,17 @@ def test_sigterm_saves_a_loadable_checkpoint(demo_data, tmp_path):
     assert "BrokenPipeError" not in output, output[-3000:]
     assert step >= 2 and (tmp_path / "ckpt" / f"iter_{step:07d}" / "solopo_state.json").is_file()
     assert not (tmp_path / "ckpt" / ".solopo-run.lock").exists()
-    result = run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, step + 1,
+    result = run_torchrun(1, tiny_run_overrides(run_data, tmp_path, step + 1,
                                 extra=["data.num_eval_examples=0"]))
     assert f"resumed from {tmp_path / 'ckpt'}/iter_{step:07d} at step {step}" in result.stdout
 
 
-def test_corrupt_checkpoint_is_refused_and_the_previous_one_used(demo_data, tmp_path):
-    run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 4, extra=["checkpoint.save_interval=2",
+def test_corrupt_checkpoint_is_refused_and_the_previous_one_used(run_data, tmp_path):
+    run_torchrun(1, tiny_run_overrides(run_data, tmp_path, 4, extra=["checkpoint.save_interval=2",
                                                       "data.num_eval_examples=0"]))
     ckpt = tmp_path / "ckpt"
     (ckpt / "iter_0000004" / "solopo_state.json").unlink()  # an interrupted save
-    result = run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 5, extra=["data.num_eval_examples=0"]))
+    result = run_torchrun(1, tiny_run_overrides(run_data, tmp_path, 5, extra=["data.num_eval_examples=0"]))
     assert "is not a complete checkpoint" in result.stdout
     assert f"resumed from {ckpt}/iter_0000002 at step 2" in result.stdout
 
@@ -171,29 +172,28 @@ def test_bad_config_names_the_key_before_any_process_group(tmp_path):
                               ("training.train_steps=ten", "training.train_steps: expected an "
                                                            "integer"),
                               ("objective.mode=medium", "objective.mode: 'medium' is not one of")]:
-        result = subprocess.run([sys.executable, "examples/pretrain_solopo.py", "--config",
-                                 "examples/recipes/tiny_cpu.yaml", override], cwd=REPO,
-                                capture_output=True, text=True,
-                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        result = run_python("examples/pretrain_solopo.py", [
+            "--config", "examples/recipes/tiny_cpu.yaml", override],
+            env={**os.environ, "PYTHONWARNINGS": "ignore"})
         assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
         assert "init_process_group" not in result.stderr
 
 
-def test_dpo_reference_sidecar_matches_on_the_fly_and_is_checked(demo_data, tmp_path):
+def test_dpo_reference_sidecar_matches_on_the_fly_and_is_checked(run_data, tmp_path):
     """The precomputed reference (TP=2) equals the policy's own log-probs at step 1 (DPO rewards
     are exactly 0 there) and a sidecar for another dataset is refused."""
     ref = tmp_path / "ref"
-    run_torchrun(2, [f"model.hf_config_path={demo_data['model']}",
-                  f"checkpoint.hf_init_dir={demo_data['model']}",
-                  f"data.data_path={demo_data['prefix']}", "--output", str(ref)],
+    run_torchrun(2, [f"model.hf_config_path={run_data['model']}",
+                  f"checkpoint.hf_init_dir={run_data['model']}",
+                  f"data.data_path={run_data['prefix']}", "--output", str(ref)],
               script="examples/precompute_ref_logprobs.py")
     meta = json.loads((tmp_path / "ref.json").read_text())
     from solopo_mcore.data.dataset import TripletDataset
-    dataset = TripletDataset(demo_data["prefix"])
+    dataset = TripletDataset(run_data["prefix"])
     assert meta["dataset_fingerprint"] == dataset.fingerprint
     from solopo_mcore.storage.integrity import weights_fingerprint
-    assert meta["model_fingerprint"] == weights_fingerprint(demo_data["model"])
-    run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 1, extra=[
+    assert meta["model_fingerprint"] == weights_fingerprint(run_data["model"])
+    run_torchrun(1, tiny_run_overrides(run_data, tmp_path, 1, extra=[
         "objective.algorithm=dpo", f"data.ref_logprobs_path={ref}", "checkpoint.save_dir=null",
         "data.num_eval_examples=0"]))
     train, _ = read_metrics(tmp_path / "metrics.jsonl")
@@ -204,7 +204,7 @@ def test_dpo_reference_sidecar_matches_on_the_fly_and_is_checked(demo_data, tmp_
     import torch
     from transformers import AutoModelForCausalLM
     from tests.helpers.hf_reference import hf_role_table
-    hf = AutoModelForCausalLM.from_pretrained(demo_data["model"], dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(run_data["model"], dtype=torch.float32)
     with torch.no_grad():
         S, _ = hf_role_table(hf, [dataset[0], dataset[1]], (0, 1, 2, 3))
     np.testing.assert_allclose(np.load(tmp_path / "ref.npy")[:2], S.numpy(), rtol=1e-5)
@@ -217,16 +217,14 @@ def test_dpo_reference_sidecar_matches_on_the_fly_and_is_checked(demo_data, tmp_
         dataset.attach_reference(str(tmp_path / "bad"))
 
 
-def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_save(demo_data, tmp_path):
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_save(run_data, tmp_path):
     """An absurd learning rate blows the weights up after step 1: later steps have a non-finite
     loss, are skipped and counted, and the second in a row stops the run with a checkpoint."""
-    cmd = torchrun_cmd(1, "examples/pretrain_solopo.py", "--config", TINY_RECIPE,
-                       *tiny_run_overrides(demo_data, tmp_path, 10, extra=[
-                           "data.num_eval_examples=0", "optimizer.lr=1e30",
-                           "optimizer.lr_warmup_steps=0", "optimizer.clip_grad=0",
-                           "training.max_consecutive_nonfinite_steps=2"]))
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    result = run_script(1, "examples/pretrain_solopo.py", [
+        "--config", TINY_RECIPE, *tiny_run_overrides(run_data, tmp_path, 10, extra=[
+            "data.num_eval_examples=0", "optimizer.lr=1e30", "optimizer.lr_warmup_steps=0",
+            "optimizer.clip_grad=0", "training.max_consecutive_nonfinite_steps=2"])],
+        env={**os.environ, "PYTHONWARNINGS": "ignore"})
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "non-finite loss or gradient, step skipped (1 in a row)" in output
@@ -236,10 +234,10 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_save(demo_data, 
     assert state["num_skipped_steps"] == 2
 
 
-def test_long_po_evaluates_its_own_objective_and_every_accuracy(demo_data, tmp_path):
+def test_long_po_evaluates_its_own_objective_and_every_accuracy(run_data, tmp_path):
     """mode=long (the long-PO baseline): the eval loss is long-PO's (no alignment term), while
     eval still runs all four segments for both contexts' accuracies."""
-    run_torchrun(1, tiny_run_overrides(demo_data, tmp_path, 1, extra=[
+    run_torchrun(1, tiny_run_overrides(run_data, tmp_path, 1, extra=[
         "objective.mode=long", "training.eval_interval=1", "checkpoint.save_dir=null"]))
     train, evals = read_metrics(tmp_path / "metrics.jsonl")
     assert train[0]["loss/solo_ra"] == 0.0 and "accuracy/long" in train[0]

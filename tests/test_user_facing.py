@@ -19,9 +19,14 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.helpers.launch import run_python
+
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore",
        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+#: For the warm launcher (tests/helpers/warm_launch.py), whose server has this process's
+#: import-time environment: the entry scripts import only installed packages.
+WARM_ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
 def _example(name):
@@ -134,8 +139,7 @@ def test_converter_refuses_src_dst_overlap(tiny_qwen2, tmp_path):
 
 
 def _convert(*args):
-    return subprocess.run([sys.executable, "examples/convert_checkpoint.py", *map(str, args)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
+    return run_python("examples/convert_checkpoint.py", args, env=WARM_ENV)
 
 
 def test_overwrite_replaces_the_destination_only_when_complete_and_verified(tiny_qwen2,
@@ -436,13 +440,11 @@ def test_cpu_allocator_tracker_prints_no_usdt_lines(tmp_path):
 
 
 def test_estimate_memory_prints_a_table_and_json_on_request_with_overrides_anywhere():
-    cmd = [sys.executable, "examples/estimate_memory.py", "--config",
-           "qwen2.5-7b_solo-orpo_8gpu", "parallel.context_parallel_size=2",  # an override
-           "--model", "qwen2.5-7b", "--world-size", "8", "--long-tokens", "32768",  # then options
-           "--device-gib", "141"]
-    table = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
-    report = subprocess.run(cmd + ["--json"], cwd=REPO, capture_output=True, text=True,
-                            timeout=300, env=ENV)
+    args = ["--config", "qwen2.5-7b_solo-orpo_8gpu", "parallel.context_parallel_size=2",  # an
+            "--model", "qwen2.5-7b", "--world-size", "8", "--long-tokens", "32768",  # override,
+            "--device-gib", "141"]  # then options
+    table = run_python("examples/estimate_memory.py", args, env=WARM_ENV)
+    report = run_python("examples/estimate_memory.py", args + ["--json"], env=WARM_ENV)
     assert table.returncode == 0 and report.returncode == 0, table.stderr[-2000:]
     figures = json.loads(report.stdout)
     assert figures["recipe_layout"]["cp"] == 2

@@ -10,7 +10,6 @@ checkpoint, loadable at any other layout. ``--verify`` is described in ``verify`
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 from typing import Optional
@@ -28,6 +27,8 @@ from solopo_mcore.convert.verify import streamed_megatron_stack, verify_against_
 from solopo_mcore.models.hf_config import read_hf_config, shape_from_dict
 from solopo_mcore.models.layout_fit import check_model_fits_layout
 from solopo_mcore.parallel.layout import initialize_parallel
+from solopo_mcore.platform import return_freed_tensors_to_the_system
+from solopo_mcore.profiling.memory import peak_rss_bytes
 from solopo_mcore.stack import ModelStack, setup_parallel
 from solopo_mcore.storage.checkpoint import (find_checkpoint, read_marker, require_intact,
                                               save_model_only)
@@ -36,7 +37,7 @@ _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    return peak_rss_bytes() / 2 ** 30
 
 
 def _run_config(hf_config_dir: Optional[str], tp: int, pp: int, dtype: str) -> RunConfig:
@@ -101,6 +102,7 @@ def hf_to_mcore(src: str, dst: str, tp: int = 1, pp: int = 1, dtype: Optional[st
                 verify: bool = False, tolerance: float = 1e-3, overwrite: bool = False,
                 verify_tokens: int = 64) -> dict:
     start = time.time()
+    return_freed_tensors_to_the_system()  # one layer at a time stays one layer
     if not Path(src).exists():
         raise ConversionError(f"--src {src} does not exist")
     check_source_and_destination(src, dst)
@@ -147,6 +149,7 @@ def mcore_to_hf(src: str, dst: str, tp: int = 1, pp: int = 1, hf_config: Optiona
                 dtype: Optional[str] = None,
                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify_tokens: int = 64) -> dict:
     start = time.time()
+    return_freed_tensors_to_the_system()  # one layer at a time stays one layer
     if not Path(src).exists():
         raise ConversionError(f"--src {src} does not exist")
     check_source_and_destination(src, dst)

@@ -15,13 +15,29 @@ import torch
 from solopo_mcore.platform import GIB, device_memory_stats, reset_peak_memory
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size, in bytes. On Linux the kernel's high-water mark
+    of this process image (``VmHWM``), which starts afresh at ``exec``: ``ru_maxrss`` instead
+    keeps the larger of it and the RSS of the process that forked this one (a launcher, or a
+    test runner holding a model), so a small process started by a large one reports the large
+    one's size."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return int(max_rss if sys.platform == "darwin" else max_rss * 1024)
+
+
 def memory_stats() -> dict:
     """Namespaced memory metrics for this rank, in GiB: the device allocator's and NVML's on a
     GPU, and the process's resident set everywhere."""
     out = device_memory_stats()
     out["memory/rss_gib"] = psutil.Process().memory_info().rss / GIB
-    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    out["memory/max_rss_gib"] = max_rss / (GIB if sys.platform == "darwin" else 1024 ** 2)
+    out["memory/max_rss_gib"] = peak_rss_bytes() / GIB
     return out
 
 

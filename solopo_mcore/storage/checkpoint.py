@@ -34,8 +34,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from solopo_mcore.errors import UserError
 from solopo_mcore.log import log, warn
-from solopo_mcore.platform import (device_rng_state, protect_checkpoint_writer,
-                                   set_device_rng_state)
+from solopo_mcore.platform import device_rng_state, set_device_rng_state
+from solopo_mcore.processes import protect_checkpoint_writer
 from solopo_mcore.storage.space import WRITE_ERRORS, free_text, gib, is_out_of_space
 from solopo_mcore.storage.integrity import (CHECKSUMS, complete_checksums, files_written_by,
                                              hash_files, read_checksums, verify_files,

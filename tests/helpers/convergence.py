@@ -18,11 +18,10 @@ import json
 import math
 import os
 import platform
-import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from tests.helpers.launch import REPO, TINY_RECIPE, torchrun_cmd
+from tests.helpers.launch import REPO, TINY_RECIPE, run_script
 
 GOLDEN_PATH = REPO / "tests" / "golden" / "convergence_1proc.json"
 
@@ -228,15 +227,15 @@ def run_layout(inputs: dict, layout: str, run_dir, timeout: int = 600) -> dict:
     core count; the golden curve is one of those runs."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = torchrun_cmd(LAYOUTS[layout][0], "examples/pretrain_solopo.py", "--config",
-                       TINY_RECIPE, *layout_overrides(inputs, layout, run_dir))
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                            env=env)
+    result = run_script(LAYOUTS[layout][0], "examples/pretrain_solopo.py",
+                        ["--config", TINY_RECIPE, *layout_overrides(inputs, layout, run_dir)],
+                        env=env, timeout=timeout)
     (run_dir / "stdout.txt").write_text(result.stdout)
     (run_dir / "stderr.txt").write_text(result.stderr)
     if result.returncode != 0:
-        raise AssertionError(f"{layout}: {' '.join(cmd)}\nexit {result.returncode}\n"
+        raise AssertionError(f"{layout}: {' '.join(map(str, result.args))}\n"
+                             f"exit {result.returncode}\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     layout_text, microbatches = EXPECTED_LAYOUT[layout]
     start_line = f"| {layout_text} |"

@@ -41,7 +41,29 @@ def _entry(rank: int, world_size: int, port: int, target: str, kwargs: dict, que
 
 
 def run_distributed(world_size: int, target: str, timeout_s: float = 300, **kwargs) -> list:
-    """Run ``target`` on ``world_size`` gloo ranks; return the per-rank results in rank order."""
+    """Run ``target`` on ``world_size`` gloo ranks; return the per-rank results in rank order.
+    The ranks are forked by the warm launcher (tests/helpers/warm_launch.py), or spawned here
+    with ``SOLOPO_TEST_REAL_TORCHRUN=1``."""
+    import tempfile
+    from pathlib import Path
+    from tests.helpers import warm_launch
+    from tests.helpers.launch import REPO
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    outcomes = warm_launch.call(world_size, target, kwargs, REPO, env, timeout_s, free_port(),
+                                Path(tempfile.gettempdir()) / "solopo-warm-launch")
+    if outcomes is not None:
+        errors = {r: payload for r, (status, payload) in outcomes.items() if status != "ok"}
+        missing = set(range(world_size)) - set(outcomes)
+        if missing and not errors:
+            errors[-1] = f"ranks {sorted(missing)} returned nothing"
+        if errors:
+            text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+            raise AssertionError(f"{target} failed on {world_size} ranks:\n{text}")
+        return [outcomes[r][1] for r in range(world_size)]
+    return _spawned(world_size, target, timeout_s, kwargs)
+
+
+def _spawned(world_size: int, target: str, timeout_s: float, kwargs: dict) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,18 +28,56 @@ def torchrun_cmd(nproc: int, script: str, *args) -> list:
             "--master-port", str(free_port()), script, *[str(a) for a in args]]
 
 
+def run_script(nproc: int, script: str, args, env=None, timeout: float = 600,
+               real: bool = False) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node nproc script args`` (cwd: the repository), its output
+    captured. The ranks come from the warm launcher (tests/helpers/warm_launch.py) unless
+    ``real``, ``SOLOPO_TEST_REAL_TORCHRUN=1`` or an import-time variable of ``env`` asks for the
+    real torchrun. ``env``: the whole environment (default: this process's)."""
+    from tests.helpers import warm_launch
+    env = dict(os.environ if env is None else env)
+    if not real:
+        result = warm_launch.launch(nproc, script, args, REPO, env, timeout, free_port(),
+                                    Path(tempfile.gettempdir()) / "solopo-warm-launch")
+        if result is not None:
+            return result
+    return subprocess.run(torchrun_cmd(nproc, script, *args), cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def run_python(target: str, args, env=None, timeout: float = 600,
+               real: bool = False) -> subprocess.CompletedProcess:
+    """``python target args`` (``target``: a script path, or ``-m module``), cwd: the
+    repository, its output captured; from the warm launcher's server unless ``real`` (as
+    :func:`run_script`)."""
+    from tests.helpers import warm_launch
+    env = dict(os.environ if env is None else env)
+    args = [str(a) for a in args]
+    module = target[3:] if target.startswith("-m ") else None
+    if not real:
+        result = warm_launch.launch(1, None if module else target, args, REPO, env, timeout, 0,
+                                    Path(tempfile.gettempdir()) / "solopo-warm-launch",
+                                    module=module, torchrun=False)
+        if result is not None:
+            return result
+    command = ["-m", module] if module else [target]
+    return subprocess.run([sys.executable, *command, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
 def run_torchrun(nproc, overrides, script="examples/pretrain_solopo.py", timeout=600,
-                 extra=(), show_warnings=False):
+                 extra=(), show_warnings=False, real=False):
     """Run ``script --config tiny_cpu.yaml [extra] [overrides]``; fail with its output.
-    Python warnings are silenced unless ``show_warnings`` (as a user's bare command runs)."""
-    cmd = torchrun_cmd(nproc, script, "--config", TINY_RECIPE, *extra, *overrides)
+    Python warnings are silenced unless ``show_warnings`` (as a user's bare command runs, so
+    under the real torchrun: the warm launcher's server has imported already)."""
+    args = ["--config", TINY_RECIPE, *extra, *overrides]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     if not show_warnings:
         env["PYTHONWARNINGS"] = "ignore"
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                            env=env)
+    result = run_script(nproc, script, args, env=env, timeout=timeout,
+                        real=real or show_warnings)
     if result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)}\nexit {result.returncode}\n"
+        raise AssertionError(f"{' '.join(map(str, result.args))}\nexit {result.returncode}\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
 
