@@ -44,13 +44,10 @@ def run_distributed(world_size: int, target: str, timeout_s: float = 300, **kwar
     """Run ``target`` on ``world_size`` gloo ranks; return the per-rank results in rank order.
     The ranks are forked by the warm launcher (tests/helpers/warm_launch.py), or spawned here
     with ``SOLOPO_TEST_REAL_TORCHRUN=1``."""
-    import tempfile
-    from pathlib import Path
     from tests.helpers import warm_launch
     from tests.helpers.launch import REPO
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    outcomes = warm_launch.call(world_size, target, kwargs, REPO, env, timeout_s, free_port(),
-                                Path(tempfile.gettempdir()) / "solopo-warm-launch")
+    outcomes = warm_launch.call(world_size, target, kwargs, REPO, env, timeout_s, free_port())
     if outcomes is not None:
         errors = {r: payload for r, (status, payload) in outcomes.items() if status != "ok"}
         missing = set(range(world_size)) - set(outcomes)

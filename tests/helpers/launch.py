@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,8 +36,7 @@ def run_script(nproc: int, script: str, args, env=None, timeout: float = 600,
     from tests.helpers import warm_launch
     env = dict(os.environ if env is None else env)
     if not real:
-        result = warm_launch.launch(nproc, script, args, REPO, env, timeout, free_port(),
-                                    Path(tempfile.gettempdir()) / "solopo-warm-launch")
+        result = warm_launch.launch(nproc, script, args, REPO, env, timeout, free_port())
         if result is not None:
             return result
     return subprocess.run(torchrun_cmd(nproc, script, *args), cwd=REPO, capture_output=True,
@@ -56,7 +54,6 @@ def run_python(target: str, args, env=None, timeout: float = 600,
     module = target[3:] if target.startswith("-m ") else None
     if not real:
         result = warm_launch.launch(1, None if module else target, args, REPO, env, timeout, 0,
-                                    Path(tempfile.gettempdir()) / "solopo-warm-launch",
                                     module=module, torchrun=False)
         if result is not None:
             return result

@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -254,29 +255,38 @@ class _Server:
 
 
 _SERVER: dict = {}
+#: Where a launch's output files and a call's pickles live while it runs.
+SCRATCH = Path(tempfile.gettempdir()) / "solopo-warm-launch"
 
 
 def enabled() -> bool:
     return os.environ.get(REAL_ENV, "") in ("", "0")
 
 
-def launch(nproc: int, script, args, cwd, env: dict, timeout: float, port: int,
-           scratch: Path, module=None, torchrun=True):
-    """Run ``script args`` on ``nproc`` warm ranks; a :class:`subprocess.CompletedProcess`, or
-    None where the real torchrun must run it (see the module docstring). Raises
-    :class:`subprocess.TimeoutExpired` past ``timeout`` seconds, like :func:`subprocess.run`.
-    With ``module`` instead of ``script`` (and ``nproc`` 1): ``python -m module args``; with
-    ``torchrun`` False: ``python script args``; both without torchrun's environment."""
+def _server_for(env: dict):
+    """The session's server (started on first use), or None where the real processes must run
+    a launch with ``env``: ``SOLOPO_TEST_REAL_TORCHRUN=1``, or another import-time environment."""
     if not enabled():
         return None
     server = _SERVER.get("server")
     if server is None:
         server = _SERVER["server"] = _Server()
-    if not server.usable_for(env):
+    return server if server.usable_for(env) else None
+
+
+def launch(nproc: int, script, args, cwd, env: dict, timeout: float, port: int,
+           module=None, torchrun=True):
+    """Run ``script args`` on ``nproc`` warm ranks; a :class:`subprocess.CompletedProcess`, or
+    None where the real torchrun must run it (see the module docstring). Raises
+    :class:`subprocess.TimeoutExpired` past ``timeout`` seconds, like :func:`subprocess.run`.
+    With ``module`` instead of ``script`` (and ``nproc`` 1): ``python -m module args``; with
+    ``torchrun`` False: ``python script args``; both without torchrun's environment."""
+    server = _server_for(env)
+    if server is None:
         return None
-    scratch.mkdir(parents=True, exist_ok=True)
+    SCRATCH.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
-    out, err = scratch / f"warm-{tag}.out", scratch / f"warm-{tag}.err"
+    out, err = SCRATCH / f"warm-{tag}.out", SCRATCH / f"warm-{tag}.err"
     args = [str(a) for a in args]
     request = {"nproc": nproc, "argv": args, "cwd": str(cwd), "env": env, "timeout": timeout,
                "port": port, "stdout": str(out), "stderr": str(err)}
@@ -294,22 +304,16 @@ def launch(nproc: int, script, args, cwd, env: dict, timeout: float, port: int,
     return subprocess.CompletedProcess(cmd, code, stdout, stderr)
 
 
-def call(nproc: int, target: str, kwargs: dict, cwd, env: dict, timeout: float, port: int,
-         scratch: Path):
+def call(nproc: int, target: str, kwargs: dict, cwd, env: dict, timeout: float, port: int):
     """``target(**kwargs)`` on ``nproc`` warm ranks: ``{rank: ("ok", result) or ("error",
     traceback)}`` for the ranks that finished, or None where the real processes must run it."""
     import pickle
     import shutil
-    import tempfile
-    if not enabled():
-        return None
-    server = _SERVER.get("server")
+    server = _server_for(env)
     if server is None:
-        server = _SERVER["server"] = _Server()
-    if not server.usable_for(env):
         return None
-    scratch.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(dir=scratch))
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=SCRATCH))
     try:
         path = folder / "call.pkl"
         path.write_bytes(pickle.dumps((target, kwargs)))
