@@ -99,12 +99,33 @@ def error_log_path(tool: str, rank: Optional[int] = None) -> Path:
     return base / f"solopo-error-{tool}-{run}{suffix}.log"
 
 
+def note_progress(phase: str, step: int) -> None:
+    """Record what this torchrun rank is doing and its memory, so that its peers can name it if
+    it is killed (:mod:`solopo_mcore.rank_status`). A no-op outside torchrun."""
+    from solopo_mcore import rank_status
+    rank = _rank()
+    rank_status.record(_marker_dir() if rank is not None else None, rank, phase, step)
+
+
+def _forget_progress() -> None:
+    """A rank that ends normally removes its status file (and the launch's folder, once
+    empty); after a failure they stay for the peers, and later launches sweep them."""
+    from solopo_mcore import rank_status
+    rank, folder = _rank(), _marker_dir()
+    if rank is not None and folder is not None:
+        rank_status.forget(folder, rank)
+
+
 def short_line(exc: BaseException, tool: str, rank: Optional[int] = None) -> str:
     """``[rank R] ErrorType: message`` on one line (the message's lines joined by " | ")."""
     message = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     prefix = f"[rank {rank}]" if rank is not None else f"{tool}:"
     if rank is not None and any(text in message for text in PEER_GONE):
         if _failure_on_this_node():
+            from solopo_mcore.rank_status import describe_lost_peers
+            lost = describe_lost_peers(_marker_dir(), rank)
+            if lost:
+                return f"{prefix} stopped: a peer rank is gone: {lost}"
             return (f"{prefix} stopped: a peer rank failed (its error is above; torchrun's "
                     f"summary below names a rank that was killed)")
         return (f"{prefix} stopped: a rank on another node failed (its error is in that node's "
@@ -164,6 +185,14 @@ def report_exception(exc: BaseException, tool: str, stream=None) -> int:
     """Report ``exc`` as described in the module docstring; return the exit status."""
     stream = stream or sys.stderr
     rank = _rank()
+    message = str(exc)
+    folder = _marker_dir()
+    if folder is not None and rank is not None and \
+            not any(text in message for text in PEER_GONE):
+        with contextlib.suppress(OSError):  # this node has a failure of its own
+            (folder / f"failed-rank{rank}").touch()
+    # first: a killed peer's exit signal is readable only until torchrun collects it
+    line = short_line(exc, tool, rank)
     full = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     log: Optional[Path] = error_log_path(tool, rank)
     try:
@@ -171,13 +200,6 @@ def report_exception(exc: BaseException, tool: str, stream=None) -> int:
         log.write_text(full)
     except OSError:
         log = None
-    message = str(exc)
-    folder = _marker_dir()
-    if folder is not None and rank is not None and \
-            not any(text in message for text in PEER_GONE):
-        with contextlib.suppress(OSError):  # this node has a failure of its own
-            (folder / f"failed-rank{rank}").touch()
-    line = short_line(exc, tool, rank)
     _write_torchelastic_error_file(line, log)
     if _first_on_node(short_line(exc, tool, None)):
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
@@ -201,9 +223,13 @@ def entry_point(tool: str):
 
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun rank: die with the launcher
         exit_with_parent()
+        note_progress("start", 0)
     try:
         yield
-    except SystemExit:
+        _forget_progress()
+    except SystemExit as exc:
+        if not exc.code:
+            _forget_progress()
         raise
     except KeyboardInterrupt:
         print(f"{tool}: interrupted", file=sys.stderr, flush=True)

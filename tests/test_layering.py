@@ -8,12 +8,13 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "solopo_mcore"
 
-BASE = {"errors", "log", "processes", "platform", "compat", "roles"}
+BASE = {"errors", "log", "processes", "platform", "compat", "roles", "rank_status"}
 """Leaf modules every unit may use: errors, console lines, processes, device/backend and
 megatron-core version differences, and the segment roles."""
 
 ALLOWED = {
-    "errors": {"processes"},
+    "errors": {"processes", "rank_status"},
+    "rank_status": set(),
     "log": set(),
     "processes": set(),
     "platform": {"processes"},

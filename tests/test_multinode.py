@@ -6,6 +6,7 @@ two-node runs, and the run whose worker was killed mid-way, end with bitwise the
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,12 +155,18 @@ def test_killed_worker_restarts_and_resumes_bitwise(run_data, single_agent, tmp_
             assert proc.poll() is None and time.time() < deadline, \
                 proc.communicate()[0][-3000:]
             time.sleep(0.05)
-        os.kill(_worker(proc.pid, rank=1).pid, signal.SIGKILL)
+        killed = _worker(proc.pid, rank=1).pid
+        os.kill(killed, signal.SIGKILL)
         out = proc.communicate(timeout=300)[0]
     finally:
         _kill_trees([proc])
     assert proc.returncode == 0, out[-4000:]
     assert "resumed from" in out and "iter_0000002" in out, out[-4000:]
+    # rank 0 names the killed rank, not just "a peer failed" (the signal, while torchrun has
+    # not yet collected the process; its exit code is in torchrun's summary either way)
+    assert re.search(rf"\[rank 0\] stopped: a peer rank is gone: rank 1 \(pid {killed}\) "
+                     rf"(was killed by signal 9 \(SIGKILL\)|exited) without an error of its own",
+                     out), out[-4000:]
     _assert_same_run(single_agent["tp2"], tmp_path)
 
 

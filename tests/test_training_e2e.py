@@ -157,6 +157,46 @@ def test_sigterm_saves_a_loadable_checkpoint(run_data, tmp_path):
     assert f"resumed from {tmp_path / 'ckpt'}/iter_{step:07d} at step {step}" in result.stdout
 
 
+def test_sigterm_in_a_step_longer_than_torchruns_grace_period_is_named(run_data, tmp_path):
+    """A step longer than torchrun's shutdown grace period (here --shutdown-timeout 1; 30 s by
+    default, a 5-minute bf16 step on CPU in the trial): the run warns after its first step,
+    naming the grace period and the --shutdown-timeout that fits; a SIGTERM to torchrun during
+    a step says the save will not be reached; torchrun's SIGKILL then ends the ranks."""
+    cmd = torchrun_cmd(1, "examples/pretrain_solopo.py", "--config", TINY_RECIPE,
+                       *tiny_run_overrides(run_data, tmp_path, 50, extra=[
+                           "data.num_eval_examples=0", "checkpoint.save_interval=0",
+                           "data.global_batch_size=60", "data.shared_prefix=false",
+                           "model.recompute_granularity=full", "logging.progress_bar=false"]))
+    cmd[cmd.index("--master-port"):cmd.index("--master-port")] = ["--shutdown-timeout", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    lines = []
+    try:
+        for line in proc.stdout:  # the warning comes after step 1, then step 2 starts
+            lines.append(line)
+            if "longer than torchrun's shutdown grace period" in line:
+                break
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)  # to torchrun's agent, as srun or scancel would
+        lines += proc.stdout.readlines()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = "".join(lines)
+    warning = re.search(r"a step takes up to (\d+) s and a save 0 s, longer than torchrun's "
+                        r"shutdown grace period \(1 s, torchrun --shutdown-timeout 1\).*Launch "
+                        r"torchrun with --shutdown-timeout (\d+)", output)
+    assert warning, output[-3000:]
+    assert int(warning.group(2)) >= int(warning.group(1)) + 1
+    assert re.search(r"SIGTERM during step 2: saving when it ends .*torchrun's grace period is "
+                     r"1 s \(torchrun --shutdown-timeout 1\), so the save will probably not be "
+                     r"reached", output), output[-3000:]
+    assert proc.returncode != 0, output  # killed by torchrun after the grace period, no save
+    assert not list((tmp_path / "ckpt").glob("iter_*[0-9]")), output[-3000:]
+
+
 def test_corrupt_checkpoint_is_refused_and_the_previous_one_used(run_data, tmp_path):
     run_torchrun(1, tiny_run_overrides(run_data, tmp_path, 4, extra=["checkpoint.save_interval=2",
                                                       "data.num_eval_examples=0"]))

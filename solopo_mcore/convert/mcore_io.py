@@ -20,9 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-from megatron.core.dist_checkpointing.strategies.torch import (
-    MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
-    mcore_to_pyt_state_dict)
+from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
@@ -31,6 +29,7 @@ from solopo_mcore.config import RunConfig
 from solopo_mcore.convert.tables import ConversionError, global_param_names
 from solopo_mcore.models.builder import build_model_chunks, build_transformer_config
 from solopo_mcore.models.hf_config import ModelShape
+from solopo_mcore.storage.writer import OneTensorAtATimeSave
 
 
 def build_meta_chunks(config: RunConfig, shape: ModelShape, pg_collection) -> list:
@@ -66,28 +65,19 @@ class _LazySavePlanner(MCoreSavePlanner):
         return self._produce(self.lookup_object(write_item.index))
 
 
-class LazyTorchDistSave(TorchDistSaveShardedStrategy):
-    """megatron-core's ``torch_dist`` checkpoint format, written one tensor at a time.
-
-    The same key translation and planner as ``TorchDistSaveShardedStrategy``; the writer is
-    ``torch.distributed.checkpoint``'s synchronous single-threaded ``FileSystemWriter``, which
-    resolves each tensor just before writing it, instead of megatron's asynchronous writer,
-    which stages every tensor first."""
+class LazyTorchDistSave(OneTensorAtATimeSave):
+    """megatron-core's ``torch_dist`` checkpoint format, written one tensor at a time
+    (:class:`~solopo_mcore.storage.writer.OneTensorAtATimeSave`), each tensor's value produced
+    just before it is written."""
 
     def __init__(self, produce: Callable[[torch.Tensor], torch.Tensor]):
-        super().__init__("torch_dist", 1)
+        super().__init__()
         self._produce = produce
 
-    def save(self, sharded_state_dict, checkpoint_dir):
-        sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
-            sharded_state_dict, self.keep_only_main_replica)
-        state = mcore_to_pyt_state_dict(sharded_state_dict, False)
-        writer = dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True,
-                                      thread_count=1)
-        planner = _LazySavePlanner(self._produce, dedup_replicated_tensors=False,
-                                   flatten_state_dict=False,
-                                   can_run_decentralized_global_plan=False)
-        dcp.save(state, storage_writer=writer, planner=planner)
+    def planner(self) -> MCoreSavePlanner:
+        return _LazySavePlanner(self._produce, dedup_replicated_tensors=False,
+                                flatten_state_dict=False,
+                                can_run_decentralized_global_plan=False)
 
 
 def shard_producer(chunks: list, names: dict, make_shard: Callable[[torch.Tensor, str],

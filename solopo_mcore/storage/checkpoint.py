@@ -36,6 +36,8 @@ from solopo_mcore.errors import UserError
 from solopo_mcore.log import log, warn
 from solopo_mcore.platform import device_rng_state, set_device_rng_state
 from solopo_mcore.processes import protect_checkpoint_writer
+from solopo_mcore.storage.optimizer_state import optimizer_state_for_save
+from solopo_mcore.storage.writer import OneTensorAtATimeSave
 from solopo_mcore.storage.space import WRITE_ERRORS, free_text, gib, is_out_of_space
 from solopo_mcore.storage.integrity import (CHECKSUMS, complete_checksums, files_written_by,
                                              hash_files, read_checksums, verify_files,
@@ -232,7 +234,9 @@ class CheckpointManager:
     def save(self, step: int, model: list, optimizer, scheduler, state: dict,
              sharded_strategy=None) -> Path:
         """Collective. ``state`` (JSON-able: data position, counters, config) goes in the marker.
-        ``sharded_strategy``: a dist_checkpointing save strategy (default: megatron's)."""
+        ``sharded_strategy``: a dist_checkpointing save strategy (default:
+        :class:`~solopo_mcore.storage.writer.OneTensorAtATimeSave`, megatron's format written
+        one tensor at a time)."""
         if self.save_dir is None:
             raise CheckpointError("checkpoint.save_dir is not set")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -245,8 +249,8 @@ class CheckpointManager:
         dist.barrier()
         sharded = _model_state(model)
         if optimizer is not None:
-            sharded["optimizer"] = optimizer.sharded_state_dict(sharded,
-                                                                metadata=OPTIMIZER_METADATA)
+            sharded["optimizer"] = optimizer_state_for_save(optimizer, sharded,
+                                                            OPTIMIZER_METADATA)
         sharded["rng_state"] = _rng_object(rank, world)
         sharded["scheduler"] = scheduler.state_dict() if scheduler is not None else None
         protect_checkpoint_writer()
@@ -255,7 +259,8 @@ class CheckpointManager:
             if problem:
                 warn("checkpoint", problem)
         try:
-            dist_checkpointing.save(sharded, str(partial), sharded_strategy=sharded_strategy)
+            dist_checkpointing.save(sharded, str(partial),
+                                    sharded_strategy=sharded_strategy or OneTensorAtATimeSave())
         except WRITE_ERRORS as exc:
             if not is_out_of_space(exc, partial):
                 raise

@@ -16,7 +16,7 @@ from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 
 from solopo_mcore.config import RunConfig, check_launch, require_training_data, to_dict
 from solopo_mcore.data.sampler import SamplerState, TripletSampler
-from solopo_mcore.errors import UserError, report_exception
+from solopo_mcore.errors import UserError, note_progress, report_exception
 from solopo_mcore.log import log, warn
 from solopo_mcore.losses.objective import EVAL_ROLES, MODE_ROLES
 from solopo_mcore.models.builder import use_te_spec
@@ -34,6 +34,7 @@ from solopo_mcore.storage.paths import overlap
 from solopo_mcore.training import build
 from solopo_mcore.training.engine import run_global_batch
 from solopo_mcore.training.forward_step import make_forward_step, reduce_metrics
+from solopo_mcore.training.grace import GracePeriod
 from solopo_mcore.training.run_fingerprint import compare_run_fingerprints, run_fingerprint
 from solopo_mcore.training.logs import RunLogger
 from solopo_mcore.data.heldout import write_heldout
@@ -134,6 +135,7 @@ class Trainer:
                 if rows else "held-out example ids: heldout_ids.json beside the metrics")
         self.peak_tflops = device_peak_tflops(config.logging.peak_tflops)
         self._stop_requested = False
+        self.grace = GracePeriod(self.logger.message)  # can a SIGTERM reach a save?
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self.logger.message(
             f"[solopo] {config.objective.mode}/{config.objective.algorithm} | "
@@ -217,8 +219,11 @@ class Trainer:
 
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_requested = True
+        self.logger.message(self.grace.on_sigterm())
 
     def _mark(self, phase: str, step: int) -> None:
+        note_progress(phase, step)  # what its peers say if this rank is killed (OOM)
+        self.grace.mark(phase, step)
         if self.watchdog is not None:
             self.watchdog.mark(phase, step)
 
