@@ -8,13 +8,16 @@ import pytest
 
 from tests.helpers.dist import run_distributed
 
-LAYOUTS = [pytest.param(dict(), id="dp2"), pytest.param(dict(tp=2), id="tp2"),
-           pytest.param(dict(pp=2), id="pp2")]
+LAYOUTS = [pytest.param(2, dict(), id="dp2"), pytest.param(2, dict(tp=2), id="tp2"),
+           pytest.param(2, dict(pp=2), id="pp2"),
+           # four ranks split parameters where the owner's own part is not the first
+           pytest.param(4, dict(), id="dp4")]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_save_equals_megatrons_and_copies_only_split_parameters(tiny_qwen2, tmp_path, layout):
-    out = run_distributed(2, "tests.helpers.save_checks:check_save_equals_megatrons",
+@pytest.mark.parametrize("world,layout", LAYOUTS)
+def test_save_equals_megatrons_and_copies_only_split_parameters(tiny_qwen2, tmp_path, world,
+                                                                layout):
+    out = run_distributed(world, "tests.helpers.save_checks:check_save_equals_megatrons",
                           hf_dir=tiny_qwen2, root=str(tmp_path), **layout)
     first = out[0]
     # the same files, tensor for tensor: model, main parameters and both Adam moments
@@ -29,5 +32,5 @@ def test_save_equals_megatrons_and_copies_only_split_parameters(tiny_qwen2, tmp_
             assert rank["copied_ours"] == 0, rank
         else:  # DP2: only the parameters split between the two ranks are assembled
             assert rank["split_params"] >= 1, rank
-    if not layout:
+    if not layout:  # at most the split parameters' state, once, on their owners
         assert sum(r["copied_ours"] for r in out) <= 3 * out[0]["model_bytes"] // 2, out
