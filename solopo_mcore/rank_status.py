@@ -146,6 +146,6 @@ def _sentence(status: dict, sig: Optional[int]) -> str:
     if oom or sig == signal.SIGKILL:
         text += (" Fix: give each process more memory (fewer processes per node, or a node "
                  "with more), or lower what a rank holds (data.micro_batch_size, shorter "
-                 "contexts, parallel.use_distributed_optimizer=true, a larger "
-                 "tensor/pipeline parallel size); examples/estimate_memory.py plans it.")
+                 "contexts, a larger tensor/pipeline parallel size, the distributed optimizer "
+                 "if it is off); examples/estimate_memory.py plans it.")
     return text

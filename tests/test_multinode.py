@@ -276,6 +276,13 @@ def test_slurm_script_dry_run_prints_each_node_s_command(tmp_path):
         assert "--max-restarts" in line and "--rdzv-id 77" in line, line
         assert line.endswith("--config qwen2.5-7b_solo-orpo_64k_4node training.train_steps=10 "
                              "logging.wandb_run_name=my\\ run"), line
+    # no overrides: the command ends at the recipe (a stranger's trial found an empty '' word
+    # there, which the trainer refuses as an override on every node)
+    bare = subprocess.run(["bash", str(script), "qwen2.5-7b_solo-orpo_64k_4node"], cwd=REPO,
+                          env=env, capture_output=True, text=True, check=True).stdout
+    bare_lines = [line for line in bare.splitlines() if "torchrun" in line]
+    assert len(bare_lines) == 4 and all(
+        line.rstrip().endswith("--config qwen2.5-7b_solo-orpo_64k_4node") for line in bare_lines), bare
     # SIGTERM to the batch script reaches srun (which forwards it to the ranks), and the job is
     # requeued once srun has finished (the ranks saved)
     log = tmp_path / "calls.log"

@@ -98,8 +98,9 @@ class GracePeriod:
 
     def on_sigterm(self) -> str:
         """The line to print when SIGTERM arrives."""
-        if self.step_started is None:
-            return "[solopo] SIGTERM: saving now and exiting"
+        if self.step_started is None:  # between steps: in a save, an evaluation, or failing
+            return ("[solopo] SIGTERM between steps: the run saves and exits at its next step "
+                    "boundary (no save if it is already stopping on an error)")
         running = time.monotonic() - self.step_started
         left = max(self.step_s - running, 0.0) + self.save_s
         text = (f"[solopo] SIGTERM during step {self.step}: saving when it ends (it has run "
