@@ -37,6 +37,7 @@ from solopo_mcore.log import warn
 from solopo_mcore.platform import default_device, is_gloo
 
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")
+_WARNED: list = []  # the untested-on-GPU warning, once per process
 _PREFIX = "optimizer.state."
 
 
@@ -166,6 +167,11 @@ def _plan(sub, replica_ids: dict) -> Optional[_Plan]:
     holds, and pick each parameter's owner. None (megatron's own gather is used, with a
     warning) where the replica ids do not follow megatron's (TP/PP prefix, DP rank last)."""
     group = sub.data_parallel_group
+    if not is_gloo(group) and not _WARNED:
+        _WARNED.append(True)
+        warn("checkpoint", "the optimizer state is saved one parameter at a time, its split "
+                           "parameters sent point to point over NCCL: this path is tested on "
+                           "CPU (gloo) only; the files are megatron-core's format either way")
     buffers, table = [], []
     for gbuf_idx, gbuf_range_maps in enumerate(sub.gbuf_ranges):
         if len(gbuf_range_maps) != 1:
