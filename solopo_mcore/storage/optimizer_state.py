@@ -5,7 +5,8 @@ parameter and Adam moments as tensors of shape ``S`` (model space), so a checkpo
 TP/PP/DP layout. To build them, megatron's ``get_parameter_state_dp_zero`` copies this rank's
 shard of every state into three flat buffers, all-gathers them over data parallelism, and
 concatenates them into three world-sized buffers, on *every* DP rank. At the SmolLM2-135M size on
-CPU (fp32, one rank) that took a save from 3.3 GiB (training) to 7.1 GiB and 15 s.
+CPU (fp32, one rank) a save peaked at 7.0 GiB against 3.0 GiB for training, most of it
+here (benchmarks/bench_save_memory.py, RESULTS.md).
 
 :func:`optimizer_state_for_save` writes the same format (same keys, shapes and values; megatron
 loads it with its own code) with megatron's ``sharded_state_dict``, but hands it per-parameter

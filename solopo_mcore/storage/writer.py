@@ -7,7 +7,7 @@ optimizer's model-space tensors, views of its gathered buffers) and moves each o
 memory, all of them before the first byte is written. On a GPU that staging is the
 device-to-host copy; on CPU the tensors are already in host memory and it only doubles them.
 Measured on CPU at the SmolLM2-135M size (fp32, distributed optimizer, one rank): training
-peaked at 3.3 GiB and the save at 7.1 GiB (``docs/design.md``, "Save memory").
+peaked at 3.0 GiB and megatron's save at 7.0 GiB (``benchmarks/bench_save_memory.py``).
 
 :class:`OneTensorAtATimeSave` keeps megatron's key translation, planner and file format (a
 checkpoint it writes loads with ``dist_checkpointing.load`` like any other) and writes with
