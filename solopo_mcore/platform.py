@@ -18,6 +18,7 @@ megatron-core *version* differences live in :mod:`solopo_mcore.compat`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -320,9 +321,31 @@ def apply_cpu_patches() -> bool:
     mcore_random._set_cuda_rng_state = _cpu_set_rng_state
     # transformer/utils.py ``get_default_causal_mask``: ``torch.triu(..., device="cuda")``, and the
     # device/type checks listed on _CudaToCpuMode.
-    _CudaToCpuMode().__enter__()
+    global _MODE
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()
     _APPLIED = True
     return True
+
+
+_MODE: Optional[TorchFunctionMode] = None
+
+
+@contextlib.contextmanager
+def without_cuda_rewrite():
+    """Runs its block without the CUDA-to-CPU torch-function mode (a no-op on CUDA).
+
+    The mode sees every torch call from Python (~3.6 us each on our CPU): most of a step's calls
+    are the model's forward and the loss, which never name a CUDA device (device placement there
+    follows the inputs, and ``torch.cuda.current_device`` is patched above), so
+    :mod:`solopo_mcore.training.forward_step` runs them without it. Every convergence layout
+    runs this path in CI; a ``device="cuda"`` reaching it would fail there with "no NVIDIA
+    driver"."""
+    if _MODE is None or torch.overrides._get_current_function_mode() is not _MODE:
+        yield
+        return
+    with torch.overrides._pop_mode_temporarily():
+        yield
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,8 +19,7 @@ def convert(*args, check=True, real=False):
     """examples/convert_checkpoint.py ARGS. Its ranks come from the warm launcher
     (tests/helpers/warm_launch.py) unless ``real``: the real command relaunches itself under
     torchrun at --tp x --pp > 1, after its layout check (test_a_layout_the_model_cannot_split...,
-    test_trained_checkpoint_exports...), and measures its own memory
-    (test_conversion_holds_one_layer...)."""
+    test_trained_checkpoint_exports...)."""
     args = [str(a) for a in args]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     world = 1
@@ -187,7 +186,13 @@ def test_trained_checkpoint_exports_and_verifies(run_data, tmp_path):
 def test_conversion_holds_one_layer_not_the_model(tmp_path):
     """Both directions at TP1: the peak RSS of converting a 16-layer model exceeds that of a
     2-layer model of the same width by far less than the weights (a converter that builds
-    the whole model, or keeps every layer it reads, adds at least 1x the weights)."""
+    the whole model, or keeps every layer it reads, adds at least 1x the weights).
+
+    Warm launches: a forked rank does not inherit the server's peak RSS (VmHWM), and both models
+    start from the same ~0.4 GiB of imports, which the difference cancels. Checked: a converter
+    that keeps each shard it reads (hf-to-mcore) or reads every layer before writing
+    (mcore-to-hf), or that leaves glibc's dynamic mmap threshold on (the freed layers stay in
+    its heap), fails here: +0.19 / +0.28 / +0.12 GB against a bound of 0.10."""
     from solopo_mcore.models.tiny import build_tiny_hf_model
 
     wide = {"hidden_size": 512, "intermediate_size": 2816, "num_attention_heads": 8,
@@ -198,10 +203,9 @@ def test_conversion_holds_one_layer_not_the_model(tmp_path):
         build_tiny_hf_model(hf, "qwen2", vocab_size=1000, seed=0,
                             overrides=dict(wide, num_hidden_layers=layers))
         weights[name] = sum(f.stat().st_size for f in hf.glob("*.safetensors"))
-        there = convert("hf-to-mcore", "--src", hf, "--dst", tmp_path / f"{name}_mcore",
-                        real=True)
+        there = convert("hf-to-mcore", "--src", hf, "--dst", tmp_path / f"{name}_mcore")
         back = convert("mcore-to-hf", "--src", tmp_path / f"{name}_mcore",
-                       "--dst", tmp_path / f"{name}_hf", real=True)
+                       "--dst", tmp_path / f"{name}_hf")
         peaks[name] = [json.loads(r.stdout[r.stdout.index("{"):])["peak_rss_gib_rank0"] * 2**30
                        for r in (there, back)]
     added_weights = weights["deep"] - weights["short"]  # 14 layers, ~300 MB in fp32

@@ -251,16 +251,21 @@ def test_preprocess_replaces_a_dataset_as_one_set(tmp_path, monkeypatch):
     assert not list((tmp_path / "out").glob("*.previous"))
 
 
-def _start_preprocess_with_workers(tmp_path, num_rows=40000):
-    """preprocess --num-proc 2 on enough rows that it is still tokenizing when its two workers
-    exist; returns (process, worker pids)."""
-    import psutil
-    words = "alpha beta gamma delta epsilon " * 40
+def _slow_to_tokenize_source(path, num_rows=40000):
+    """A pairs file that preprocess --num-proc 2 tokenizes for ~28 s after its two workers
+    exist (~8 s after start; 41 MB)."""
+    words = "alpha beta gamma delta epsilon " * 10
     rows = [{"id": str(i), "prompt_short": f"{words} {i}", "prompt_long": f"{words} {words}",
              "chosen": "yes", "rejected": "no"} for i in range(num_rows)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _start_preprocess_with_workers(tmp_path, source):
+    """preprocess --num-proc 2 of ``source`` (still tokenizing when its two workers exist);
+    returns (process, worker pids)."""
+    import psutil
     tmp_path.mkdir(parents=True, exist_ok=True)
-    source = tmp_path / "pairs.jsonl"
-    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     proc = subprocess.Popen([sys.executable, "-m", "data_tools.preprocess", "--input", str(source),
                              "--output-prefix", str(tmp_path / "out" / "ds"), "--tokenizer",
                              "builtin:qa-words", "--max-seq-length", "4096", "--num-proc", "2"],
@@ -283,13 +288,14 @@ def test_preprocess_ctrl_c_is_interrupted_and_kill_leaves_no_worker(tmp_path):
     import psutil
     import signal
 
-    proc, workers = _start_preprocess_with_workers(tmp_path / "int")
+    source = _slow_to_tokenize_source(tmp_path / "pairs.jsonl")
+    proc, workers = _start_preprocess_with_workers(tmp_path / "int", source)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's whole process group
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "preprocess: interrupted" in err, err[-3000:]
     assert "unexpected" not in err and not list((tmp_path / "int" / "out").glob("ds.*"))
 
-    proc, workers = _start_preprocess_with_workers(tmp_path / "kill")
+    proc, workers = _start_preprocess_with_workers(tmp_path / "kill", source)
     proc.kill()  # kill -9 of preprocess itself
     proc.communicate(timeout=60)
     deadline = time.time() + 30

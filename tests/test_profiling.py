@@ -398,7 +398,7 @@ def test_cpu_sweep_writes_every_output(tiny_qwen2, tmp_path):
         "--config", "tiny_cpu", "--out", out,
         "--long-lengths", "256,512", "--short-tokens", "128", "--response-tokens", "16",
         "--steps", "1", "--warmup", "0", "--trace", "--find-max-len", "--max-len-start", "512",
-        "--max-len-limit", "2048", "--max-len-granularity", "512",
+        "--max-len-limit", "1024", "--max-len-granularity", "512",
         f"model.hf_config_path={tiny_qwen2}", "parallel.tensor_model_parallel_size=1"],
         env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 0, result.stderr[-4000:]

@@ -20,6 +20,7 @@ Per-response log-prob sums are first summed over the CP group with an identity b
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator, Optional
@@ -33,6 +34,7 @@ from solopo_mcore.config import ObjectiveConfig
 from solopo_mcore.data.packing import PackedMicrobatch
 from solopo_mcore.losses.objective import SequenceStats, solopo_objective
 from solopo_mcore.parallel.context import sum_over_group
+from solopo_mcore.platform import without_cuda_rewrite
 
 
 def response_logp_sums(token_logps: torch.Tensor, batch: PackedMicrobatch, cp_group
@@ -96,8 +98,18 @@ def loss_func(batch: PackedMicrobatch, objective: ObjectiveConfig, mode: str, cp
 
 
 def _forward(model, batch: PackedMicrobatch, cp_group) -> torch.Tensor:
-    return model(batch.tokens, None, None, labels=batch.labels, loss_mask=batch.loss_mask,
-                 packed_seq_params=batch.packed_seq_params(cp_group))
+    with without_cuda_rewrite():
+        return model(batch.tokens, None, None, labels=batch.labels, loss_mask=batch.loss_mask,
+                     packed_seq_params=batch.packed_seq_params(cp_group))
+
+
+def _unrewritten(func: Callable) -> Callable:
+    """``func`` run outside the CPU path's torch-function mode (platform.without_cuda_rewrite)."""
+    @functools.wraps(func)
+    def run(*args, **kwargs):
+        with without_cuda_rewrite():
+            return func(*args, **kwargs)
+    return run
 
 
 def make_forward_step(objective: ObjectiveConfig, mode: str, cp_group,
@@ -111,7 +123,7 @@ def make_forward_step(objective: ObjectiveConfig, mode: str, cp_group,
     def forward_step(data_iterator: Iterator[PackedMicrobatch], model):
         batch = next(data_iterator)
         return (_forward(model, batch, cp_group),
-                partial(loss_func, batch, objective, mode, cp_group, response_sink))
+                _unrewritten(partial(loss_func, batch, objective, mode, cp_group, response_sink)))
 
     return forward_step
 
@@ -129,7 +141,8 @@ def make_logprob_forward_step(cp_group) -> Callable:
 
     def forward_step(data_iterator: Iterator[PackedMicrobatch], model):
         batch = next(data_iterator)
-        return _forward(model, batch, cp_group), partial(_response_logps_output, batch, cp_group)
+        return (_forward(model, batch, cp_group),
+                _unrewritten(partial(_response_logps_output, batch, cp_group)))
 
     return forward_step
 
