@@ -46,7 +46,8 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.vs_trl.conventions import TRL_VERSION, Hyper, our_overrides, trl_losses  # noqa: E402
 from benchmarks.vs_trl.inputs import SHAPES, build_inputs, output_layer_share  # noqa: E402
-from benchmarks.vs_trl.report import summarize, write_summary  # noqa: E402
+from benchmarks.vs_trl.report import (TRL_CHECKPOINTED, TRL_PLAIN, summarize,  # noqa: E402
+                                      write_summary)
 from solopo_mcore.config.sections import ObjectiveConfig  # noqa: E402
 from solopo_mcore.processes import parent_death_preexec  # noqa: E402
 
@@ -58,11 +59,16 @@ CHECK_HYPER = {"dpo": Hyper(ObjectiveConfig("dpo", beta=0.1)),
 #: Other processes using more than this many cores during a run make its timing suspect.
 OTHER_LOAD_WARNING_CORES = 0.2
 
-#: Timed variants: (label, side, mode, shared_prefix).
-VARIANTS = [("TRL long-PO", "trl", "long", False),
-            ("ours long-PO, unshared", "ours", "long", False),
-            ("ours long-PO, shared prefix", "ours", "long", True),
-            ("ours SoLoPO", "ours", "solo", True)]
+#: Timed variants: (label, side, mode, shared_prefix, recompute). ``recompute``: TRL's gradient
+#: checkpointing (on by default in TRL 1.16's DPO/CPO/ORPO configs) or ours
+#: ``model.recompute_granularity=full`` (each layer rebuilt in backward, as HF's checkpointing
+#: does); each row's "TRL ÷ this" ratios are against the TRL row with the same setting.
+VARIANTS = [(TRL_CHECKPOINTED, "trl", "long", False, True),
+            (TRL_PLAIN, "trl", "long", False, False),
+            ("ours long-PO, unshared", "ours", "long", False, False),
+            ("ours long-PO, unshared, full recompute", "ours", "long", False, True),
+            ("ours long-PO, shared prefix", "ours", "long", True, False),
+            ("ours SoLoPO", "ours", "solo", True, False)]
 
 
 def log(message: str) -> None:
@@ -217,7 +223,9 @@ class Runner:
                              f"folder or use a new --out, and run again")
 
     def job(self, side: str, inputs, hyper: Hyper, mode: str, shared: bool, steps: int,
-            name: str, ref_path=None, orpo_nll: str = "shipped") -> dict:
+            name: str, ref_path=None, orpo_nll: str = "shipped", recompute=None) -> dict:
+        """``recompute``: None keeps each side's default (TRL: gradient checkpointing on; ours:
+        no recompute), as the check runs them."""
         self.count += 1
         work = self.runs / f"{self.count:03d}_{name}"
         work.mkdir(parents=True, exist_ok=True)
@@ -226,6 +234,7 @@ class Runner:
                 "data_prefix": str(inputs.data_prefix), "overrides": our_overrides(hyper, inputs.model_dir, inputs.data_prefix),
                 "hyper": hyper.to_dict(), "work_dir": str(work), "out": str(work / "result.json"),
                 "max_length": inputs.long_tokens + 1024, "orpo_nll": orpo_nll,
+                "recompute": recompute,
                 "ref_path": str(ref_path) if ref_path else None}
         if side == "trl":
             spec["rows"] = inputs.examples()
@@ -337,11 +346,13 @@ def time_all(runner: Runner, all_inputs: dict) -> list:
         dataset = TripletDataset(str(inputs.data_prefix))
         for round_index in range(args.rounds):
             order = VARIANTS if round_index % 2 == 0 else VARIANTS[::-1]
-            for label, side, mode, shared in order:
+            for label, side, mode, shared, recompute in order:
                 result = runner.job(side, inputs, hyper, mode, shared, args.warmup + args.steps,
                                     f"time_{shape_name}_{length}_{side}_{mode}"
-                                    f"{'_shared' if shared else ''}_r{round_index}",
-                                    ref_path=ref if side == "ours" else None)
+                                    f"{'_shared' if shared else ''}"
+                                    f"{'_recompute' if recompute else ''}_r{round_index}",
+                                    ref_path=ref if side == "ours" else None,
+                                    recompute=recompute)
                 if result["ok"] and side == "trl":
                     differences = token_differences(result["trl_tokens"], dataset)
                     if differences:
@@ -349,7 +360,7 @@ def time_all(runner: Runner, all_inputs: dict) -> list:
                                          f"other tokens than ours, so its timing would not "
                                          f"compare:\n  " + "\n  ".join(differences[:5]))
                 entry = {"shape": shape_name, "long_tokens": length, "variant": label,
-                         "round": round_index, "ok": result["ok"]}
+                         "recompute": recompute, "round": round_index, "ok": result["ok"]}
                 if result["ok"]:
                     timed = result["steps"][args.warmup:]
                     entry.update(step_seconds=[s["seconds"] for s in timed],
@@ -430,6 +441,7 @@ def main(argv=None) -> None:
         payload["timings"] = time_all(runner, all_inputs)
         payload["summary"] = summarize(payload["timings"])
         payload["variant_order"] = [label for label, *_ in VARIANTS]
+        payload["variant_recompute"] = {label: v[-1] for label, *v in VARIANTS}
         payload["timed_algorithm"] = args.algorithm
         failed = [t for t in payload["timings"] if not t["ok"]]
     payload["memory_limit_gib"] = args.memory_limit_gib

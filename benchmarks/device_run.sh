@@ -29,7 +29,7 @@ cfg = dict(QWEN25_7B_INSTRUCT if sys.argv[2] == "qwen2.5-7b" else SMALL)
 open(f"{sys.argv[1]}/config.json", "w").write(json.dumps(cfg))
 PYEOF
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>/dev/null
-# 0. GPU-only code paths: bf16 vs HF, fused SwiGLU, cuDNN/flash SDPA choice, CUDA allocator +
+# 0. GPU-only code paths: bf16 vs HF, lean MLP vs the fused SwiGLU, cuDNN/flash SDPA choice, CUDA allocator +
 #    NVML, CUDA RNG checkpoint round trip, TE spec vs local when TE is importable
 timeout 150 $PY benchmarks/device_checks.py --out "$OUT/device_checks.jsonl" $CHECKS_FLAGS 2>&1 \
   | grep -v "^\[checkpoint\]"

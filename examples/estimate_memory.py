@@ -105,7 +105,8 @@ def main(argv=None):
                   recompute_method=cfg.model.recompute_method,
                   recompute_num_layers=cfg.model.recompute_num_layers,
                   vocab_divisible_by=cfg.model.make_vocab_size_divisible_by,
-                  sequence_parallel=p.sequence_parallel)
+                  sequence_parallel=p.sequence_parallel,
+                  activation_memory=cfg.model.activation_memory)
     recipe = dict(common, optimizer_cpu_offload=cfg.optimizer.optimizer_cpu_offload,
                   recompute=cfg.model.recompute_granularity or "none")
     inputs = EstimateInputs(

@@ -32,19 +32,27 @@ def _check_sequence_parallel(world, hf_dir, **kw):
         assert group[0].keys() == group[1].keys()
         for name, grad in group[0].items():
             assert grad == group[1][name], f"{name}: gradients differ across TP ranks"
+    return reports
 
 
 def test_tp2_without_sp_matches_reference(tiny_qwen2):
     _check(2, tiny_qwen2, tp=2, sequence_parallel=False, expect_sequence_parallel=False)
 
 
+def _megatron_activations_equal(reports):
+    """Every rank compared its gradients with Megatron's activation path, bit for bit."""
+    assert all(r.get("megatron_activations_equal", 0) > 0 for r in reports), reports
+
+
 def test_tp2_sp_matches_reference_with_padded_segments(tiny_qwen2):
     # odd random lengths: segments need padding to a multiple of TP for an equal split
-    _check_sequence_parallel(2, tiny_qwen2, num_microbatches=2)
+    _megatron_activations_equal(_check_sequence_parallel(2, tiny_qwen2, num_microbatches=2,
+                                                         megatron_activations_equal=True))
 
 
 def test_pp2_four_microbatches_matches_reference(tiny_qwen2):
-    _check(2, tiny_qwen2, pp=2, num_microbatches=4)
+    _megatron_activations_equal(_check(2, tiny_qwen2, pp=2, num_microbatches=4,
+                                       megatron_activations_equal=True))
 
 
 def test_tp2_sp_pp2_vpp2_recompute_matches_reference(tiny_qwen2_untied):
@@ -58,7 +66,8 @@ def test_pp2_vpp2_interleaved_matches_reference(tiny_qwen2):
 
 def test_cp2_matches_reference_with_padded_segments(tiny_qwen2):
     # odd random lengths: every segment needs padding to a multiple of 2*CP
-    _check(2, tiny_qwen2, cp=2, num_microbatches=2)
+    _megatron_activations_equal(_check(2, tiny_qwen2, cp=2, num_microbatches=2,
+                                       megatron_activations_equal=True))
 
 
 def test_tp2_sp_cp2_matches_reference(tiny_llama):

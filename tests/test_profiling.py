@@ -188,10 +188,12 @@ def test_memory_estimator_formulas_on_a_small_config():
     assert est["weights_gib"] * gib == pytest.approx(2 * params)
     assert est["gradients_gib"] * gib == pytest.approx(4 * params)
     assert est["optimizer_gib"] * gib == pytest.approx(12 * params / 2)
-    # bf16 bytes kept per token per layer (h=8, f=16, d=4, 2 query heads, fused SwiGLU):
-    # norm inputs 2*8*2 + rstd 2*4 + norm outputs 2*8*2 + RoPE 4*4*2 + q&out 2*8*2 + expanded kv
-    # 2*8*2 + lse 2*4 + proj input 8*2 + MLP 3*16*2 = 288; backward working set (2*16+2*8)*2 = 96
-    layer, work = 288, 96
+    # bf16 bytes kept per token per layer (h=8, f=16, d=4, 2 query heads), the default
+    # activation_memory="lean": norm inputs 2*8*2 + rstd 2*4 + RoPE 4*4*2 + q&out 2*8*2 +
+    # expanded kv 2*8*2 + lse 2*4 + FC1's output 2*16*2 = 208 (the norm outputs, FC2's input and
+    # the output projection's input are rebuilt in backward); backward working set: FC1-output
+    # and hidden gradients plus FC2's rebuilt input (3*16+2*8)*2 = 128
+    layer, work = 208, 128
     assert est["activations_gib"] * gib == pytest.approx(100 * (2 * 8 * 2 + layer + work))
     # 10 response tokens x 10 logits: fp32 (4 B) + the bf16 ones while copied (2 B); backward's
     # 4 B + the output weight's bf16 gradient (10 x 8 x 2 B) is smaller
@@ -211,8 +213,14 @@ def test_memory_estimator_formulas_on_a_small_config():
     def act(**kw):
         return estimate_memory(SMALL, EstimateInputs(**{**common, **kw}))["activations_gib"] * gib
     assert act(recompute="none") == pytest.approx(100 * (2 * layer + work))
-    assert act(recompute="none", fused_swiglu=False) == pytest.approx(
-        100 * (2 * (layer + 2 * 16 * 2) + work))
+    # "megatron": + norm outputs 2*8*2 + proj input 8*2 + FC2's input 16*2 (fused SwiGLU), and
+    # unfused the SiLU output and the gate operand 2*16*2
+    # (its backward working set without the rebuilt input: (2*16+2*8)*2 = 96)
+    megatron, megatron_work = layer + 2 * 8 * 2 + 8 * 2 + 16 * 2, 96
+    assert act(recompute="none", activation_memory="megatron") == pytest.approx(
+        100 * (2 * megatron + megatron_work))
+    assert act(recompute="none", activation_memory="megatron", fused_swiglu=False) == \
+        pytest.approx(100 * (2 * (megatron + 2 * 16 * 2) + megatron_work))
     # selective: q, k, v (4 heads' worth, 16 values) replace q&out, expanded kv and lse (72 B)
     assert act(recompute="selective") == pytest.approx(100 * (2 * (layer - 72 + 32) + 72 + work))
     # PP2: one layer per stage; PP microbatches in flight, or fewer when there are fewer
@@ -240,17 +248,21 @@ def test_memory_estimator_formulas_on_a_small_config():
     assert act(recompute="none", pp=2, num_microbatches=1) == pytest.approx(
         estimate_memory(tied, EstimateInputs(**common, recompute="none", pp=2,
                                              num_microbatches=1))["activations_gib"] * gib)
-    # TP2: norms 72 + RoPE 32 + q&out 16 + kv 16 + lse 4 + proj 8 + MLP 48 = 196 per layer,
-    # working set (16 + 16) * 2 = 64. Sequence parallelism (the default at TP > 1) halves the
-    # norm terms (72 -> 36) and the recompute units' inputs, and adds one full-sequence
+    # TP2: norms 40 + RoPE 32 + q&out 16 + kv 16 + lse 4 + MLP 32 = 140 per layer,
+    # working set (24 + 16) * 2 = 80. Sequence parallelism (the default at TP > 1) halves the
+    # norm terms (40 -> 20) and the recompute units' inputs, and adds one full-sequence
     # all-gather buffer (8 * 2 per token)
-    tp2_layer, tp2_work, sp_buffer = 196, 64, 100 * 8 * 2
+    tp2_layer, tp2_work, sp_buffer = 140, 80, 100 * 8 * 2
     assert act(recompute="none", tp=2, sequence_parallel=False) == pytest.approx(
         100 * (2 * tp2_layer + tp2_work))
     assert act(recompute="none", tp=2) == pytest.approx(
-        100 * (2 * (tp2_layer - 36) + tp2_work) + sp_buffer)
+        100 * (2 * (tp2_layer - 20) + tp2_work) + sp_buffer)
     assert act(recompute="full", tp=2) == pytest.approx(
-        100 * (2 * 8 * 2 / 2 + tp2_layer - 36 + tp2_work) + sp_buffer)
+        100 * (2 * 8 * 2 / 2 + tp2_layer - 20 + tp2_work) + sp_buffer)
+    # "megatron" at TP2: + norm outputs 32 + proj 8 + FC2's input 16; SP halves the norm
+    # terms 72 -> 36
+    assert act(recompute="none", tp=2, activation_memory="megatron") == pytest.approx(
+        100 * (2 * (tp2_layer + 32 + 8 + 16 - 36) + tp2_work - 16) + sp_buffer)
     offload = estimate_memory(SMALL, EstimateInputs(optimizer_cpu_offload=True))
     assert offload["optimizer_gib"] == 0.0
 
@@ -281,9 +293,11 @@ def test_estimator_counts_a_7b_model():
 
 
 def test_memory_plan_lists_every_layout_and_recompute_setting_by_predicted_cost():
-    """Qwen2.5-7B at 131,072 tokens on 8 x 80 GB: nothing fits without recompute, full recompute
-    makes several layouts fit (TP2 at ~66 GiB); each row is the estimator's figure for its own
-    settings, the extra compute is the written-out FLOPs ratio, and rows come cheapest first."""
+    """Qwen2.5-7B at 131,072 tokens on 8 x 80 GB: with Megatron's own activations nothing fits
+    without full recompute (TP2 at ~66 GiB); with the lean ones (the default) TP4 x CP2 fits with
+    selective recompute (~72 GiB), or none with the optimizer on the CPU, and full recompute TP2
+    at ~62 GiB. Each row is the estimator's figure for its own settings, the extra compute is
+    the written-out FLOPs ratio, and rows come cheapest first."""
     from solopo_mcore.config import load_config
     from solopo_mcore.profiling import plan
 
@@ -299,10 +313,16 @@ def test_memory_plan_lists_every_layout_and_recompute_setting_by_predicted_cost(
     assert all(r.tp * r.pp * r.cp * r.dp == 8 for r in rows)
     assert [plan.cost_key(r) for r in rows] == sorted(plan.cost_key(r) for r in rows)
     fitting = [r for r in rows if r.total_gib <= 80]
-    assert fitting and {r.recompute for r in fitting} == {"full"}
-    tp2 = next(r for r in fitting if (r.tp, r.pp, r.cp, r.optimizer_cpu_offload) ==
-               (2, 1, 1, False))
-    assert 60 < tp2.total_gib < 70
+    without_full = {(r.tp, r.pp, r.cp, r.recompute, r.optimizer_cpu_offload)
+                    for r in fitting if r.recompute != "full"}
+    assert (4, 1, 2, "selective", False) in without_full
+    assert (4, 1, 2, "none", True) in without_full
+    assert all(tp * cp >= 8 for tp, _, cp, _, _ in without_full)
+    tp2 = next(r for r in fitting if (r.tp, r.pp, r.cp, r.recompute, r.optimizer_cpu_offload)
+               == (2, 1, 1, "full", False))
+    assert 58 < tp2.total_gib < 66
+    megatron = plan.enumerate_plan(shape, 8, make, dict(common, activation_memory="megatron"))
+    assert {r.recompute for r in megatron if r.total_gib <= 80} == {"full"}
     for r in rows[::7]:
         inputs = EstimateInputs(tp=r.tp, pp=r.pp, cp=r.cp, dp=r.dp, recompute=r.recompute,
                                 optimizer_cpu_offload=r.optimizer_cpu_offload,
@@ -342,7 +362,13 @@ def test_memory_plan_cli_names_what_fits_the_position_fix_and_the_nearest_miss()
     report = main(["--config", "qwen2.5-7b_solo-orpo_8gpu", "--model", "qwen2.5-7b",
                    "--world-size", "8", "--long-tokens", "131072", "--device-gib", "80"])
     assert not report["fits"] and report["plan"]
-    assert {r["recompute"] for r in report["plan"]} == {"full"}
+    # the lean activations (the default) fit TP4 x CP2 without full recompute (the estimator
+    # test above); with Megatron's own only full recompute fits
+    assert {r["recompute"] for r in report["plan"]} == {"full", "selective", "none"}
+    assert {r["recompute"] for r in main([
+        "--config", "qwen2.5-7b_solo-orpo_8gpu", "--model", "qwen2.5-7b", "--world-size", "8",
+        "--long-tokens", "131072", "--device-gib", "80",
+        "model.activation_memory=megatron"])["plan"]} == {"full"}
     assert not report["positions"]["fits"]
     assert "131072 tokens is 4x the model's 32768 trained positions" in \
         report["positions"]["message"]

@@ -6,7 +6,11 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-TRL = "TRL long-PO"
+#: The two TRL rows: as shipped (TRL 1.16's DPO/CPO/ORPO configs turn gradient checkpointing on
+#: by default: every layer is recomputed in backward) and with it off. Each other row is compared
+#: with the one whose recompute setting it shares (timings entries carry ``recompute``).
+TRL_CHECKPOINTED = "TRL long-PO, gradient checkpointing (TRL's default)"
+TRL_PLAIN = "TRL long-PO, no gradient checkpointing"
 
 
 def summarize(timings: list) -> list:
@@ -17,6 +21,7 @@ def summarize(timings: list) -> list:
     for (shape, length, variant), entries in groups.items():
         ok = [e for e in entries if e["ok"]]
         row = {"shape": shape, "long_tokens": length, "variant": variant,
+               "recompute": entries[0].get("recompute", True),
                "num_runs": len(entries), "num_failed": len(entries) - len(ok)}
         if ok:
             seconds = [s for e in ok for s in e["step_seconds"]]
@@ -33,8 +38,9 @@ def summarize(timings: list) -> list:
             row["oom"] = any(e.get("oom") for e in entries)
         rows.append(row)
     for row in rows:
+        baseline = TRL_CHECKPOINTED if row["recompute"] else TRL_PLAIN
         trl = next((r for r in rows if r["shape"] == row["shape"] and
-                    r["long_tokens"] == row["long_tokens"] and r["variant"] == TRL), None)
+                    r["long_tokens"] == row["long_tokens"] and r["variant"] == baseline), None)
         if trl and "median_s" in trl and "median_s" in row:
             row["trl_time_ratio"] = trl["median_s"] / row["median_s"]
             row["trl_rss_ratio"] = trl["peak_rss_gib"] / row["peak_rss_gib"]
@@ -66,7 +72,9 @@ LEGEND = """\
   (SoLoPO, a different objective on the same examples). *pair tokens/s*: the same examples'
   long-PO tokens (TRL's count) per second, so it compares across rows.
 - *peak RSS*: the process's own maximum resident set (imports included). *TRL ÷ this*: TRL's
-  s/step or peak RSS over the row's (above 1: this row is faster or smaller).
+  s/step or peak RSS over the row's (above 1: this row is faster or smaller), against the TRL row
+  with the same recompute setting: TRL as shipped (gradient checkpointing on, its default) for
+  ours with full recompute, TRL without it for ours without recompute.
 - *other load*: cores other processes used during the row's runs (the most of any run); above
   0.2 the timing is suspect."""
 

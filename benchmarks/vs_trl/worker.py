@@ -30,6 +30,8 @@ def run_ours(spec: dict) -> dict:
                  f"data.shared_prefix={str(spec['shared_prefix']).lower()}",
                  f"objective.mode={spec['mode']}", f"training.train_steps={spec['steps']}",
                  "logging.progress_bar=false"]
+    if spec.get("recompute"):
+        overrides.append("model.recompute_granularity=full")
     if spec.get("ref_path"):
         overrides.append(f"data.ref_logprobs_path={spec['ref_path']}")
     trainer = Trainer(load_config(None, overrides))
@@ -124,7 +126,9 @@ def run_trl(spec: dict) -> dict:
                   gradient_accumulation_steps=1, max_steps=spec["steps"], logging_steps=1,
                   save_strategy="no", report_to=[], use_cpu=True, bf16=False, fp16=False,
                   dataloader_num_workers=0, train_sampling_strategy="sequential",
-                  optim="adamw_torch", disable_tqdm=True, dataset_num_proc=None)
+                  optim="adamw_torch", disable_tqdm=True, dataset_num_proc=None,
+                  # TRL 1.16's default is on; the timing runs set it both ways
+                  gradient_checkpointing=spec.get("recompute") is not False)
     trainer_cls, config_cls, kwargs = trl_setup(hyper, spec["max_length"], common)
     algorithm = hyper.objective.algorithm
     if algorithm == "orpo" and spec.get("orpo_nll") == "response":

@@ -60,6 +60,12 @@ class ModelConfig:
     attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
     """SDPA backend order for the torch core attention: "auto" is cuDNN>flash>efficient>math on
     CUDA, flash>math on CPU; any other value puts that backend first."""
+    activation_memory: Literal["lean", "megatron"] = "lean"
+    """What a layer keeps for backward. "lean" (the tested path, every device): Megatron's MLP
+    with a SwiGLU that keeps only FC1's output, and the norm outputs, the SwiGLU output and the
+    attention output rebuilt in backward from tensors kept anyway (models/rebuilt_saves.py);
+    gradients bit for bit Megatron's unfused path. "megatron": Megatron's own (unfused on CPU,
+    its torch.compile'd fused SwiGLU on CUDA), for comparison; CI checks its gradients only."""
     recompute_granularity: Optional[Literal["selective", "full"]] = None
     """Activation recompute: none (null), core attention only ("selective") or whole layers."""
     recompute_method: Literal["uniform", "block"] = "uniform"

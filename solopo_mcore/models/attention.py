@@ -30,9 +30,21 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.nn.attention import sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from solopo_mcore.models.rebuilt_saves import rebuild_in_backward
 from solopo_mcore.models.shared_prefix import query_key_ranges
 from solopo_mcore.parallel.context import all_gather_first_dim, gathered_to_global_index
 from solopo_mcore.platform import sdpa_backend_order
+
+
+def _to_tokens_major(*outs: torch.Tensor) -> torch.Tensor:
+    """The SDPA outputs ``[h, t_i, d]`` of a microbatch's segments as ``[t, h * d]`` (one copy)."""
+    heads, _, dim = outs[0].shape
+    out = outs[0].new_empty((sum(o.shape[1] for o in outs), heads, dim))
+    start = 0
+    for o in outs:
+        out[start:start + o.shape[1]].copy_(o.transpose(0, 1))
+        start += o.shape[1]
+    return out.view(out.shape[0], heads * dim)
 
 
 class TorchCoreAttention(MegatronModule):
@@ -40,6 +52,9 @@ class TorchCoreAttention(MegatronModule):
 
     #: set by the model builder from ``ModelConfig.attention_backend``
     backend_name: str = "auto"
+    #: whether backward rebuilds the packed output from the SDPA outputs instead of linear_proj
+    #: keeping it (set per instance by ``models.builder.set_activation_memory``)
+    rebuild_output: bool = True
 
     def __init__(self, config: TransformerConfig, layer_number: int,
                  attn_mask_type: AttnMaskType, attention_type: str,
@@ -141,5 +156,7 @@ class TorchCoreAttention(MegatronModule):
                 local += end - start
             q_start += local_len
             k_start += global_len
-        out = torch.cat(outs, dim=1)  # [h, t, d]
-        return out.transpose(0, 1).reshape(out.shape[1], -1)
+        out = _to_tokens_major(*outs)
+        if self.rebuild_output:  # linear_proj keeps it; SDPA keeps the outs (rebuilt_saves.py)
+            rebuild_in_backward(out, _to_tokens_major, *outs)
+        return out

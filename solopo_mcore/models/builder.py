@@ -21,6 +21,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.pipeline_parallel.utils import is_pp_first_stage, is_pp_last_stage
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
@@ -32,7 +33,9 @@ from solopo_mcore.config import ConfigError, ModelConfig, ParallelConfig
 from solopo_mcore.log import warn
 from solopo_mcore.models.attention import TorchCoreAttention
 from solopo_mcore.models.hf_config import ModelShape, padded_vocab_size
+from solopo_mcore.models.mlp import LeanMLP
 from solopo_mcore.models.norm import SequenceParallelRMSNorm
+from solopo_mcore.models.rebuilt_saves import rebuilt_saves
 from solopo_mcore.models.rope import inverse_frequencies, softmax_scale
 from solopo_mcore.models.shared_prefix import enable_positioned_rope
 from solopo_mcore.parallel.context import gather_first_dim
@@ -124,6 +127,8 @@ def build_transformer_config(shape: ModelShape, model_cfg: ModelConfig,
     if model_cfg.recompute_granularity == "selective":
         kwargs["recompute_modules"] = ["core_attn"]
     kwargs.update(transformer_config_overrides(transformer_engine=te))
+    if model_cfg.activation_memory == "lean" and not te:
+        kwargs["bias_activation_fusion"] = False  # LeanMLP's SwiGLU on every device (mlp.py)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -136,12 +141,37 @@ def build_layer_spec(model_cfg: ModelConfig):
         _announce_te_once()
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    lean = model_cfg.activation_memory == "lean"
     attention_cls = type("TorchCoreAttention", (TorchCoreAttention,),
-                         {"backend_name": model_cfg.attention_backend})
+                         {"backend_name": model_cfg.attention_backend, "rebuild_output": lean})
     spec.submodules.self_attention.submodules.core_attention = attention_cls
-    spec.submodules.input_layernorm = SequenceParallelRMSNorm
-    spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    norm_cls = type("SequenceParallelRMSNorm", (SequenceParallelRMSNorm,),
+                    {"rebuild_output": lean})
+    spec.submodules.input_layernorm = norm_cls
+    spec.submodules.pre_mlp_layernorm = norm_cls
     return spec
+
+
+def _use_lean_mlp(model: GPTModel, lean: bool) -> None:
+    """Make every ``MLP`` a :class:`LeanMLP` (which adds no state, only its forward). Done on the
+    built modules, not in the spec: megatron-core builds an MLP from its spec with the TP group
+    only when the spec names ``MLP`` itself (0.16), or rewraps only that class (0.19)."""
+    for module in model.modules():
+        if type(module) is MLP:
+            module.__class__ = LeanMLP
+            module.lean_saves = lean
+
+
+def set_activation_memory(chunks: list, activation_memory: str) -> None:
+    """Switch built model chunks between ``ModelConfig.activation_memory`` settings (tests
+    compare both on the same weights); the transformer config's fused SwiGLU is not changed."""
+    lean = activation_memory == "lean"
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, (TorchCoreAttention, SequenceParallelRMSNorm)):
+                module.rebuild_output = lean
+            elif isinstance(module, LeanMLP):
+                module.lean_saves = lean
 
 
 def build_decoder_spec(model_cfg: ModelConfig, config: TransformerConfig,
@@ -203,7 +233,8 @@ class ResponseLogprobGPTModel(LabelledOutputGPTModel):
             raise ValueError("shared-prefix microbatches need our attention (model.layer_spec="
                              "auto or local); pack with shared_prefix=False (data.shared_prefix="
                              "false) for model.layer_spec=te")
-        return super().forward(*args, packed_seq_params=packed_seq_params, **kwargs)
+        with rebuilt_saves():  # the tensors registered in this forward are rebuilt in backward
+            return super().forward(*args, packed_seq_params=packed_seq_params, **kwargs)
 
     def labelled_output(self, hidden_states, labels, loss_mask, output_weight):
         """Log-probs of ``labels`` at ``loss_mask`` positions from the last decoder hidden states
@@ -293,6 +324,7 @@ def build_model_chunks(shape: ModelShape, model_cfg: ModelConfig, parallel: Para
         model.supports_shared_prefix = not use_te_spec(model_cfg)
         if model.supports_shared_prefix:
             enable_positioned_rope(model)  # shared-prefix segments' RoPE positions
+            _use_lean_mlp(model, model_cfg.activation_memory == "lean")
         chunks.append(model)
     return chunks
 

@@ -17,7 +17,9 @@ Numerics follow transformers' Llama/Qwen2 RMSNorm: normalise in float32, cast ba
 dtype, then scale by the weight. Written as one autograd function that keeps only its input (in
 the input dtype) and the float32 inverse RMS per token for backward; the normalized tensor is
 rebuilt there. Composed torch ops would keep a float32 copy of the input and the normalized
-tensor as well (see profiling/estimator.py).
+tensor as well (see profiling/estimator.py). Its output, which the next linear keeps for its weight
+gradient, is rebuilt in backward from that input (``models/rebuilt_saves.py``; off with
+``model.activation_memory=megatron``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from solopo_mcore.models.rebuilt_saves import rebuild_in_backward
 from solopo_mcore.platform import default_device
 
 
@@ -32,12 +35,19 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 input
 
 
+def _normalized_output(x: torch.Tensor, weight: torch.Tensor, inv_rms: torch.Tensor):
+    """The forward's output from its input and inverse RMS (backward rebuilds it bit for bit)."""
+    return weight * (x.to(inv_rms.dtype) * inv_rms).to(x.dtype)
+
+
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, shared):
         x32 = x.to(_compute_dtype(x))
         inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, inv_rms)
+        if shared is not None:
+            shared["inv_rms"] = inv_rms
         return weight * (x32 * inv_rms).to(x.dtype)
 
     @staticmethod
@@ -49,7 +59,7 @@ class _RMSNormFunction(torch.autograd.Function):
         # d/dx of x * rsqrt(mean(x^2) + eps): inv_rms * (g - y * mean(g * y))
         grad_x = inv_rms * (grad_normalized -
                             normalized * (grad_normalized * normalized).mean(-1, keepdim=True))
-        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
+        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None, None
 
 
 class SequenceParallelRMSNorm(torch.nn.Module):
@@ -57,6 +67,10 @@ class SequenceParallelRMSNorm(torch.nn.Module):
 
     Takes the arguments of Megatron's norm builders (``config, hidden_size, eps``), so it drops
     into a layer spec in place of ``WrappedTorchNorm``/``TENorm``."""
+
+    #: whether backward rebuilds the output instead of the next linear keeping it (set per
+    #: instance by ``models.builder.set_activation_memory``)
+    rebuild_output: bool = True
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
                  **unused):
@@ -74,7 +88,12 @@ class SequenceParallelRMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return _RMSNormFunction.apply(hidden_states, self.weight, self.eps)
+        shared = {} if self.rebuild_output else None
+        out = _RMSNormFunction.apply(hidden_states, self.weight, self.eps, shared)
+        if shared is not None:  # the next linear keeps it; rebuilt from what this keeps
+            rebuild_in_backward(out, _normalized_output, hidden_states, self.weight,
+                                shared["inv_rms"])
+        return out
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, eps={self.eps}, sequence_parallel=" \

@@ -18,25 +18,27 @@ and validated end to end against measured peaks (:mod:`solopo_mcore.profiling.me
 benchmarks/RESULTS.md). Per token of a microbatch, per layer, with ``a`` the activation bytes:
 
 * the two RMSNorms (:class:`~solopo_mcore.models.norm.SequenceParallelRMSNorm`) keep their
-  input ``2 h a`` and their fp32 inverse RMS ``2 x 4``; their outputs are kept as the QKV / FC1
-  inputs: ``2 h a``. Without sequence parallelism these hidden states are replicated on every TP
+  input ``2 h a`` and their fp32 inverse RMS ``2 x 4``; with ``activation_memory="megatron"``
+  their outputs are kept as the QKV / FC1 inputs too, ``2 h a`` (``"lean"``, the default, rebuilds
+  them in backward: ``models/rebuilt_saves.py``). Without sequence parallelism these hidden states are replicated on every TP
   rank; with it (``sequence_parallel``, the default at TP > 1) each rank holds ``1/tp`` of the
   tokens, so these three terms are divided by ``tp``: Megatron's column-parallel linears keep
   their local input and all-gather it again in backward, into one reused full-sequence buffer
   (``h a`` per token, once per rank, not per layer: ``sp_gather_buffer``);
 * RoPE keeps cos and sin for q and k: ``4 d a``;
 * core attention (SDPA flash/efficient) keeps q, the GQA-expanded k and v, and its output:
-  ``4 n_q d / tp a``, plus the fp32 log-sum-exp ``n_q / tp x 4``; the output projection's input:
-  ``n_q d / tp a``;
-* the MLP keeps FC1's output ``2 f / tp a`` and FC2's input ``f / tp a``; torch's composite
-  SwiGLU also keeps the SiLU output and the gate operand, ``2 f / tp a`` more, which Megatron's
-  fused ``bias_swiglu`` (``bias_activation_fusion``, on with CUDA) recomputes in backward.
+  ``4 n_q d / tp a``, plus the fp32 log-sum-exp ``n_q / tp x 4``; with ``"megatron"`` the output
+  projection's input too, ``n_q d / tp a`` (``"lean"`` rebuilds it from the SDPA outputs);
+* the MLP keeps FC1's output ``2 f / tp a`` (``"lean"``: :class:`~solopo_mcore.models.mlp.LeanMLP`
+  rebuilds FC2's input from it). With ``"megatron"`` it also keeps FC2's input ``f / tp a``, and
+  torch's composite SwiGLU the SiLU output and the gate operand, ``2 f / tp a`` more, which
+  Megatron's fused ``bias_swiglu`` (``bias_activation_fusion``, on with CUDA) recomputes.
 
 Recompute: ``selective`` (core attention) keeps q, k, v (``(n_q + 2 n_kv) d / tp``) instead of the
 attention internals and rebuilds one layer's internals in backward; ``full`` keeps each recompute
 unit's input ``h a`` (``h a / tp`` with sequence parallelism) and rebuilds ``recompute_num_layers``
 layers at a time. Backward's working set adds the FC1-output and hidden-state gradients, ``(2 f / tp
-+ 2 h) a``. With PP the first stage holds min(PP, microbatches) microbatches' kept activations
++ 2 h) a``, and with ``"lean"`` FC2's rebuilt input, ``f / tp a``. With PP the first stage holds min(PP, microbatches) microbatches' kept activations
 (1F1B). With CP every term is per local token (tokens / CP) except the expanded k and v, which span
 each segment's visible global prefix, ``(2 CP + 1) / (2 CP)`` of the global tokens. (On CPU only,
 torch materializes the lower-right masks of CP chunks: ``materialized_cp_masks``.)
@@ -136,8 +138,10 @@ class EstimateInputs:
     """With full recompute: "uniform" (every layer, in units of recompute_num_layers) or "block"
     (only the first recompute_num_layers layers of each stage)."""
     recompute_num_layers: int = 1
+    activation_memory: str = "lean"
+    """``ModelConfig.activation_memory``: "lean" (the default) or "megatron"."""
     fused_swiglu: bool = True
-    """Megatron's ``bias_activation_fusion`` SwiGLU (the builder turns it on with CUDA)."""
+    """With "megatron": Megatron's ``bias_activation_fusion`` SwiGLU (on with CUDA)."""
     microbatch_tokens: int = 0
     """Tokens in one packed microbatch (all its segments), before the CP split."""
     num_microbatches: Optional[int] = None
@@ -180,7 +184,7 @@ def sequence_parallel_on(x: EstimateInputs) -> bool:
 
 
 def activation_table(shape: ModelShape, tp: int, act_bytes: int, fused_swiglu: bool,
-                     sequence_parallel: bool = False) -> dict:
+                     sequence_parallel: bool = False, lean: bool = True) -> dict:
     """Bytes per token that one transformer layer keeps for backward, by tensor (no recompute).
     The ``attention_*`` entries are what selective recompute drops; the ``norm_*`` entries are
     what sequence parallelism divides by TP."""
@@ -190,13 +194,13 @@ def activation_table(shape: ModelShape, tp: int, act_bytes: int, fused_swiglu: b
     return {
         "norm_inputs": 2 * h * act_bytes * share,
         "norm_inv_rms": 2 * 4 * share,
-        "norm_outputs": 2 * h * act_bytes * share,
+        "norm_outputs": 0 if lean else 2 * h * act_bytes * share,
         "rope_cos_sin": 4 * d * act_bytes,
         "attention_q_and_output": 2 * q_dim * act_bytes,
         "attention_expanded_kv": 2 * q_dim * act_bytes,
         "attention_lse": shape.num_attention_heads / tp * 4,
-        "proj_input": q_dim * act_bytes,
-        "mlp": (3 if fused_swiglu else 5) * f / tp * act_bytes,
+        "proj_input": 0 if lean else q_dim * act_bytes,
+        "mlp": (2 if lean else 3 if fused_swiglu else 5) * f / tp * act_bytes,
     }
 
 
@@ -206,7 +210,8 @@ def activation_bytes(shape: ModelShape, x: EstimateInputs, layers: float) -> tup
     recomputed tensors and the working set)."""
     act = DTYPE_BYTES[x.params_dtype]
     sp = sequence_parallel_on(x)
-    table = activation_table(shape, x.tp, act, x.fused_swiglu, sp)
+    table = activation_table(shape, x.tp, act, x.fused_swiglu, sp,
+                             lean=x.activation_memory == "lean")
     tokens = x.microbatch_tokens / x.cp
     layer_input = shape.hidden_size * act * tokens / (x.tp if sp else 1)
     keys = attention_key_bytes(x, table["attention_expanded_kv"])
@@ -214,7 +219,9 @@ def activation_bytes(shape: ModelShape, x: EstimateInputs, layers: float) -> tup
     attention_internals = (table["attention_q_and_output"] + table["attention_lse"]) * tokens + \
         keys
     h, f = shape.hidden_size, shape.ffn_hidden_size
-    working_set = (2 * f / x.tp + 2 * h) * act * tokens
+    # "lean" adds FC2's rebuilt input to backward's FC1-output gradient (tests/test_profiling.py
+    # checks both against the CPU allocator)
+    working_set = ((3 if x.activation_memory == "lean" else 2) * f / x.tp + 2 * h) * act * tokens
     recompute = (x.recompute or "none").lower()
     if recompute == "full":
         unit = max(1, min(x.recompute_num_layers, int(layers)))

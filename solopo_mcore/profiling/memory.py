@@ -130,6 +130,8 @@ class AllocatorPeakTracker:
 
     def __init__(self):
         self.peak_bytes = 0
+        self.net_bytes = 0
+        """Allocated during the block and still held at its end."""
         self._profile = None
 
     def __enter__(self):
@@ -147,6 +149,7 @@ class AllocatorPeakTracker:
         for nbytes in self._memory_events():
             current += nbytes
             self.peak_bytes = max(self.peak_bytes, current)
+        self.net_bytes = current
         return False
 
     def _memory_events(self) -> list:

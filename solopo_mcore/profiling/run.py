@@ -161,6 +161,7 @@ def _estimate(config, stack, pg_collection, target, variant, args, length, resul
         optimizer_cpu_offload=config.optimizer.optimizer_cpu_offload,
         recompute=model.recompute_granularity, recompute_method=model.recompute_method,
         recompute_num_layers=model.recompute_num_layers,
+        activation_memory=model.activation_memory,
         fused_swiglu=bool(stack.config.bias_activation_fusion),
         sequence_parallel=bool(stack.config.sequence_parallel),
         num_microbatches=1,

@@ -161,11 +161,14 @@ def _compare_packing(model, shape, pg_collection, objective, mode, examples, num
 def check_grads(hf_dir, tp=1, pp=1, cp=1, vpp=None, num_microbatches=1, num_examples=4,
                 mode="solo", algorithm="orpo", rel=1e-5, seed=0, long=(20, 40),
                 sequence_parallel=None, recompute=None, expect_sequence_parallel=None,
-                require_padding=False):
+                require_padding=False, megatron_activations_equal=False):
     """Sums, loss and gradients of one global batch at a layout equal the reference.
 
     ``expect_sequence_parallel`` checks the built model's setting (the layout default when the
-    config leaves it unset); with it the report carries the norm-weight gradients."""
+    config leaves it unset); with it the report carries the norm-weight gradients.
+    ``megatron_activations_equal``: the same batch again with ``model.activation_memory=megatron``
+    (Megatron's own unfused path on CPU) gives bit-for-bit the gradients of the default lean
+    one (models/mlp.py, models/rebuilt_saves.py)."""
     shape, pg_collection, tcfg, model, hf, parallel = _setup(hf_dir, tp, pp, cp, vpp,
                                                    sequence_parallel=sequence_parallel,
                                                    recompute=recompute)
@@ -175,7 +178,35 @@ def check_grads(hf_dir, tp=1, pp=1, cp=1, vpp=None, num_microbatches=1, num_exam
                              num_examples, rel, seed, long, parallel,
                              require_padding=require_padding,
                              report_norm_grads=expect_sequence_parallel is not None)
+    if megatron_activations_equal:
+        report["megatron_activations_equal"] = _megatron_activations_equal(
+            model, shape, pg_collection, hf, algorithm, mode, num_microbatches, num_examples,
+            rel, seed, long, parallel, require_padding)
     return report
+
+
+def _megatron_activations_equal(model, shape, pg_collection, hf, algorithm, mode,
+                                num_microbatches, num_examples, rel, seed, long, parallel,
+                                require_padding) -> int:
+    """Rerun the batch just run (lean) with Megatron's activation path; every gradient shard
+    must be bitwise equal. Returns how many were compared."""
+    from solopo_mcore.models.builder import set_activation_memory
+
+    lean = {(i, n): p.main_grad.detach().clone() for i, c in enumerate(model)
+            for n, p in c.module.named_parameters()}
+    modules = [c.module for c in model]
+    set_activation_memory(modules, "megatron")
+    try:
+        _compare_one(model, shape, pg_collection, hf, algorithm, mode, num_microbatches,
+                     num_examples, rel, seed, long, parallel, require_padding=require_padding)
+    finally:
+        set_activation_memory(modules, "lean")
+    for i, chunk in enumerate(model):
+        for name, param in chunk.module.named_parameters():
+            assert torch.equal(param.main_grad, lean[(i, name)]), \
+                f"gradient of {name}: lean activations differ from Megatron's " \
+                f"(max |diff| {(param.main_grad - lean[(i, name)]).abs().max().item():.3e})"
+    return len(lean)
 
 
 def check_objectives(hf_dir, tp=1, pp=1, cp=1, num_microbatches=1, num_examples=4, rel=1e-5,
