@@ -209,7 +209,7 @@ def test_rmsnorm_gradients_are_exact_in_float64():
     from solopo_mcore.models.norm import _RMSNormFunction
     norm = _norm(torch.float64)
     x = (3 * torch.randn(4, 2, 24, dtype=torch.float64)).requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, w: _RMSNormFunction.apply(a, w, 1e-6),
+    assert torch.autograd.gradcheck(lambda a, w: _RMSNormFunction.apply(a, w, 1e-6, None),
                                     (x, norm.weight))
 
 
@@ -245,3 +245,11 @@ def test_rmsnorm_equals_transformers_and_keeps_only_input_and_inverse_rms(dtype)
     assert_close(norm.weight.grad, hf.weight.grad, rel, "RMSNorm weight gradient")
     assert sorted((tuple(t.shape), t.dtype) for t in saved if t is not norm.weight) == \
         sorted([((5, 2, 24), dtype), ((5, 2, 1), torch.float32)])
+
+
+def test_lean_swiglu_gradients_are_exact_in_float64():
+    """LeanMLP's SwiGLU backward (models/mlp.py: in place, into the two halves of one tensor)
+    equals finite differences of silu(a) * b."""
+    from solopo_mcore.models.mlp import SwiGLUFunction
+    fc1_out = torch.randn(3, 2, 2 * 10, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(SwiGLUFunction.apply, (fc1_out,))
