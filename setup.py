@@ -33,6 +33,9 @@ setup(
     extras_require={
         # wandb: the W&B test reads offline runs back with `wandb leet inspect` (0.31+)
         "test": ["pytest>=8.0", "pytest-timeout>=2.3", "wandb>=0.31"],
+        # examples/convert_checkpoint.py gguf-to-hf (transformers' GGUF loader needs both) and
+        # the pretrained CPU demo (SmolLM2-135M ships as a GGUF); setup.sh installs it
+        "gguf": ["gguf>=0.10.0", "accelerate>=0.26.0"],
         # Weights & Biases logging (logging.wandb_project, evaluate_qa.py --wandb-project)
         "wandb": ["wandb>=0.17"],
         # Optional accelerators, never required:

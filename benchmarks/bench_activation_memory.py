@@ -1,6 +1,6 @@
 """Activation memory and step time of ``model.activation_memory`` lean against megatron.
 
-    python benchmarks/bench_activation_memory.py                      # KiB per token and layer
+    python benchmarks/bench_activation_memory.py                      # KiB per token and layer (~20 s)
     python benchmarks/bench_activation_memory.py --ab /tmp/bvt_s4     # + step-time A/B
 
 1. KiB per token and layer that a forward keeps, both settings, from the CPU allocator
@@ -44,12 +44,22 @@ def per_token_layer(long_tokens: int) -> dict:
         return kept_per_token_layer(hf_dir, long_tokens)
 
 
+def ab_inputs(out: Path, length: int) -> tuple[Path, str]:
+    """The model folder and dataset prefix ``bench_vs_trl --out OUT`` built for small-vocab at
+    ``length``; one line naming the command that builds them when they are not there."""
+    inputs = out / "inputs" / f"small-vocab_{length}"
+    configs, indexes = sorted(inputs.glob("**/config.json")), sorted(inputs.glob("**/*.idx"))
+    if not configs or not indexes:
+        raise SystemExit(f"--ab {out}: no small-vocab inputs at {length} tokens in {inputs}; "
+                         f"build them with python benchmarks/bench_vs_trl.py --out {out} "
+                         f"(needs the [compare] extra), or pass that run's --out and --length")
+    return configs[0].parent, str(indexes[0])[:-len(".idx")]
+
+
 def ab(out: Path, length: int) -> dict:
     from benchmarks.bench_vs_trl import CHECK_HYPER, _env
     from benchmarks.vs_trl.conventions import our_overrides
-    inputs = out / "inputs" / f"small-vocab_{length}"
-    model_dir = next(inputs.glob("**/config.json")).parent
-    prefix = str(next(inputs.glob("**/*.idx")))[:-len(".idx")]
+    model_dir, prefix = ab_inputs(out, length)
     hyper = CHECK_HYPER["orpo"]
     seconds, rss = {"lean": [], "megatron": []}, {"lean": [], "megatron": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,6 +91,8 @@ def main(argv=None) -> None:
     p.add_argument("--ab", type=Path, help="bench_vs_trl --out folder whose inputs to time on")
     p.add_argument("--length", type=int, default=4096, help="--ab: small-vocab long length")
     args = p.parse_args(argv)
+    if args.ab:
+        ab_inputs(args.ab, args.length)  # before the measurement, not after it
     report = {"per_token_layer": per_token_layer(args.long_tokens)}
     print(json.dumps(report["per_token_layer"]), flush=True)
     if args.ab:

@@ -113,6 +113,10 @@ def main():
 
     recipe = load_config(str(REPO / RECIPE))
     num_eval = recipe.data.num_eval_examples
+    if args.examples <= num_eval:
+        parser.error(f"--examples {args.examples} leaves no training examples: the recipe holds "
+                     f"out data.num_eval_examples={num_eval} for evaluation; pass --examples "
+                     f"{2 * num_eval} or more")
     steps = args.steps or recipe.training.train_steps
     py = sys.executable
     data, model, run, evals = out / "data", out / "model", out / "run", out / "eval_answers"

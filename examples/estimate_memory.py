@@ -120,6 +120,7 @@ def main(argv=None):
     fitting = [r for r in rows if r.total_gib <= args.device_gib]
     report = {"model": shape.architecture, "mode": cfg.objective.mode,
               "shared_prefix": cfg.data.shared_prefix,
+              "activation_memory": cfg.model.activation_memory,
               "microbatch_tokens": tokens, "long_tokens": args.long_tokens,
               "positions": positions_report(shape, args.long_tokens, cfg.model.hf_config_path
                                             or args.model),

@@ -13,7 +13,8 @@ from solopo_mcore.training.trainer import Trainer
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML recipe (examples/recipes/*.yaml)")
+    parser.add_argument("--config", help="a recipe: a YAML file, or the name of one shipped in "
+                                         "solopo_mcore/recipes (e.g. tiny_cpu, qwen2.5-7b_solo-orpo_8gpu)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.alpha=3")
     return parser.parse_intermixed_args()
 

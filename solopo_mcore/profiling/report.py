@@ -97,7 +97,8 @@ def write_report(out_dir: str, results: list, context: dict, max_lengths: dict,
     lines = [f"# SoLoPO profile — {show('model')}", "",
              f"{show('device')}; layout {show('layout')}; short {show('short_tokens')} tokens; "
              f"response {show('response_tokens')} tokens; peak {show('peak_tflops')} TFLOP/s; "
-             f"recompute {context.get('recompute') or 'none'}; params {show('params_dtype')}",
+             f"recompute {context.get('recompute') or 'none'}; activations "
+             f"{show('activation_memory')}; params {show('params_dtype')}",
              "",
              "| variant | long tokens | tokens | step s | tokens/s/GPU | model TFLOP/s/GPU | MFU | "
              "long-pass MFU | peak GiB | short segs s | long segs s |", "|" + "---|" * 11]

@@ -133,6 +133,7 @@ def run(args) -> dict:
                "peak_tflops": target.peak_tflops, "torch": torch.__version__,
                "megatron_core": MEGATRON_CORE_VERSION,
                "recompute": config.model.recompute_granularity,
+               "activation_memory": config.model.activation_memory,
                "variants": [v.name for v in variants],
                "params_dtype": config.model.params_dtype}
     payload = {}

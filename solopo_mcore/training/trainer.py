@@ -143,7 +143,8 @@ class Trainer:
             f"{describe_rope(self.shape)} | "
             f"{describe_layout(self.pg_collection)} | "
             f"{'TE' if use_te_spec(config.model) else 'torch SDPA'} "
-            f"attention{', shared prefixes' if config.data.shared_prefix else ''} | "
+            f"attention{', shared prefixes' if config.data.shared_prefix else ''}, "
+            f"{config.model.activation_memory} activations | "
             f"{len(train_idx)} train / {len(self.eval_idx)} eval "
             f"examples | {self.sampler.num_microbatches} microbatches/step | start step "
             f"{self.step}")
