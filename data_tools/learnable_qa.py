@@ -134,8 +134,17 @@ def distractors_for(long_tokens: int) -> int:
 
 
 def generate(num_examples: int, seed: int, num_hops: int = 1,
-             num_distractors: int = distractors_for(1024)) -> list[dict]:
+             num_distractors: int = distractors_for(1024), relations: str = "born",
+             num_same_relation: int | None = None) -> list[dict]:
+    """``relations="born"``: the from-scratch task above. ``"varied"``: one-hop facts over eight
+    relations and their phrasings (:mod:`data_tools.relations`), ``num_same_relation`` of the
+    ``num_distractors`` stating the question's relation (default: half)."""
     rng = random.Random(seed)
+    if relations == "varied":
+        from data_tools.relations import make_varied_example
+        same = num_distractors // 2 if num_same_relation is None else num_same_relation
+        return [make_varied_example(rng, i, NAMES, same, num_distractors - same)
+                for i in range(num_examples)]
     return [make_example(rng, i, num_hops, num_distractors) for i in range(num_examples)]
 
 
@@ -251,6 +260,34 @@ def pipeline_commands(python: str, out_dir, num_examples: int, long_tokens: int,
     return [[python, *map(str, c)] for c in commands]
 
 
+def pretrained_pipeline_commands(python: str, out_dir, hf_dir, num_examples: int,
+                                 long_tokens: int, num_distractors: int, num_same_relation: int,
+                                 seed: int = 0) -> list[list[str]]:
+    """:func:`pipeline_commands` for a pretrained model: the varied relations, the model's own
+    tokenizer, Wikipedia filler around the distractors, and ``hf_dir`` converted (verified).
+    Same outputs under ``out_dir`` (``model/mcore_init``; the HF model stays in ``hf_dir``)."""
+    from pathlib import Path
+
+    data, model = Path(out_dir) / "data", Path(out_dir) / "model"
+    commands = [
+        ["-m", "data_tools.learnable_qa", "--relations", "varied", "--num-examples",
+         num_examples, "--seed", seed, "--num-distractors", num_distractors,
+         "--num-same-relation", num_same_relation, "--out", data / "qa.jsonl"],
+        ["-m", "data_tools.build_triplets", "--input", data / "qa.jsonl", "--output",
+         data / "triplets.jsonl", "--target-long-tokens", long_tokens, "--distractor-pool",
+         "builtin:wiki", "--tokenizer", hf_dir, "--seed", seed],
+        ["-m", "data_tools.sample_pairs", "--backend", "rule", "--rule-style", "quote",
+         "--num-samples", 8, "--seed", seed, "--input", data / "triplets.jsonl", "--output",
+         data / "pairs.jsonl"],
+        ["-m", "data_tools.preprocess", "--input", data / "pairs.jsonl", "--output-prefix",
+         data / "qa", "--tokenizer", hf_dir, "--max-seq-length", long_tokens + 512,
+         "--num-proc", 2, "--model-config", hf_dir],
+        ["examples/convert_checkpoint.py", "hf-to-mcore", "--src", hf_dir, "--dst",
+         model / "mcore_init", "--verify", "--overwrite"],
+    ]
+    return [[python, *map(str, c)] for c in commands]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -265,19 +302,33 @@ def main(argv=None) -> None:
                              "paragraphs each row carries (default: 1024)")
     parser.add_argument("--num-distractors", type=int, default=None,
                         help="distractor paragraphs per row (default: from --long-tokens)")
+    parser.add_argument("--relations", default="born", choices=["born", "varied"],
+                        help="born: one relation and sentence shape, for a model trained from "
+                             "scratch on the qa-words vocabulary (default); varied: eight "
+                             "relations in several phrasings, for a pretrained model and its "
+                             "own tokenizer (one hop)")
+    parser.add_argument("--num-same-relation", type=int, default=None,
+                        help="varied: distractors stating the question's relation (default: "
+                             "half of --num-distractors); the rest state other relations")
     args = parser.parse_args(argv)
+    if args.relations == "varied" and args.hops != 1:
+        raise SystemExit("learnable_qa: --relations varied is one hop; drop --hops")
     if args.num_examples < 1:
         raise SystemExit("learnable_qa: --num-examples must be >= 1")
     if args.num_distractors is not None and args.num_distractors < 0:
         raise SystemExit("learnable_qa: --num-distractors must be >= 0")
     num_distractors = (args.num_distractors if args.num_distractors is not None
                        else distractors_for(args.long_tokens))
-    rows = generate(args.num_examples, args.seed, args.hops, num_distractors)
+    if args.num_same_relation is not None and not 0 <= args.num_same_relation <= num_distractors:
+        raise SystemExit(f"learnable_qa: --num-same-relation must be in 0..{num_distractors} "
+                         f"(the distractors per row)")
+    rows = generate(args.num_examples, args.seed, args.hops, num_distractors, args.relations,
+                    args.num_same_relation)
     with atomic_output(args.out) as f:
         for row in progress(rows, desc="writing"):
             f.write(json.dumps(row) + "\n")
-    print(f"learnable_qa: wrote {len(rows)} {args.hops}-hop examples with {num_distractors} "
-          f"hard distractors each to {args.out}")
+    print(f"learnable_qa: wrote {len(rows)} {args.hops}-hop examples ({args.relations} "
+          f"relations) with {num_distractors} hard distractors each to {args.out}")
 
 
 if __name__ == "__main__":

@@ -173,3 +173,18 @@ def test_the_pretrained_cpu_recipe_fits_smollm2_and_a_from_scratch_lr_is_warned_
         check_model_fits_layout(shape_from_dict(BY_NAME["smollm2-135m"]),
                                 load_config("smollm2-135m_cpu",
                                             ["parallel.tensor_model_parallel_size=2"]).parallel)
+
+
+def test_the_pretrained_demo_settings_make_a_valid_run_of_its_recipe():
+    """examples/demo_cpu.py --model smollm2-135m: its overrides on its recipe validate, keep a
+    pretrained-weights rate, and evaluate at the start, middle and end of the run."""
+    from solopo_mcore.evaluation.pretrained_demo import DEMO
+    from solopo_mcore.training.build import from_scratch_lr_warning
+
+    cfg = load_config(DEMO.recipe, [*DEMO.training_overrides(),
+                                    "checkpoint.hf_init_dir=/models/smollm2"])
+    assert cfg.training.train_steps == DEMO.train_steps and cfg.optimizer.lr == DEMO.lr
+    assert cfg.data.num_eval_examples == DEMO.num_eval_examples < DEMO.num_examples
+    assert DEMO.train_steps % cfg.training.eval_interval == 0
+    assert from_scratch_lr_warning(cfg) is None
+    assert validate_layout(cfg.parallel, 2) == 2

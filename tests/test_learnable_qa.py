@@ -134,3 +134,76 @@ def test_bad_pipeline_inputs_are_refused_with_the_fix(tmp_path):
     assert not (tmp_path / "p.jsonl").exists()
     with pytest.raises(SystemExit, match="--num-distractors must be >= 0"):
         learnable_qa.main(["--num-distractors", "-2", "--out", str(tmp_path / "x.jsonl")])
+
+
+def test_varied_relations_vary_and_their_decoys_are_same_relation_values(tmp_path):
+    """``--relations varied`` (the pretrained demo's task): every relation, phrasing and question
+    form occurs; the answer is stated once, by the evidence; each decoy is the value of a
+    same-relation distractor; a question-only predictor stays at chance."""
+    from data_tools.relations import RELATIONS
+    learnable_qa.main(["--relations", "varied", "--num-examples", "600", "--num-distractors",
+                       "6", "--num-same-relation", "2", "--seed", "3",
+                       "--out", str(tmp_path / "qa.jsonl")])
+    rows = [json.loads(line) for line in open(tmp_path / "qa.jsonl")]
+    by_name = {r.name: r for r in RELATIONS}
+    seen_facts, seen_questions = set(), set()
+    for row in rows:
+        relation = by_name[row["relation"]]
+        step = row["question_decomposition"][0]
+        evidence = row["paragraphs"][step["paragraph_support_idx"]]
+        assert evidence["is_supporting"] and row["answer"] in evidence["paragraph_text"]
+        assert sum(row["answer"] in p["paragraph_text"] for p in row["paragraphs"]) == 1
+        assert len(row["paragraphs"]) == 7
+        subject = evidence["title"]
+        forms = [q.format(s=subject) for q in relation.questions]
+        assert row["question"] in forms
+        seen_questions.add((relation.name, forms.index(row["question"])))
+        same = []
+        for paragraph in row["paragraphs"]:
+            for k, fact in enumerate(relation.facts):
+                pattern = re.escape(fact).replace(r"\{s\}", r"(\w+)").replace(r"\{o\}", r"(\w+)")
+                match = re.match(pattern, paragraph["paragraph_text"])
+                if match:
+                    seen_facts.add((relation.name, k))
+                    if not paragraph["is_supporting"]:
+                        same.append(match.group(2) if fact.index("{s}") < fact.index("{o}")
+                                    else match.group(1))
+        assert set(step["decoy_answers"]) == set(same) and 1 <= len(same) <= 2, row["id"]
+    assert len(seen_facts) == sum(len(r.facts) for r in RELATIONS)
+    assert len(seen_questions) == sum(len(r.questions) for r in RELATIONS)
+    for row in rows:
+        row["answers"] = [row["answer"]]
+        row["chosen"] = f"Answer: {row['answer']}"
+        row["rejected"] = f"Answer: {row['question_decomposition'][0]['decoy_answers'][0]}"
+    result = learnable_qa.question_only_baseline(rows[:500], rows[500:])
+    assert result["answer_accuracy"] <= 0.03 and 0.35 <= result["pairwise_accuracy"] <= 0.65
+
+
+def test_quote_pairs_quote_the_evidence_and_a_same_relation_distractor(tmp_path):
+    """``sample_pairs --backend rule --rule-style quote`` on varied rows: the chosen answer quotes
+    the evidence sentence and names the answer; the rejected quotes a same-relation distractor
+    sentence of the long context and names its value; both end in 'Answer: NAME'."""
+    learnable_qa.main(["--relations", "varied", "--num-examples", "24", "--num-distractors",
+                       "6", "--seed", "4", "--out", str(tmp_path / "qa.jsonl")])
+    build_triplets.run(str(tmp_path / "qa.jsonl"), str(tmp_path / "triplets.jsonl"),
+                       "builtin:qwen2.5", 400, None, seed=0)
+    sample_pairs_main(["--backend", "rule", "--rule-style", "quote", "--num-samples", "8",
+                       "--input", str(tmp_path / "triplets.jsonl"),
+                       "--output", str(tmp_path / "pairs.jsonl")])
+    qa = {r["id"]: r for r in map(json.loads, open(tmp_path / "qa.jsonl"))}
+    pairs = [json.loads(line) for line in open(tmp_path / "pairs.jsonl")]
+    assert len(pairs) == 24
+    for pair in pairs:
+        row = qa[pair["id"]]
+        step = row["question_decomposition"][0]
+        evidence = row["paragraphs"][step["paragraph_support_idx"]]["paragraph_text"]
+        chosen_sentence, chosen_answer = pair["chosen"].split("\nAnswer: ")
+        assert chosen_answer == row["answer"] and chosen_sentence in evidence
+        assert sub_em(pair["chosen"], [row["answer"]])
+        rejected_sentence, rejected_answer = pair["rejected"].split("\nAnswer: ")
+        assert rejected_answer in step["decoy_answers"], pair["rejected"]
+        assert rejected_sentence in pair["prompt_long"] and rejected_answer in rejected_sentence
+        assert not sub_em(pair["rejected"], [row["answer"]])
+    with pytest.raises(SystemExit):  # the style belongs to the rule backend
+        sample_pairs_main(["--backend", "hf", "--rule-style", "quote", "--input",
+                           str(tmp_path / "triplets.jsonl"), "--output", str(tmp_path / "x")])

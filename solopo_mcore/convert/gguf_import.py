@@ -19,9 +19,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from solopo_mcore.convert.destination import StagedDestination, check_source_and_destination
+from solopo_mcore.convert.destination import (OWN_MARKER, StagedDestination,
+                                              check_source_and_destination)
 from solopo_mcore.convert.tables import ConversionError
-from solopo_mcore.storage.integrity import sha256_file
+from solopo_mcore.storage.integrity import (CHECKSUMS, hash_files, sha256_file,
+                                             write_checksums)
 
 #: GGUF architectures the trainer builds (``models/hf_config.py``) and transformers reads.
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -133,7 +135,8 @@ def _check_written(staging: Path, model) -> None:
 def gguf_to_hf(src: str, dst: str, dtype: str = "fp32", overwrite: bool = False,
                verify: bool = False, max_shard_bytes: int = 5_000_000_000) -> dict:
     """Write the GGUF file ``src`` as an HF model folder ``dst`` (safetensors in ``dtype``,
-    ``config.json``, tokenizer with its chat template, ``gguf_import.json``). Returns a report."""
+    ``config.json``, tokenizer with its chat template, ``gguf_import.json``, and
+    ``checksums.json`` over them all). Returns a report."""
     start = time.time()
     _require_extra()
     source = Path(src)
@@ -173,6 +176,10 @@ def gguf_to_hf(src: str, dst: str, dtype: str = "fp32", overwrite: bool = False,
                               max_shard_size=max_shard_bytes)
         tokenizer.save_pretrained(str(staging))
         (staging / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        # every file's SHA-256, so a reader (fetch_pretrained's reuse) can check the folder
+        names = sorted(p.name for p in staging.iterdir()
+                       if p.is_file() and p.name not in (CHECKSUMS, OWN_MARKER))
+        write_checksums(staging, hash_files(staging, names))
     if verify:
         try:
             _check_written(staging, model)
