@@ -152,7 +152,6 @@ def gguf_to_hf(src: str, dst: str, dtype: str = "fp32", overwrite: bool = False,
 
     import gguf
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, name = str(source.resolve().parent), source.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -167,7 +166,7 @@ def gguf_to_hf(src: str, dst: str, dtype: str = "fp32", overwrite: bool = False,
         "note": ("the weights are the GGUF's values dequantized from "
                  f"{', '.join(dequantized)}, not the original model's" if dequantized else
                  "the weights are the GGUF's float values"),
-        "transformers_version": transformers.__version__,
+        "transformers_version": _distribution_version("transformers"),
         "gguf_version": getattr(gguf, "__version__", None) or _distribution_version("gguf"),
     }
     staging = destination.prepare()
