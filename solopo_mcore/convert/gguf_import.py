@@ -150,7 +150,6 @@ def gguf_to_hf(src: str, dst: str, dtype: str = "fp32", overwrite: bool = False,
     facts = inspect_gguf(source)
     torch_dtype = _TORCH_DTYPES[dtype]
 
-    import gguf
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, name = str(source.resolve().parent), source.name
@@ -167,7 +166,7 @@ def gguf_to_hf(src: str, dst: str, dtype: str = "fp32", overwrite: bool = False,
                  f"{', '.join(dequantized)}, not the original model's" if dequantized else
                  "the weights are the GGUF's float values"),
         "transformers_version": _distribution_version("transformers"),
-        "gguf_version": getattr(gguf, "__version__", None) or _distribution_version("gguf"),
+        "gguf_version": _distribution_version("gguf"),
     }
     staging = destination.prepare()
     with destination.writing():
