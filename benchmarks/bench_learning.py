@@ -20,6 +20,14 @@ arm run; a rerun skips what is there) and OUT/summary.md.
 
     python benchmarks/bench_learning.py --out runs/bench_learning \\
         --lengths 1024,2048 --seeds 0,1,2 --steps 300 --algorithm orpo
+
+``--model smollm2-135m`` runs the comparison on the pretrained SmolLM2-135M-Instruct (fetched
+and imported once, examples/fetch_pretrained.py) with the pretrained demo's task and settings
+(solopo_mcore/evaluation/pretrained_demo.py: varied relations, quote pairs, 2 processes, its
+lr and steps); every arm, and the base model, also gets the demo's depth x length grid:
+
+    python benchmarks/bench_learning.py --model smollm2-135m --out runs/bench_smollm2 \\
+        --lengths 1024,2048 --seeds 0,1,2 --arms short,long/unshared,long/shared,solo
 """
 
 from __future__ import annotations
@@ -31,18 +39,50 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_tools.learnable_qa import pipeline_commands  # noqa: E402
+from data_tools.learnable_qa import (pipeline_commands,  # noqa: E402
+                                     pretrained_pipeline_commands)
 from solopo_mcore.config import load_config  # noqa: E402
 from solopo_mcore.evaluation.learning import (answer_accuracy, evaluate_command,  # noqa: E402
                                               pairwise_series, wilson_interval, write_heldout)
 from solopo_mcore.training.curves import read_metrics  # noqa: E402
 
 RECIPE = "examples/recipes/tiny_cpu_qa.yaml"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What differs between the from-scratch comparison and the pretrained one."""
+    recipe: str
+    num_processes: int
+    overrides: tuple
+    max_new_tokens: int
+    base_name: str
+    """The name the initial model's answers are recorded under."""
+    hf_dir: Optional[Path] = None
+    """The pretrained model's HF folder (None: each dataset builds its own random model)."""
+    grid: tuple = ()
+    """evaluate_qa --grid arguments (empty: no grid)."""
+
+
+def make_setup(model: str, steps: int) -> Setup:
+    if model == "tiny":
+        return Setup(RECIPE, 1, ("parallel.tensor_model_parallel_size=1",), 32, "untrained")
+    from solopo_mcore.convert.pretrained import fetch_pretrained
+    from solopo_mcore.evaluation.pretrained_demo import DEMO
+
+    overrides = [o for o in DEMO.training_overrides() if not o.startswith("training.train_steps")
+                 and not o.startswith("checkpoint.save_interval")]
+    grid = ("--grid", "--lengths", ",".join(map(str, DEMO.grid_lengths)), "--depths",
+            ",".join(map(str, DEMO.grid_depths)), "--limit", str(DEMO.grid_limit))
+    return Setup(DEMO.recipe, 2, (*overrides, f"training.eval_interval={steps}"),
+                 DEMO.max_new_tokens, "base", Path(fetch_pretrained(DEMO.model)), grid)
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1",
        "HF_DATASETS_OFFLINE": "1"}
 
@@ -69,17 +109,31 @@ def arm_overrides(arm: str) -> list[str]:
     return out
 
 
-def measure_arm(args, root: Path, arm: str, seed: int, num_eval: int) -> dict:
+def hf_init(setup: Setup, root: Path) -> Path:
+    return setup.hf_dir or root / "model" / "hf_init"
+
+
+def evaluate(setup: Setup, root: Path, name: str, checkpoint: Path, log: Path) -> dict:
+    """Greedy answers on the held-out rows (and the grid): ``{"short", "long"}`` accuracy."""
+    heldout = root / "data" / "heldout.jsonl"
+    run(evaluate_command(sys.executable, heldout, root / "answers", {name: checkpoint},
+                         setup.max_new_tokens), log)
+    if setup.grid:
+        run([*evaluate_command(sys.executable, heldout, root / "grid", {name: checkpoint},
+                               setup.max_new_tokens), *setup.grid], log)
+    return answer_accuracy(str(root / "answers"), name)
+
+
+def measure_arm(args, setup: Setup, root: Path, arm: str, seed: int, num_eval: int) -> dict:
     """Train one arm from the shared initialisation and measure it."""
     name = f"{args.algorithm}-{arm.replace('/', '-')}"
     folder = root / name
     data, model = root / "data", root / "model"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node=1"]
-    common = ["--config", RECIPE, f"model.hf_config_path={model / 'hf_init'}",
+                f"--nproc-per-node={setup.num_processes}"]
+    common = ["--config", setup.recipe, f"model.hf_config_path={hf_init(setup, root)}",
               f"data.data_path={data / 'qa'}", f"objective.algorithm={args.algorithm}",
-              "parallel.tensor_model_parallel_size=1", f"training.seed={seed}",
-              *arm_overrides(arm)]
+              *setup.overrides, f"training.seed={seed}", *arm_overrides(arm)]
     if args.algorithm == "dpo":
         common += [f"data.ref_logprobs_path={data / 'qa.ref'}"]
     seconds = run([*torchrun, "examples/pretrain_solopo.py", *common,
@@ -88,8 +142,7 @@ def measure_arm(args, root: Path, arm: str, seed: int, num_eval: int) -> dict:
                    f"checkpoint.export_hf_dir={folder / 'hf'}",
                    f"training.train_steps={args.steps}", "checkpoint.save_interval=0",
                    f"logging.metrics_path={folder / 'metrics.jsonl'}"], folder.with_suffix(".log"))
-    run(evaluate_command(sys.executable, data / "heldout.jsonl", root / "answers",
-                         {name: folder / "hf"}), folder.with_suffix(".log"))
+    answer = evaluate(setup, root, name, folder / "hf", folder.with_suffix(".log"))
     records = read_metrics(str(folder / "metrics.jsonl"))
     steps = [r["time/step_sec"] for r in records.values() if "time/step_sec" in r]
     rss = [r["memory/max_rss_gib"] for r in records.values() if "memory/max_rss_gib" in r]
@@ -98,32 +151,37 @@ def measure_arm(args, root: Path, arm: str, seed: int, num_eval: int) -> dict:
     return {"arm": arm, "algorithm": args.algorithm, "name": name,
             "pairwise": {ctx: {"value": v, "ci95": list(wilson_interval(v, num_eval))}
                          for ctx, v in pairwise.items()},
-            "answer": answer_accuracy(str(root / "answers"), name),
+            "answer": answer,
             "train_wall_sec": round(seconds, 1),
             "median_step_sec": round(statistics.median(steps), 4) if steps else None,
             "peak_rss_gib": round(max(rss), 3) if rss else None}
 
 
-def prepare(args, root: Path, length: int, seed: int, num_eval: int) -> dict:
-    """Data and initialisation for one (length, seed), and the untrained model's accuracy."""
+def prepare(args, setup: Setup, root: Path, length: int, seed: int, num_eval: int) -> dict:
+    """Data and initialisation for one (length, seed), and the initial model's accuracy."""
     log = root / "prepare.log"
     if not (root / "model" / "mcore_init" / "latest").is_file():
         root.mkdir(parents=True, exist_ok=True)
-        for command in pipeline_commands(sys.executable, root, args.examples, length, seed=seed,
-                                         model_seed=seed):
+        if setup.hf_dir is None:
+            commands = pipeline_commands(sys.executable, root, args.examples, length, seed=seed,
+                                         model_seed=seed)
+        else:
+            from solopo_mcore.evaluation.pretrained_demo import DEMO
+            commands = pretrained_pipeline_commands(
+                sys.executable, root, setup.hf_dir, args.examples, length, DEMO.num_distractors,
+                DEMO.num_same_relation, seed=seed)
+        for command in commands:
             run(command, log)
     data = root / "data"
     write_heldout(str(data / "triplets.jsonl"), str(data / "qa"), num_eval, data / "heldout.jsonl")
     if args.algorithm == "dpo" and not (data / "qa.ref.npy").is_file():
-        run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-             "examples/precompute_ref_logprobs.py", "--config", RECIPE,
-             f"model.hf_config_path={root / 'model' / 'hf_init'}", f"data.data_path={data / 'qa'}",
-             "objective.algorithm=dpo", "parallel.tensor_model_parallel_size=1",
+        run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+             f"--nproc-per-node={setup.num_processes}", "examples/precompute_ref_logprobs.py",
+             "--config", setup.recipe, f"model.hf_config_path={hf_init(setup, root)}",
+             f"data.data_path={data / 'qa'}", "objective.algorithm=dpo", *setup.overrides,
              f"checkpoint.load_dir={root / 'model' / 'mcore_init'}", "--output", data / "qa.ref"],
             log)
-    run(evaluate_command(sys.executable, data / "heldout.jsonl", root / "answers",
-                         {"untrained": root / "model" / "hf_init"}), log)
-    return answer_accuracy(str(root / "answers"), "untrained")
+    return evaluate(setup, root, setup.base_name, hf_init(setup, root), log)
 
 
 def _cell(values: list[float]) -> str:
@@ -135,12 +193,13 @@ def _cell(values: list[float]) -> str:
 
 
 def summarize(rows: list[dict], out: Path) -> str:
-    """Mean ± sd over seeds (per-seed values in brackets), per length and arm."""
-    lines = ["| long tokens | arm | pairwise short | pairwise long | answer short | answer long "
-             "| train wall s | step s | peak RSS GiB |", "|" + "---|" * 9]
-    keys = sorted({(r["length"], r["name"]) for r in rows})
-    for length, name in keys:
-        group = [r for r in rows if r["length"] == length and r["name"] == name]
+    """Mean ± sd over seeds (per-seed values in brackets), per model, length and arm."""
+    lines = ["| model | long tokens | arm | pairwise short | pairwise long | answer short | "
+             "answer long | train wall s | step s | peak RSS GiB |", "|" + "---|" * 10]
+    keys = sorted({(r.get("model", "tiny"), r["length"], r["name"]) for r in rows})
+    for model, length, name in keys:
+        group = [r for r in rows if r.get("model", "tiny") == model and r["length"] == length
+                 and r["name"] == name]
 
         def pick(*path):
             values = []
@@ -152,7 +211,7 @@ def summarize(rows: list[dict], out: Path) -> str:
                     values.append(float(node))
             return values
         lines.append(
-            f"| {length} | {name} | {_cell(pick('pairwise', 'short', 'value'))} | "
+            f"| {model} | {length} | {name} | {_cell(pick('pairwise', 'short', 'value'))} | "
             f"{_cell(pick('pairwise', 'long', 'value'))} | "
             f"{_cell(pick('answer', 'short', 'value'))} | {_cell(pick('answer', 'long', 'value'))}"
             f" | {_cell(pick('train_wall_sec'))} | {_cell(pick('median_step_sec'))} | "
@@ -177,8 +236,16 @@ def main(argv=None) -> None:
                         help="long-context lengths in tokens (user message), comma-separated")
     parser.add_argument("--seeds", default="0,1,2", type=_int_list,
                         help="seeds: data, initialisation, order")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per arm")
-    parser.add_argument("--examples", type=int, default=1024, help="examples per dataset")
+    parser.add_argument("--model", default="tiny", choices=["tiny", "smollm2-135m"],
+                        help="tiny: random initialisation on the one-relation task (default); "
+                             "smollm2-135m: the pretrained model, the pretrained demo's task and "
+                             "settings, 2 processes")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per arm (default: 300 tiny, the pretrained "
+                             "demo's for smollm2-135m)")
+    parser.add_argument("--examples", type=int, default=None,
+                        help="examples per dataset (default: 1024 tiny, the pretrained demo's "
+                             "for smollm2-135m)")
     parser.add_argument("--algorithm", default="orpo", choices=["orpo", "dpo", "simpo"])
     parser.add_argument("--arms", default="solo,long/unshared,long/shared",
                         help="MODE[/shared|/unshared], comma-separated")
@@ -189,30 +256,38 @@ def main(argv=None) -> None:
         if mode not in modes or sharing not in ("", "shared", "unshared"):
             parser.error(f"--arms: {arm!r} is not MODE[/shared|/unshared] with MODE one of "
                          f"{', '.join(modes)}")
+    from solopo_mcore.evaluation.pretrained_demo import DEMO
+
+    pretrained = args.model != "tiny"
+    args.steps = args.steps or (DEMO.train_steps if pretrained else 300)
+    args.examples = args.examples or (DEMO.num_examples if pretrained else 1024)
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    num_eval = load_config(str(REPO / RECIPE)).data.num_eval_examples
+    setup = make_setup(args.model, args.steps)
+    num_eval = (DEMO.num_eval_examples if pretrained
+                else load_config(str(REPO / RECIPE)).data.num_eval_examples)
     results_path = out / "results.jsonl"
     done = [json.loads(line) for line in open(results_path)] if results_path.is_file() else []
     for length in args.lengths:
         for seed in args.seeds:
-            root = out / f"long{length}_examples{args.examples}" / f"seed{seed}"
-            untrained = prepare(args, root, length, seed, num_eval)
+            model_dir = "" if args.model == "tiny" else f"{args.model}_"
+            root = out / f"{model_dir}long{length}_examples{args.examples}" / f"seed{seed}"
+            initial = prepare(args, setup, root, length, seed, num_eval)
             base = {"length": length, "seed": seed, "steps": args.steps,
-                    "examples": args.examples}
-            if not any(r["name"] == "untrained" and r["length"] == length and r["seed"] == seed
-                       and r.get("examples") == args.examples for r in done):
-                done.append({**base, "name": "untrained", "arm": "untrained",
-                             "answer": untrained})
+                    "examples": args.examples, "model": args.model}
+            same_run = [r for r in done if r["length"] == length and r["seed"] == seed
+                        and r.get("examples") == args.examples
+                        and r.get("model", "tiny") == args.model]
+            if not any(r["name"] == setup.base_name for r in same_run):
+                done.append({**base, "name": setup.base_name, "arm": setup.base_name,
+                             "answer": initial})
                 with open(results_path, "a") as f:
                     f.write(json.dumps(done[-1]) + "\n")
             for arm in args.arms.split(","):
                 name = f"{args.algorithm}-{arm.replace('/', '-')}"
-                if any(r["name"] == name and r["length"] == length and r["seed"] == seed
-                       and r["steps"] == args.steps and r.get("examples") == args.examples
-                       for r in done):
+                if any(r["name"] == name and r["steps"] == args.steps for r in same_run):
                     continue
-                row = {**base, **measure_arm(args, root, arm, seed, num_eval)}
+                row = {**base, **measure_arm(args, setup, root, arm, seed, num_eval)}
                 done.append(row)
                 with open(results_path, "a") as f:
                     f.write(json.dumps(row) + "\n")

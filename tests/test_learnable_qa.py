@@ -140,7 +140,7 @@ def test_varied_relations_vary_and_their_decoys_are_same_relation_values(tmp_pat
     """``--relations varied`` (the pretrained demo's task): every relation, phrasing and question
     form occurs; the answer is stated once, by the evidence; each decoy is the value of a
     same-relation distractor; a question-only predictor stays at chance."""
-    from data_tools.relations import RELATIONS
+    from data_tools.relations import PEOPLE, RELATIONS, VALUES
     learnable_qa.main(["--relations", "varied", "--num-examples", "600", "--num-distractors",
                        "6", "--num-same-relation", "2", "--seed", "3",
                        "--out", str(tmp_path / "qa.jsonl")])
@@ -171,6 +171,11 @@ def test_varied_relations_vary_and_their_decoys_are_same_relation_values(tmp_pat
         assert set(step["decoy_answers"]) == set(same) and 1 <= len(same) <= 2, row["id"]
     assert len(seen_facts) == sum(len(r.facts) for r in RELATIONS)
     assert len(seen_questions) == sum(len(r.questions) for r in RELATIONS)
+    names = [*PEOPLE, *(v for pool in VALUES.values() for v in pool)]
+    texts = [t.lower() for r in RELATIONS for t in (*r.facts, *r.questions)]
+    for name in names:  # sub-EM cannot be matched by another name or by the sentences
+        assert [n for n in names if name.lower() in n.lower()] == [name], name
+        assert not any(name.lower() in t for t in texts), name
     for row in rows:
         row["answers"] = [row["answer"]]
         row["chosen"] = f"Answer: {row['answer']}"
