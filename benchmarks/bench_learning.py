@@ -79,10 +79,9 @@ def make_setup(model: str, steps: int) -> Setup:
 
     overrides = [o for o in DEMO.training_overrides() if not o.startswith("training.train_steps")
                  and not o.startswith("checkpoint.save_interval")]
-    grid = ("--grid", "--lengths", ",".join(map(str, DEMO.grid_lengths)), "--depths",
-            ",".join(map(str, DEMO.grid_depths)), "--limit", str(DEMO.grid_limit))
     return Setup(DEMO.recipe, 2, (*overrides, f"training.eval_interval={steps}"),
-                 DEMO.max_new_tokens, "base", Path(fetch_pretrained(DEMO.model)), grid)
+                 DEMO.max_new_tokens, "base", Path(fetch_pretrained(DEMO.model)),
+                 tuple(DEMO.grid_arguments()))
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1",
        "HF_DATASETS_OFFLINE": "1"}
 

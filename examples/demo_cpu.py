@@ -197,8 +197,7 @@ def main():
     if pretrained:
         sh(*evaluate_command(py, heldout, evals, checkpoints, DEMO.max_new_tokens))
         sh(*evaluate_command(py, heldout, out / "eval_grid", checkpoints, DEMO.max_new_tokens),
-           "--grid", "--lengths", ",".join(map(str, DEMO.grid_lengths)), "--depths",
-           ",".join(map(str, DEMO.grid_depths)), "--limit", str(DEMO.grid_limit))
+           *DEMO.grid_arguments())
     else:
         sh(*evaluate_command(py, heldout, evals, checkpoints))
     report = learning_report(str(run / "metrics.jsonl"), str(evals), "untrained", "trained",

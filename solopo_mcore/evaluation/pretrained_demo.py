@@ -46,6 +46,11 @@ class PretrainedDemo:
     overrides: tuple = field(default=())
     """Extra recipe overrides."""
 
+    def grid_arguments(self) -> list[str]:
+        """``evaluate_qa.py`` arguments for the depth x length heatmap."""
+        return ["--grid", "--lengths", ",".join(map(str, self.grid_lengths)), "--depths",
+                ",".join(map(str, self.grid_depths)), "--limit", str(self.grid_limit)]
+
     def training_overrides(self) -> list[str]:
         return [f"training.train_steps={self.train_steps}", f"optimizer.lr={self.lr}",
                 f"optimizer.min_lr={self.min_lr}", "optimizer.lr_warmup_steps=2",
