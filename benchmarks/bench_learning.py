@@ -16,15 +16,17 @@ Arms are ``MODE[/shared|/unshared]`` as in examples/profile_solopo.py: ``solo`` 
 ``long/unshared`` (vanilla long-PO, the paper's baseline: the long context run for each answer)
 and ``long/shared`` (long-PO with one pass over the long context for both answers). This is a
 measurement, not a test: it assumes no outcome. Results go to OUT/results.jsonl (one line per
-arm run; a rerun skips what is there) and OUT/summary.md.
+arm run; a rerun skips what is there) and OUT/summary.md. Each (length, seed) folder records
+the settings it was made with (settings.json) and a rerun with other settings is refused there.
 
     python benchmarks/bench_learning.py --out runs/bench_learning \\
         --lengths 1024,2048 --seeds 0,1,2 --steps 300 --algorithm orpo
 
 ``--model smollm2-135m`` runs the comparison on the pretrained SmolLM2-135M-Instruct (fetched
 and imported once, examples/fetch_pretrained.py) with the pretrained demo's task and settings
-(solopo_mcore/evaluation/pretrained_demo.py: varied relations, quote pairs, 2 processes, its
-lr and steps); every arm, and the base model, also gets the demo's depth x length grid:
+(solopo_mcore/evaluation/pretrained_demo.py: varied relations, sentence pairs and instruction,
+2 processes, its lr and steps); every arm, and the base model, also gets the demo's depth x
+length grid:
 
     python benchmarks/bench_learning.py --model smollm2-135m --out runs/bench_smollm2 \\
         --lengths 1024,2048 --seeds 0,1,2 --arms short,long/unshared,long/shared,solo
@@ -168,7 +170,7 @@ def prepare(args, setup: Setup, root: Path, length: int, seed: int, num_eval: in
             from solopo_mcore.evaluation.pretrained_demo import DEMO
             commands = pretrained_pipeline_commands(
                 sys.executable, root, setup.hf_dir, args.examples, length, DEMO.num_distractors,
-                DEMO.num_same_relation, seed=seed)
+                DEMO.num_same_relation, DEMO.rule_style, DEMO.instruction, seed=seed)
         for command in commands:
             run(command, log)
     data = root / "data"
@@ -181,6 +183,48 @@ def prepare(args, setup: Setup, root: Path, length: int, seed: int, num_eval: in
              f"checkpoint.load_dir={root / 'model' / 'mcore_init'}", "--output", data / "qa.ref"],
             log)
     return evaluate(setup, root, setup.base_name, hf_init(setup, root), log)
+
+
+def run_settings(args, setup: Setup) -> dict:
+    """What a (length, seed) folder's results depend on, besides its length and seed."""
+    settings = {"model": args.model, "examples": args.examples, "steps": args.steps,
+                "algorithm": args.algorithm, "recipe": setup.recipe,
+                "overrides": list(setup.overrides), "max_new_tokens": setup.max_new_tokens,
+                "grid": list(setup.grid)}
+    if args.model != "tiny":
+        from solopo_mcore.evaluation.pretrained_demo import DEMO
+        settings["task"] = {k: getattr(DEMO, k) for k in
+                            ("num_distractors", "num_same_relation", "rule_style",
+                             "instruction")}
+    return settings
+
+
+def settings_id(settings: dict) -> str:
+    """A short fingerprint of ``settings``, kept in each result row."""
+    import hashlib
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def check_settings(root: Path, settings: dict) -> None:
+    """Record ``settings`` in a new ``root``; refuse a ``root`` made with other settings (its
+    data and rows would be mixed with this run's)."""
+    path = root / "settings.json"
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        changed = sorted(k for k in {*recorded, *settings} if recorded.get(k) != settings.get(k))
+        if changed:
+            raise SystemExit(
+                f"bench_learning: {root} was made with other settings ({', '.join(changed)}: "
+                f"{path} has {', '.join(f'{k}={recorded.get(k)!r}' for k in changed)}, this run "
+                f"{', '.join(f'{k}={settings.get(k)!r}' for k in changed)}); its data and "
+                f"results are not this run's. Use a new --out, or the settings it was made with")
+    elif root.exists() and any(root.iterdir()):
+        raise SystemExit(f"bench_learning: {root} holds files but no settings.json (made before "
+                         f"settings were recorded, or not by this script): its settings are "
+                         f"unknown. Use a new --out")
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
 
 
 def _cell(values: list[float]) -> str:
@@ -265,18 +309,20 @@ def main(argv=None) -> None:
     setup = make_setup(args.model, args.steps)
     num_eval = (DEMO.num_eval_examples if pretrained
                 else load_config(str(REPO / RECIPE)).data.num_eval_examples)
+    settings = run_settings(args, setup)
     results_path = out / "results.jsonl"
     done = [json.loads(line) for line in open(results_path)] if results_path.is_file() else []
     for length in args.lengths:
         for seed in args.seeds:
             model_dir = "" if args.model == "tiny" else f"{args.model}_"
             root = out / f"{model_dir}long{length}_examples{args.examples}" / f"seed{seed}"
+            check_settings(root, settings)
             initial = prepare(args, setup, root, length, seed, num_eval)
             base = {"length": length, "seed": seed, "steps": args.steps,
-                    "examples": args.examples, "model": args.model}
+                    "examples": args.examples, "model": args.model,
+                    "settings_id": settings_id(settings)}
             same_run = [r for r in done if r["length"] == length and r["seed"] == seed
-                        and r.get("examples") == args.examples
-                        and r.get("model", "tiny") == args.model]
+                        and r.get("settings_id") == base["settings_id"]]
             if not any(r["name"] == setup.base_name for r in same_run):
                 done.append({**base, "name": setup.base_name, "arm": setup.base_name,
                              "answer": initial})

@@ -24,8 +24,8 @@ import json
 import random
 from typing import Optional
 
-from data_tools.common import (PASSAGE_SEPARATOR, RowError, RunReport, atomic_output, read_jsonl,
-                               refuse_overwriting_inputs,
+from data_tools.common import (INSTRUCTION, INSTRUCTIONS, PASSAGE_SEPARATOR, RowError,
+                               RunReport, atomic_output, read_jsonl, refuse_overwriting_inputs,
                                render_passage, render_prompt, require, write_json)
 from data_tools.distractors import BUILTIN_WIKI, load_pool
 from data_tools.tokenizer import BUILTIN_QA_WORDS, BUILTIN_QWEN, load_tokenizer
@@ -103,7 +103,8 @@ class TokenCounter:
 
 
 def build_long(example: dict, short_tokens: int, target: int, counter: TokenCounter,
-               pool: list, rng: random.Random, max_misses: int = 64) -> tuple[str, dict]:
+               pool: list, rng: random.Random, max_misses: int = 64,
+               instruction: str = INSTRUCTION) -> tuple[str, dict]:
     """Fill distractors to the target, insert the evidence, return (long prompt, metadata)."""
     evidence = [render_passage(t, x) for t, x in example["evidence"]]
     own = [render_passage(t, x) for t, x in example["own_distractors"]]
@@ -146,14 +147,14 @@ def build_long(example: dict, short_tokens: int, target: int, counter: TokenCoun
             passage, source = next(distractor_iter)
             documents.append(passage)
             sources.append(source)
-    long_prompt = render_prompt(documents, example["question"])
+    long_prompt = render_prompt(documents, example["question"], instruction)
     long_tokens = counter.count(long_prompt)
     while long_tokens > target and len(documents) > len(evidence):  # boundary merges: trim
         drop = max(i for i in range(len(documents)) if i not in evidence_doc_positions)
         documents.pop(drop)
         sources.pop(drop)
         evidence_doc_positions = [p - (p > drop) for p in evidence_doc_positions]
-        long_prompt = render_prompt(documents, example["question"])
+        long_prompt = render_prompt(documents, example["question"], instruction)
         long_tokens = counter.count(long_prompt)
     offsets = [long_prompt.index(documents[p]) for p in evidence_doc_positions]
     meta = {
@@ -168,29 +169,32 @@ def build_long(example: dict, short_tokens: int, target: int, counter: TokenCoun
 
 
 def build_example(example: dict, target: int, counter: TokenCounter, pool: list,
-                  rng: random.Random) -> dict:
+                  rng: random.Random, instruction: str = INSTRUCTION) -> dict:
     answers = [a for a in example["answers"] if isinstance(a, str) and a.strip()]
     if not answers:
         raise RowError("empty_answers", "no non-empty gold answer")
     evidence = [render_passage(t, x) for t, x in example["evidence"]]
-    short_prompt = render_prompt(evidence, example["question"])
+    short_prompt = render_prompt(evidence, example["question"], instruction)
     short_tokens = counter.count(short_prompt)
     if target <= short_tokens:
         raise RowError("long_target_too_short",
                        f"--target-long-tokens {target} <= short context {short_tokens} tokens")
-    long_prompt, meta = build_long(example, short_tokens, target, counter, pool, rng)
+    long_prompt, meta = build_long(example, short_tokens, target, counter, pool, rng,
+                                   instruction=instruction)
     for passage in evidence:  # byte-identical evidence in both contexts
         assert passage in short_prompt and passage in long_prompt
     meta.update(short_tokens=short_tokens, target_long_tokens=target,
                 rho=round(short_tokens / meta["long_tokens"], 4))
     return {"id": example["id"], "question": example["question"], "answers": answers,
             "prompt_short": short_prompt, "prompt_long": long_prompt, "evidence": evidence,
-            "question_decomposition": example["question_decomposition"], "meta": meta}
+            "question_decomposition": example["question_decomposition"], "meta": meta,
+            **({} if instruction == INSTRUCTION else {"instruction": instruction})}
 
 
 def run(input_path: str, output_path: str, tokenizer_name: str, target_long_tokens: int,
         distractor_pool: Optional[str], input_format: str = "auto", seed: int = 0,
-        strict: bool = False, limit: Optional[int] = None) -> dict:
+        strict: bool = False, limit: Optional[int] = None,
+        instruction: str = INSTRUCTION) -> dict:
     pool_file = distractor_pool if distractor_pool and distractor_pool != BUILTIN_WIKI else None
     refuse_overwriting_inputs(
         "build_triplets", {"--input": input_path, "--distractor-pool": pool_file},
@@ -215,7 +219,8 @@ def run(input_path: str, output_path: str, tokenizer_name: str, target_long_toke
                 example = parse_musique(row) if fmt == "musique" else parse_generic(row,
                                                                                       line_number)
                 rng = random.Random(f"{seed}:{example['id']}")  # per-example: order-independent
-                built = build_example(example, target_long_tokens, counter, pool, rng)
+                built = build_example(example, target_long_tokens, counter, pool, rng,
+                                      instruction)
             except RowError as exc:
                 report.skip(where, exc.reason, str(exc))
                 continue
@@ -264,10 +269,15 @@ def main(argv=None) -> None:
                         help="seed of the per-example distractor choice and order")
     parser.add_argument("--limit", type=int, default=None, help="stop after N written examples")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad row")
+    parser.add_argument("--instruction", default="final-answer", choices=sorted(INSTRUCTIONS),
+                        help="the instruction after the question: final-answer (reason step by "
+                             "step, then 'Answer: <answer>'; default) or sentence (answer with "
+                             "the one sentence that answers it; kept in each row as "
+                             "'instruction', which evaluate_qa's grid reuses)")
     args = parser.parse_args(argv)
     run(args.input, args.output, args.tokenizer, args.target_long_tokens,
         None if args.distractor_pool == "none" else args.distractor_pool, args.format,
-        args.seed, args.strict, args.limit)
+        args.seed, args.strict, args.limit, INSTRUCTIONS[args.instruction])
 
 
 if __name__ == "__main__":

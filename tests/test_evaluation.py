@@ -92,6 +92,12 @@ def test_grid_places_evidence_at_depth_and_length(heldout, qwen_tokenizer):
         distractors = normalize_answer(item.prompt[:start] + " "
                                        + item.prompt[start + len(block):question_at])
         assert not any(normalize_answer(a) in distractors for a in row["answers"])
+    # a row built with another instruction (build_triplets --instruction) keeps it in the grid
+    from data_tools.common import INSTRUCTION, INSTRUCTIONS
+    other = [dict(heldout[0], instruction=INSTRUCTIONS["sentence"])]
+    for item in items_mod.grid_items(other, qwen_tokenizer, [1024], [50],
+                                     load_pool("builtin:wiki"), seed=0)[1:]:
+        assert item.prompt.endswith(INSTRUCTIONS["sentence"]) and INSTRUCTION not in item.prompt
 
 
 def _oracle(heldout_rows):

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from data_tools import build_triplets, learnable_qa
+from data_tools.common import INSTRUCTIONS
 from data_tools.sample_pairs import main as sample_pairs_main
 from data_tools.scoring import final_answer, sub_em
 from data_tools.tokenizer import load_tokenizer
@@ -185,20 +186,28 @@ def test_varied_relations_vary_and_their_decoys_are_same_relation_values(tmp_pat
 
 
 def test_quote_pairs_quote_the_evidence_and_a_same_relation_distractor(tmp_path):
-    """``sample_pairs --backend rule --rule-style quote`` on varied rows: the chosen answer quotes
-    the evidence sentence and names the answer; the rejected quotes a same-relation distractor
-    sentence of the long context and names its value; both end in 'Answer: NAME'."""
+    """``sample_pairs --backend rule --rule-style quote|sentence`` on varied rows: the chosen
+    answer quotes the evidence sentence, which names the answer; the rejected quotes a
+    same-relation distractor sentence of the long context, which names its value. ``quote``
+    adds 'Answer: NAME' to both; ``sentence`` is the same pairs without that line."""
     learnable_qa.main(["--relations", "varied", "--num-examples", "24", "--num-distractors",
                        "6", "--seed", "4", "--out", str(tmp_path / "qa.jsonl")])
-    build_triplets.run(str(tmp_path / "qa.jsonl"), str(tmp_path / "triplets.jsonl"),
-                       "builtin:qwen2.5", 400, None, seed=0)
-    sample_pairs_main(["--backend", "rule", "--rule-style", "quote", "--num-samples", "8",
-                       "--input", str(tmp_path / "triplets.jsonl"),
-                       "--output", str(tmp_path / "pairs.jsonl")])
+    build_triplets.main(["--input", str(tmp_path / "qa.jsonl"), "--output",
+                         str(tmp_path / "triplets.jsonl"), "--target-long-tokens", "400",
+                         "--distractor-pool", "none", "--instruction", "sentence"])
+    for row in map(json.loads, open(tmp_path / "triplets.jsonl")):
+        for prompt in (row["prompt_short"], row["prompt_long"]):
+            assert prompt.endswith(f"Question: {row['question']}\n{INSTRUCTIONS['sentence']}")
+        assert row["instruction"] == INSTRUCTIONS["sentence"]
     qa = {r["id"]: r for r in map(json.loads, open(tmp_path / "qa.jsonl"))}
-    pairs = [json.loads(line) for line in open(tmp_path / "pairs.jsonl")]
-    assert len(pairs) == 24
-    for pair in pairs:
+    styles = {}
+    for style in ("quote", "sentence"):
+        sample_pairs_main(["--backend", "rule", "--rule-style", style, "--num-samples", "8",
+                           "--input", str(tmp_path / "triplets.jsonl"),
+                           "--output", str(tmp_path / f"{style}.jsonl")])
+        styles[style] = [json.loads(line) for line in open(tmp_path / f"{style}.jsonl")]
+    assert len(styles["quote"]) == len(styles["sentence"]) == 24
+    for pair, bare in zip(styles["quote"], styles["sentence"]):
         row = qa[pair["id"]]
         step = row["question_decomposition"][0]
         evidence = row["paragraphs"][step["paragraph_support_idx"]]["paragraph_text"]
@@ -209,6 +218,10 @@ def test_quote_pairs_quote_the_evidence_and_a_same_relation_distractor(tmp_path)
         assert rejected_answer in step["decoy_answers"], pair["rejected"]
         assert rejected_sentence in pair["prompt_long"] and rejected_answer in rejected_sentence
         assert not sub_em(pair["rejected"], [row["answer"]])
+        assert (bare["id"], bare["chosen"], bare["rejected"]) == (
+            pair["id"], chosen_sentence, rejected_sentence)
+        assert sub_em(bare["chosen"], [row["answer"]])
+        assert not sub_em(bare["rejected"], [row["answer"]])
     with pytest.raises(SystemExit):  # the style belongs to the rule backend
         sample_pairs_main(["--backend", "hf", "--rule-style", "quote", "--input",
                            str(tmp_path / "triplets.jsonl"), "--output", str(tmp_path / "x")])

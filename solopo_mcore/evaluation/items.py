@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from data_tools.build_triplets import TokenCounter
-from data_tools.common import PASSAGE_SEPARATOR, read_jsonl_strict, render_prompt
+from data_tools.common import (INSTRUCTION, PASSAGE_SEPARATOR, read_jsonl_strict,
+                               render_prompt)
 from data_tools.scoring import normalize_answer
 from solopo_mcore.errors import UserError
 
@@ -188,14 +189,15 @@ def place_evidence(row: dict, length_tokens: int, depth_percent: float, counter:
     docs = _split_for_depth(haystack, depth_percent / 100 * total_distractor, counter)
     slot = docs.index(None)
     documents = docs[:slot] + evidence + docs[slot + 1:]
-    prompt = render_prompt(documents, row["question"])
+    instruction = row.get("instruction", INSTRUCTION)  # build_triplets --instruction
+    prompt = render_prompt(documents, row["question"], instruction)
     while counter.count(prompt) > length_tokens and len(documents) > len(evidence):
         if slot + len(evidence) < len(documents):  # drop the distractor farthest from the
             documents.pop()                        # evidence (boundary merges)
         else:
             documents.pop(0)
             slot -= 1
-        prompt = render_prompt(documents, row["question"])
+        prompt = render_prompt(documents, row["question"], instruction)
     start = len(PASSAGE_SEPARATOR.join(documents[:slot] + [""])) if slot else 0
     end = len(PASSAGE_SEPARATOR.join(documents[:slot + len(evidence)] + [""]))
     context_end = len(PASSAGE_SEPARATOR.join(documents) + PASSAGE_SEPARATOR)
@@ -223,7 +225,8 @@ def grid_items(rows: list[dict], tokenizer, lengths: list[int], depths: list[flo
     for row in rows:
         items.append(EvalItem(f"{row['id']}:short", row["id"], "short", row["prompt_short"],
                               row["answers"]))
-        short_tokens = counter.count(render_prompt(list(row["evidence"]), row["question"]))
+        short_tokens = counter.count(render_prompt(list(row["evidence"]), row["question"],
+                                                   row.get("instruction", INSTRUCTION)))
         titles = set(_TITLE.findall("\n".join(row["evidence"])))
         for length in lengths:
             if length <= short_tokens + 16:

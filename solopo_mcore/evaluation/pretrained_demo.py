@@ -29,20 +29,29 @@ class PretrainedDemo:
     """Distractor facts per long context (Wikipedia paragraphs fill the rest)."""
     num_same_relation: int = 4
     """Of those, how many state the question's relation about other people."""
+    rule_style: str = "sentence"
+    """``sample_pairs --rule-style``: chosen = the evidence sentence, rejected = a same-relation
+    distractor's sentence from the long context (``quote`` adds an ``Answer: NAME`` line, which
+    made the trained model's answers depend on the example order: docs/data.md)."""
+    instruction: str = "final-answer"
+    """``build_triplets --instruction``. ``sentence`` (answer with the one sentence that answers)
+    matches the chosen answers' form but measured worse: the trained model then often quoted
+    the chat template's system sentence (docs/data.md, run H)."""
     train_steps: int = 24
     """Optimizer steps (4 examples each)."""
     lr: float = 5e-5
     """Peak learning rate (2 warm-up steps, cosine to ``min_lr``)."""
     min_lr: float = 1e-5
     """Final learning rate."""
-    max_new_tokens: int = 48
-    """Greedy answer budget: the chosen format is about 25 tokens."""
+    max_new_tokens: int = 32
+    """Greedy answer budget: a chosen sentence is 8-16 tokens."""
     grid_lengths: tuple = (256, 512, 1024)
     """Depth x length heatmap: user-message lengths in tokens."""
     grid_depths: tuple = (0, 50, 100)
     """Depth x length heatmap: evidence depths in percent."""
     grid_limit: int = 8
-    """Held-out examples per heatmap cell (16 would add ~3 minutes to the demo)."""
+    """Held-out examples per heatmap cell (the grid is 6 of the demo's 22 minutes; 6 a cell
+    saved only 45 s of it, measured)."""
     overrides: tuple = field(default=())
     """Extra recipe overrides."""
 
@@ -55,7 +64,7 @@ class PretrainedDemo:
         return [f"training.train_steps={self.train_steps}", f"optimizer.lr={self.lr}",
                 f"optimizer.min_lr={self.min_lr}", "optimizer.lr_warmup_steps=2",
                 f"data.num_eval_examples={self.num_eval_examples}",
-                f"training.eval_interval={max(1, self.train_steps // 2)}",
+                f"training.eval_interval={self.train_steps}",  # step 0 and the end: ~90 s each
                 f"checkpoint.save_interval={self.train_steps}", *self.overrides]
 
 
