@@ -48,6 +48,7 @@ from typing import Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from data_tools.common import write_json  # noqa: E402
 from data_tools.learnable_qa import (pipeline_commands,  # noqa: E402
                                      pretrained_pipeline_commands)
 from solopo_mcore.config import load_config  # noqa: E402
@@ -224,7 +225,7 @@ def check_settings(root: Path, settings: dict) -> None:
                          f"unknown. Use a new --out")
     else:
         root.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+        write_json(str(path), settings)  # atomic: a killed write leaves no half file
 
 
 def _cell(values: list[float]) -> str:
