@@ -15,9 +15,18 @@ measured on the same held-out examples:
 Arms are ``MODE[/shared|/unshared]`` as in examples/profile_solopo.py: ``solo`` (SoLoPO),
 ``long/unshared`` (vanilla long-PO, the paper's baseline: the long context run for each answer)
 and ``long/shared`` (long-PO with one pass over the long context for both answers). This is a
-measurement, not a test: it assumes no outcome. Results go to OUT/results.jsonl (one line per
-arm run; a rerun skips what is there) and OUT/summary.md. Each (length, seed) folder records
+measurement, not a test: it assumes no outcome. Each (length, seed) folder under OUT records
 the settings it was made with (settings.json) and a rerun with other settings is refused there.
+
+Results go to a ledger that is committed with the project (--results, default
+benchmarks/results/learning.jsonl: one line per measured model, keyed by model, length, seed,
+settings fingerprint and arm) so that runs in different sessions and on different checkouts add
+up: a rerun skips every row the ledger holds and measures only the rest (OUT, the work folder with
+data and checkpoints, may be gone). Beside the ledger: learning.md (mean ± sd over seeds, per
+seed in brackets) and learning_<model>.png (answer accuracy per arm, a dot per seed). An arm
+interrupted mid-run (killed, out of time) leaves its folder without a ledger row; the rerun
+moves that folder and its answers aside (NAME.interrupted-N, nothing deleted) and measures the
+arm again from the shared initialisation.
 
     python benchmarks/bench_learning.py --out runs/bench_learning \\
         --lengths 1024,2048 --seeds 0,1,2 --steps 300 --algorithm orpo
@@ -29,7 +38,7 @@ and imported once, examples/fetch_pretrained.py) with the pretrained demo's task
 length grid:
 
     python benchmarks/bench_learning.py --model smollm2-135m --out runs/bench_smollm2 \\
-        --lengths 1024,2048 --seeds 0,1,2 --arms short,long/unshared,long/shared,solo
+        --lengths 512,1024 --seeds 0,1,2 --arms solo,long/unshared,short,long/shared
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from typing import Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.learning_ledger import append_row, read_ledger, summarize  # noqa: E402
 from data_tools.common import write_json  # noqa: E402
 from data_tools.learnable_qa import (pipeline_commands,  # noqa: E402
                                      pretrained_pipeline_commands)
@@ -116,14 +126,17 @@ def hf_init(setup: Setup, root: Path) -> Path:
 
 
 def evaluate(setup: Setup, root: Path, name: str, checkpoint: Path, log: Path) -> dict:
-    """Greedy answers on the held-out rows (and the grid): ``{"short", "long"}`` accuracy."""
+    """Greedy answers on the held-out rows (and the grid): ``{"short", "long"[, "grid_long"]}``
+    accuracy, each ``{"value", "ci95", "n"}``."""
     heldout = root / "data" / "heldout.jsonl"
     run(evaluate_command(sys.executable, heldout, root / "answers", {name: checkpoint},
                          setup.max_new_tokens), log)
+    answer = answer_accuracy(str(root / "answers"), name)
     if setup.grid:
         run([*evaluate_command(sys.executable, heldout, root / "grid", {name: checkpoint},
                                setup.max_new_tokens), *setup.grid], log)
-    return answer_accuracy(str(root / "answers"), name)
+        answer["grid_long"] = answer_accuracy(str(root / "grid"), name)["long"]
+    return answer
 
 
 def measure_arm(args, setup: Setup, root: Path, arm: str, seed: int, num_eval: int) -> dict:
@@ -131,6 +144,8 @@ def measure_arm(args, setup: Setup, root: Path, arm: str, seed: int, num_eval: i
     name = f"{args.algorithm}-{arm.replace('/', '-')}"
     folder = root / name
     data, model = root / "data", root / "model"
+    set_aside([root / name, root / f"{name}.log", root / "answers" / name, root / "grid" / name],
+              f"{root.name}/{name}")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc-per-node={setup.num_processes}"]
     common = ["--config", setup.recipe, f"model.hf_config_path={hf_init(setup, root)}",
@@ -159,11 +174,27 @@ def measure_arm(args, setup: Setup, root: Path, arm: str, seed: int, num_eval: i
             "peak_rss_gib": round(max(rss), 3) if rss else None}
 
 
-def prepare(args, setup: Setup, root: Path, length: int, seed: int, num_eval: int) -> dict:
-    """Data and initialisation for one (length, seed), and the initial model's accuracy."""
+def set_aside(paths: list, what: str) -> None:
+    """Move what an interrupted step left (``paths`` that exist) to ``NAME.interrupted-N``
+    beside them: nothing is deleted, and the step's rerun starts clean (its checkpoints,
+    metrics and answers are only its own; the pipeline's tools refuse to overwrite)."""
+    leftovers = [p for p in paths if p.exists()]
+    if not leftovers:
+        return
+    n = 1
+    while any(p.with_name(f"{p.name}.interrupted-{n}").exists() for p in leftovers):
+        n += 1
+    for p in leftovers:
+        p.rename(p.with_name(f"{p.name}.interrupted-{n}"))
+    print(f"bench_learning: {what} was interrupted before it finished; its files are kept as "
+          f"*.interrupted-{n} and it runs again", flush=True)
+
+
+def prepare(args, setup: Setup, root: Path, length: int, seed: int, num_eval: int) -> None:
+    """Data and initialisation for one (length, seed), and its held-out rows."""
     log = root / "prepare.log"
     if not (root / "model" / "mcore_init" / "latest").is_file():
-        root.mkdir(parents=True, exist_ok=True)
+        set_aside([root / "data", root / "model", log], f"{root.name}: data preparation")
         if setup.hf_dir is None:
             commands = pipeline_commands(sys.executable, root, args.examples, length, seed=seed,
                                          model_seed=seed)
@@ -183,7 +214,6 @@ def prepare(args, setup: Setup, root: Path, length: int, seed: int, num_eval: in
              f"data.data_path={data / 'qa'}", "objective.algorithm=dpo", *setup.overrides,
              f"checkpoint.load_dir={root / 'model' / 'mcore_init'}", "--output", data / "qa.ref"],
             log)
-    return evaluate(setup, root, setup.base_name, hf_init(setup, root), log)
 
 
 def run_settings(args, setup: Setup) -> dict:
@@ -228,43 +258,6 @@ def check_settings(root: Path, settings: dict) -> None:
         write_json(str(path), settings)  # atomic: a killed write leaves no half file
 
 
-def _cell(values: list[float]) -> str:
-    if not values:
-        return "-"
-    mean = statistics.mean(values)
-    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-    return f"{mean:.2f}{spread} ({', '.join(f'{v:.2f}' for v in values)})"
-
-
-def summarize(rows: list[dict], out: Path) -> str:
-    """Mean ± sd over seeds (per-seed values in brackets), per model, length and arm."""
-    lines = ["| model | long tokens | arm | pairwise short | pairwise long | answer short | "
-             "answer long | train wall s | step s | peak RSS GiB |", "|" + "---|" * 10]
-    keys = sorted({(r.get("model", "tiny"), r["length"], r["name"]) for r in rows})
-    for model, length, name in keys:
-        group = [r for r in rows if r.get("model", "tiny") == model and r["length"] == length
-                 and r["name"] == name]
-
-        def pick(*path):
-            values = []
-            for r in group:
-                node = r
-                for p in path:
-                    node = node.get(p) if isinstance(node, dict) else None
-                if isinstance(node, (int, float)):
-                    values.append(float(node))
-            return values
-        lines.append(
-            f"| {model} | {length} | {name} | {_cell(pick('pairwise', 'short', 'value'))} | "
-            f"{_cell(pick('pairwise', 'long', 'value'))} | "
-            f"{_cell(pick('answer', 'short', 'value'))} | {_cell(pick('answer', 'long', 'value'))}"
-            f" | {_cell(pick('train_wall_sec'))} | {_cell(pick('median_step_sec'))} | "
-            f"{_cell(pick('peak_rss_gib'))} |")
-    text = "\n".join(lines) + "\n"
-    (out / "summary.md").write_text(text)
-    return text
-
-
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -275,7 +268,12 @@ def _int_list(text: str) -> list[int]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/bench_learning", help="output folder (resumable)")
+    parser.add_argument("--out", default="runs/bench_learning",
+                        help="work folder: data, checkpoints, answers (resumable)")
+    parser.add_argument("--results", default="benchmarks/results/learning.jsonl",
+                        help="the ledger of measured rows, committed with the project: a rerun "
+                             "measures only what it lacks (learning.md and learning_MODEL.png "
+                             "are written beside it)")
     parser.add_argument("--lengths", default="1024,2048", type=_int_list,
                         help="long-context lengths in tokens (user message), comma-separated")
     parser.add_argument("--seeds", default="0,1,2", type=_int_list,
@@ -311,38 +309,39 @@ def main(argv=None) -> None:
     num_eval = (DEMO.num_eval_examples if pretrained
                 else load_config(str(REPO / RECIPE)).data.num_eval_examples)
     settings = run_settings(args, setup)
-    results_path = out / "results.jsonl"
-    done = [json.loads(line) for line in open(results_path)] if results_path.is_file() else []
+    results_path = (REPO / args.results).resolve()
+    done = read_ledger(results_path)
     for length in args.lengths:
         for seed in args.seeds:
             model_dir = "" if args.model == "tiny" else f"{args.model}_"
             root = out / f"{model_dir}long{length}_examples{args.examples}" / f"seed{seed}"
-            check_settings(root, settings)
-            initial = prepare(args, setup, root, length, seed, num_eval)
             base = {"length": length, "seed": seed, "steps": args.steps,
                     "examples": args.examples, "model": args.model,
                     "settings_id": settings_id(settings)}
-            same_run = [r for r in done if r["length"] == length and r["seed"] == seed
-                        and r.get("settings_id") == base["settings_id"]]
-            if not any(r["name"] == setup.base_name for r in same_run):
-                done.append({**base, "name": setup.base_name, "arm": setup.base_name,
-                             "answer": initial})
-                with open(results_path, "a") as f:
-                    f.write(json.dumps(done[-1]) + "\n")
-            for arm in args.arms.split(","):
-                name = f"{args.algorithm}-{arm.replace('/', '-')}"
-                if any(r["name"] == name and r["steps"] == args.steps for r in same_run):
+            recorded = {r["name"] for r in done if all(r.get(k) == v for k, v in base.items())}
+            names = [f"{args.algorithm}-{arm.replace('/', '-')}" for arm in args.arms.split(",")]
+            if setup.base_name in recorded and recorded.issuperset(names):
+                print(f"bench_learning: long {length} seed {seed}: every arm is in {results_path}"
+                      f"", flush=True)
+                continue
+            check_settings(root, settings)
+            prepare(args, setup, root, length, seed, num_eval)
+            if setup.base_name not in recorded:
+                initial = evaluate(setup, root, setup.base_name, hf_init(setup, root),
+                                   root / "prepare.log")
+                done.append(append_row(results_path, {**base, "name": setup.base_name,
+                                                      "arm": setup.base_name, "answer": initial}))
+            for arm, name in zip(args.arms.split(","), names):
+                if name in recorded:
                     continue
-                row = {**base, **measure_arm(args, setup, root, arm, seed, num_eval)}
+                row = append_row(results_path,
+                                 {**base, **measure_arm(args, setup, root, arm, seed, num_eval)})
                 done.append(row)
-                with open(results_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
                 print(f"bench_learning: long {length} seed {seed} {name}: "
                       f"pairwise long {row['pairwise'].get('long', {}).get('value')}, answer "
                       f"long {row['answer']['long']['value']}, {row['train_wall_sec']} s",
                       flush=True)
-    print(summarize(done, out))
-
+    print(summarize(done, results_path))
 
 if __name__ == "__main__":
     main()
