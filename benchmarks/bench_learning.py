@@ -145,7 +145,7 @@ def measure_arm(args, setup: Setup, root: Path, arm: str, seed: int, num_eval: i
     folder = root / name
     data, model = root / "data", root / "model"
     set_aside([root / name, root / f"{name}.log", root / "answers" / name, root / "grid" / name],
-              f"{root.name}/{name}")
+              f"{root.parent.name}/{root.name}/{name}")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc-per-node={setup.num_processes}"]
     common = ["--config", setup.recipe, f"model.hf_config_path={hf_init(setup, root)}",
@@ -186,15 +186,16 @@ def set_aside(paths: list, what: str) -> None:
         n += 1
     for p in leftovers:
         p.rename(p.with_name(f"{p.name}.interrupted-{n}"))
-    print(f"bench_learning: {what} was interrupted before it finished; its files are kept as "
-          f"*.interrupted-{n} and it runs again", flush=True)
+    print(f"bench_learning: {what} has files but no result (interrupted, or recorded in another "
+          f"ledger); they are kept as *.interrupted-{n} and it runs again", flush=True)
 
 
 def prepare(args, setup: Setup, root: Path, length: int, seed: int, num_eval: int) -> None:
     """Data and initialisation for one (length, seed), and its held-out rows."""
     log = root / "prepare.log"
     if not (root / "model" / "mcore_init" / "latest").is_file():
-        set_aside([root / "data", root / "model", log], f"{root.name}: data preparation")
+        set_aside([root / "data", root / "model", log],
+                  f"{root.parent.name}/{root.name}: data preparation")
         if setup.hf_dir is None:
             commands = pipeline_commands(sys.executable, root, args.examples, length, seed=seed,
                                          model_seed=seed)
@@ -214,6 +215,22 @@ def prepare(args, setup: Setup, root: Path, length: int, seed: int, num_eval: in
              f"data.data_path={data / 'qa'}", "objective.algorithm=dpo", *setup.overrides,
              f"checkpoint.load_dir={root / 'model' / 'mcore_init'}", "--output", data / "qa.ref"],
             log)
+
+
+def hold_lock(ledger: Path):
+    """An exclusive lock beside the ledger for this run: two runs appending to one ledger at
+    once would measure the same arms twice (and share 2 cores)."""
+    import fcntl
+
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(ledger.with_name(ledger.name + ".lock"), "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise SystemExit(f"bench_learning: another bench_learning run is using {ledger} (it "
+                         f"holds {handle.name}); wait for it to finish, or give this run its own "
+                         f"--results")
+    return handle
 
 
 def run_settings(args, setup: Setup) -> dict:
@@ -269,11 +286,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench_learning",
-                        help="work folder: data, checkpoints, answers (resumable)")
+                        help="work folder: data, checkpoints, answers (resumable; a relative "
+                             "path is taken from the repository root)")
     parser.add_argument("--results", default="benchmarks/results/learning.jsonl",
                         help="the ledger of measured rows, committed with the project: a rerun "
-                             "measures only what it lacks (learning.md and learning_MODEL.png "
-                             "are written beside it)")
+                             "measures only what it lacks; learning.md and learning_MODEL.png "
+                             "are rewritten beside it after every row (a relative path is taken "
+                             "from the repository root)")
+    parser.add_argument("--summarize", action="store_true",
+                        help="only rewrite the table and plots from the ledger, run nothing")
     parser.add_argument("--lengths", default="1024,2048", type=_int_list,
                         help="long-context lengths in tokens (user message), comma-separated")
     parser.add_argument("--seeds", default="0,1,2", type=_int_list,
@@ -292,8 +313,18 @@ def main(argv=None) -> None:
     parser.add_argument("--arms", default="solo,long/unshared,long/shared",
                         help="MODE[/shared|/unshared], comma-separated")
     args = parser.parse_args(argv)
+    results_path = (REPO / args.results).resolve()
+    if args.summarize:
+        print(summarize(read_ledger(results_path), results_path))
+        return
     modes = ("solo", "solo_both", "short", "long")
-    for arm in args.arms.split(","):  # refuse a typo before minutes of data preparation
+    arms = args.arms.split(",")
+    if len(set(arms)) != len(arms):
+        parser.error(f"--arms: {args.arms!r} names an arm twice; name each once")
+    for name in ("steps", "examples"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive (leave it out for the default)")
+    for arm in arms:  # refuse a typo before minutes of data preparation
         mode, _, sharing = arm.partition("/")
         if mode not in modes or sharing not in ("", "shared", "unshared"):
             parser.error(f"--arms: {arm!r} is not MODE[/shared|/unshared] with MODE one of "
@@ -309,8 +340,9 @@ def main(argv=None) -> None:
     num_eval = (DEMO.num_eval_examples if pretrained
                 else load_config(str(REPO / RECIPE)).data.num_eval_examples)
     settings = run_settings(args, setup)
-    results_path = (REPO / args.results).resolve()
+    args.ledger_lock = hold_lock(results_path)  # held until the process exits
     done = read_ledger(results_path)
+    command = " ".join(["python", "benchmarks/bench_learning.py", *sys.argv[1:]])
     for length in args.lengths:
         for seed in args.seeds:
             model_dir = "" if args.model == "tiny" else f"{args.model}_"
@@ -319,7 +351,8 @@ def main(argv=None) -> None:
                     "examples": args.examples, "model": args.model,
                     "settings_id": settings_id(settings)}
             recorded = {r["name"] for r in done if all(r.get(k) == v for k, v in base.items())}
-            names = [f"{args.algorithm}-{arm.replace('/', '-')}" for arm in args.arms.split(",")]
+            names = [f"{args.algorithm}-{arm.replace('/', '-')}" for arm in arms]
+            base.update(settings=settings, command=command)
             if setup.base_name in recorded and recorded.issuperset(names):
                 print(f"bench_learning: long {length} seed {seed}: every arm is in {results_path}"
                       f"", flush=True)
@@ -331,12 +364,14 @@ def main(argv=None) -> None:
                                    root / "prepare.log")
                 done.append(append_row(results_path, {**base, "name": setup.base_name,
                                                       "arm": setup.base_name, "answer": initial}))
-            for arm, name in zip(args.arms.split(","), names):
+                summarize(done, results_path)
+            for arm, name in zip(arms, names):
                 if name in recorded:
                     continue
                 row = append_row(results_path,
                                  {**base, **measure_arm(args, setup, root, arm, seed, num_eval)})
                 done.append(row)
+                summarize(done, results_path)
                 print(f"bench_learning: long {length} seed {seed} {name}: "
                       f"pairwise long {row['pairwise'].get('long', {}).get('value')}, answer "
                       f"long {row['answer']['long']['value']}, {row['train_wall_sec']} s",

@@ -20,46 +20,91 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ARM_ORDER = ("base", "untrained", "orpo-short", "orpo-long-unshared", "orpo-long-shared",
-             "orpo-solo", "orpo-solo_both")
+ARM_ORDER = tuple(f"{algorithm}-{arm}" if algorithm else arm
+                  for algorithm in ("", "orpo", "dpo", "simpo")
+                  for arm in (("base", "untrained") if not algorithm else
+                              ("short", "long", "long-unshared", "long-shared", "solo",
+                               "solo_both")))
+
+
+REQUIRED_KEYS = ("model", "length", "seed", "settings_id", "name", "answer")
+
+
+def _cut_tail(path: Path, tail: str, lines: list[str]) -> None:
+    """Keep an unparseable unterminated last line in ``LEDGER.cut-N``; the ledger keeps the
+    complete lines before it."""
+    n = 1
+    while path.with_name(f"{path.name}.cut-{n}").exists():
+        n += 1
+    kept = path.with_name(f"{path.name}.cut-{n}")
+    kept.write_text(tail, encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, path)
+    print(f"bench_learning: {path} ended in an incomplete line (a run killed while writing it); "
+          f"it is kept in {kept} and its arm is measured again", flush=True)
 
 
 def read_ledger(path: Path) -> list[dict]:
-    """The ledger's rows (none when it does not exist yet). A malformed line that is not the
-    unterminated last one is an error naming the file and line."""
+    """The ledger's rows (none when it does not exist yet).
+
+    A last line without its newline is kept when it is a whole row (an editor may drop the
+    final newline; the newline is added back) and cut off into ``LEDGER.cut-N`` otherwise. Any
+    other line that is not a row (a JSON object with ``REQUIRED_KEYS``) is an error naming the
+    file and line. Duplicate rows (the same model, length, seed, settings and arm measured
+    twice, e.g. from two merged ledgers) are reported; the first is used."""
     if not path.is_file():
         return []
     text = path.read_text(encoding="utf-8")
     lines = text.split("\n")
     tail = lines.pop()  # "" when the file ends with a newline
-    if tail:
-        n = 1
-        while path.with_name(f"{path.name}.cut-{n}").exists():
-            n += 1
-        kept = path.with_name(f"{path.name}.cut-{n}")
-        kept.write_text(tail, encoding="utf-8")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        os.replace(tmp, path)
-        print(f"bench_learning: {path} ended in an unterminated line (a run killed while "
-              f"writing it); it is kept in {kept} and its arm is measured again", flush=True)
-    rows = []
+    if tail.strip():
+        try:
+            json.loads(tail)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("\n")
+            lines.append(tail)
+        except json.JSONDecodeError:
+            _cut_tail(path, tail, lines)
+    rows, seen, duplicates = [], set(), []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise SystemExit(f"bench_learning: {path} line {number} is not JSON ({exc}); fix or "
                              f"remove that line (the rest of the ledger is kept)")
+        missing = ([k for k in REQUIRED_KEYS if k not in row] if isinstance(row, dict)
+                   else list(REQUIRED_KEYS))
+        if missing:
+            raise SystemExit(f"bench_learning: {path} line {number} is not a result row (no "
+                             f"{', '.join(missing)}); rows are written by bench_learning.py. Fix "
+                             f"or remove that line (the rest of the ledger is kept)")
+        key = row_key(row)
+        if key in seen:
+            duplicates.append(number)
+            continue
+        seen.add(key)
+        rows.append(row)
+    if duplicates:
+        print(f"bench_learning: {path} lines {', '.join(map(str, duplicates))} measure a (model, "
+              f"length, seed, settings, arm) an earlier line already has; the earlier line is "
+              f"used", flush=True)
     return rows
+
+
+def row_key(row: dict) -> tuple:
+    """What identifies a measurement: model, long length, seed, settings fingerprint, arm."""
+    return tuple(row.get(k) for k in ("model", "length", "seed", "settings_id", "name"))
 
 
 def _git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
                               capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":!benchmarks/results"],  # the ledger itself changes
                                cwd=REPO, text=True, capture_output=True).stdout.strip()
         return head + ("+changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -146,7 +191,8 @@ def summarize(rows: list[dict], ledger: Path) -> str:
                 f"{_cell(_pick(group, 'answer', 'long', 'value'))} | "
                 f"{_cell(_pick(group, 'answer', 'grid_long', 'value'))} | "
                 f"{_cell(_pick(group, 'train_wall_sec'), 0)} | "
-                f"{_cell(_pick(group, 'median_step_sec'))} | {_cell(_pick(group, 'peak_rss_gib'))} |")
+                f"{_cell(_pick(group, 'median_step_sec'))} | "
+                f"{_cell(_pick(group, 'peak_rss_gib'))} |")
     text = "\n".join(lines) + "\n"
     ledger.with_suffix(".md").write_text(text, encoding="utf-8")
     for model in sorted({key[0] for key in grouped}):
@@ -168,11 +214,14 @@ def plot(grouped: dict, model: str, path: Path) -> None:
         names = sorted(arms, key=_order)
         kinds = (("short", "tab:blue", "answer short"), ("long", "tab:orange", "answer long"),
                  ("grid_long", "tab:green", "grid long"))
+        kinds = [kind for kind in kinds
+                 if any(_pick(arms[n], "answer", kind[0], "value") for n in names)]
+        width = 0.8 / len(kinds)
         for k, (ctx, colour, label) in enumerate(kinds):
-            x = [i + (k - 1) * 0.27 for i in range(len(names))]
+            x = [i + (k - (len(kinds) - 1) / 2) * width for i in range(len(names))]
             seeds = [_pick(arms[n], "answer", ctx, "value") for n in names]
-            ax.bar(x, [statistics.mean(v) if v else 0.0 for v in seeds], 0.27, color=colour,
-                   alpha=0.55, label=label)
+            ax.bar(x, [statistics.mean(v) if v else float("nan") for v in seeds], width,
+                   color=colour, alpha=0.55, label=label)
             for xi, values in zip(x, seeds):
                 ax.plot([xi] * len(values), values, "o", color=colour, markersize=3.5,
                         markeredgecolor="black", markeredgewidth=0.4)
