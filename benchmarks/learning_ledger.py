@@ -19,6 +19,8 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from data_tools.common import atomic_output, read_jsonl_strict
+
 REPO = Path(__file__).resolve().parents[1]
 ARM_ORDER = tuple(f"{algorithm}-{arm}" if algorithm else arm
                   for algorithm in ("", "orpo", "dpo", "simpo")
@@ -38,9 +40,8 @@ def _cut_tail(path: Path, tail: str, lines: list[str]) -> None:
         n += 1
     kept = path.with_name(f"{path.name}.cut-{n}")
     kept.write_text(tail, encoding="utf-8")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_output(str(path)) as f:
+        f.write("".join(line + "\n" for line in lines))
     print(f"bench_learning: {path} ended in an incomplete line (a run killed while writing it); "
           f"it is kept in {kept} and its arm is measured again", flush=True)
 
@@ -63,18 +64,14 @@ def read_ledger(path: Path) -> list[dict]:
             json.loads(tail)
             with open(path, "a", encoding="utf-8") as f:
                 f.write("\n")
-            lines.append(tail)
         except json.JSONDecodeError:
             _cut_tail(path, tail, lines)
+
+    def not_json(number, exc):
+        return SystemExit(f"bench_learning: {path} line {number} is not JSON ({exc}); fix or "
+                          f"remove that line (the rest of the ledger is kept)")
     rows, seen, duplicates = [], set(), []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SystemExit(f"bench_learning: {path} line {number} is not JSON ({exc}); fix or "
-                             f"remove that line (the rest of the ledger is kept)")
+    for number, row in read_jsonl_strict(path, not_json):
         missing = ([k for k in REQUIRED_KEYS if k not in row] if isinstance(row, dict)
                    else list(REQUIRED_KEYS))
         if missing:
@@ -88,9 +85,9 @@ def read_ledger(path: Path) -> list[dict]:
         seen.add(key)
         rows.append(row)
     if duplicates:
-        print(f"bench_learning: {path} lines {', '.join(map(str, duplicates))} measure a (model, "
-              f"length, seed, settings, arm) an earlier line already has; the earlier line is "
-              f"used", flush=True)
+        print(f"bench_learning: {path} line{'s' if len(duplicates) > 1 else ''} "
+              f"{', '.join(map(str, duplicates))}: a (model, length, seed, settings, arm) that an "
+              f"earlier line already measured; the earlier line is used", flush=True)
     return rows
 
 
