@@ -354,8 +354,8 @@ def main(argv=None) -> None:
             names = [f"{args.algorithm}-{arm.replace('/', '-')}" for arm in arms]
             base.update(settings=settings, command=command)
             if setup.base_name in recorded and recorded.issuperset(names):
-                print(f"bench_learning: long {length} seed {seed}: every arm is in {results_path}"
-                      f"", flush=True)
+                print(f"bench_learning: long {length} seed {seed}: every arm is in {results_path}",
+                      flush=True)
                 continue
             check_settings(root, settings)
             prepare(args, setup, root, length, seed, num_eval)
