@@ -89,9 +89,15 @@ def protect_checkpoint_writer() -> None:
     initializer ignores it; the rank's own arrives once the server runs, and the rank saves), and
     without re-importing the entry script: a spawned process runs the parent's ``__main__``
     module again, i.e. megatron-core and torch (~9 s on 2 cores), during which the same SIGTERM
-    killed it ("unexpected EOFError" at a rank's first save)."""
+    killed it ("unexpected EOFError" at a rank's first save).
+
+    multiprocessing's resource tracker is started first: starting it unblocks SIGTERM in the
+    calling thread (``resource_tracker.ensure_running`` blocks SIGINT and SIGTERM around its own
+    spawn, then unblocks them), so when the server's spawn started it the server ran unprotected
+    from exec to its initializer, tens of milliseconds in which a SIGTERM killed it ("unexpected
+    EOFError" in CI, where a fast machine signalled during the first save)."""
     import signal
-    from multiprocessing import get_context
+    from multiprocessing import get_context, resource_tracker
     from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
@@ -104,6 +110,7 @@ def protect_checkpoint_writer() -> None:
     spec = getattr(main, "__spec__", None)
     if main is not None:
         main.__spec__ = None
+    resource_tracker.ensure_running()  # before blocking: it would unblock SIGTERM (docstring)
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         manager = SyncManager(ctx=get_context("spawn"))

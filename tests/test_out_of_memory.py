@@ -4,10 +4,12 @@ controller is mounted writable (this project's CI machine); skipped elsewhere, s
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.launch import REPO, TINY_RECIPE, free_port, tiny_run_overrides
+from tests.helpers.launch import (REPO, TINY_RECIPE, free_port, smollm2_shape_config,
+                                  tiny_run_overrides)
 
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 
@@ -37,15 +40,11 @@ def _usage(group: Path) -> int:
     return int((group / "memory.usage_in_bytes").read_text())
 
 
-def _model_config(tmp_path) -> Path:
-    """SmolLM2-135M's shape with 4 layers (42M parameters): its first step allocates a few
-    hundred MB per rank (Adam moments, 49,152-way logits) after the model is built."""
-    from solopo_mcore.models.reference_configs import SMOLLM2_135M_INSTRUCT
-    folder = tmp_path / "model"
-    folder.mkdir()
-    config = dict(SMOLLM2_135M_INSTRUCT, num_hidden_layers=4, torch_dtype="float32")
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+def _oom_kills(group: Path) -> int:
+    for line in (group / "memory.oom_control").read_text().splitlines():
+        if line.startswith("oom_kill "):
+            return int(line.split()[1])
+    raise AssertionError(f"{group}/memory.oom_control has no oom_kill line")
 
 
 def _status_files(agent_pid: int) -> list:
@@ -63,7 +62,9 @@ def test_a_rank_killed_by_the_oom_killer_is_named_with_its_memory_and_the_fix(ru
                                                                               tmp_path):
     group = _cgroup_or_skip(tmp_path)
     overrides = tiny_run_overrides(run_data, tmp_path, 3, extra=[
-        f"model.hf_config_path={_model_config(tmp_path)}", "checkpoint.hf_init_dir=null",
+        # 4 layers (42M parameters): the first step allocates a few hundred MB per rank
+        f"model.hf_config_path={smollm2_shape_config(tmp_path / 'model', 4)}",
+        "checkpoint.hf_init_dir=null",
         "parallel.use_distributed_optimizer=true", "data.num_eval_examples=0",
         "logging.progress_bar=false"])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -80,13 +81,29 @@ def test_a_rank_killed_by_the_oom_killer_is_named_with_its_memory_and_the_fix(ru
             assert proc.poll() is None and time.time() < deadline, \
                 proc.communicate()[0][-3000:]
             time.sleep(0.05)
-        # both ranks have built the model and started step 1: from here memory only grows
-        for _ in range(20):
-            try:
-                (group / "memory.limit_in_bytes").write_text(str(_usage(group) + 48 * 2**20))
-                break
-            except OSError:  # usage grew past the value just read; read it again
-                time.sleep(0.01)
+        # both ranks have built the model and started step 1: from here memory only grows.
+        # Rank 0 is stopped while the limit is low, so that exactly one rank is killed: with
+        # both running, the survivor, still allocating, was sometimes killed too before the
+        # first one's memory was freed, and no rank was left to name it (1 run in 5 here).
+        stopped = next(s["pid"] for s in _status_files(proc.pid) if s["rank"] == 0)
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            for _ in range(20):
+                try:
+                    (group / "memory.limit_in_bytes").write_text(
+                        str(_usage(group) + 48 * 2**20))
+                    break
+                except OSError:  # usage grew past the value just read; read it again
+                    time.sleep(0.01)
+            # the OOM killer picks the larger rank, running or stopped (SIGKILL ends both)
+            deadline = time.time() + 120
+            while _oom_kills(group) == 0:
+                assert time.time() < deadline, "no rank was OOM-killed within 120 s"
+                time.sleep(0.002)
+            (group / "memory.limit_in_bytes").write_text("-1")  # no limit: the survivor runs
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGCONT)
         out = proc.communicate(timeout=240)[0]
     finally:
         if proc.poll() is None:

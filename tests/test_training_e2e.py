@@ -10,7 +10,8 @@ import time
 import pytest
 
 from tests.helpers.launch import (REPO, TINY_RECIPE, read_metrics, run_python, run_script,
-                                  run_torchrun, tiny_run_overrides, torchrun_cmd)
+                                  run_torchrun, smollm2_shape_config, tiny_run_overrides,
+                                  torchrun_cmd)
 
 pytestmark = pytest.mark.e2e
 
@@ -161,11 +162,18 @@ def test_sigterm_in_a_step_longer_than_torchruns_grace_period_is_named(run_data,
     """A step longer than torchrun's shutdown grace period (here --shutdown-timeout 1; 30 s by
     default, a 5-minute bf16 step on CPU in the trial): the run warns after its first step,
     naming the grace period and the --shutdown-timeout that fits; a SIGTERM to torchrun during
-    a step says the save will not be reached; torchrun's SIGKILL then ends the ranks."""
+    a step says the save will not be reached; torchrun's SIGKILL then ends the ranks.
+
+    The step must outlast the 1 s grace period on any CI machine, with room: the tiny model's
+    60-example step took 2 s here and about 1.4 s on a faster CI machine, where a SIGTERM 0.5 s
+    into the step left less than the grace period and the test failed. A SmolLM2-shaped model
+    (49,152-way logits) on 24 examples takes about 7 s here."""
+    model = smollm2_shape_config(tmp_path / "model", 2)
     cmd = torchrun_cmd(1, "examples/pretrain_solopo.py", "--config", TINY_RECIPE,
                        *tiny_run_overrides(run_data, tmp_path, 50, extra=[
+                           f"model.hf_config_path={model}", "checkpoint.hf_init_dir=null",
                            "data.num_eval_examples=0", "checkpoint.save_interval=0",
-                           "data.global_batch_size=60", "data.shared_prefix=false",
+                           "data.global_batch_size=24", "data.shared_prefix=false",
                            "model.recompute_granularity=full", "logging.progress_bar=false"]))
     cmd[cmd.index("--master-port"):cmd.index("--master-port")] = ["--shutdown-timeout", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -176,7 +184,7 @@ def test_sigterm_in_a_step_longer_than_torchruns_grace_period_is_named(run_data,
             lines.append(line)
             if "longer than torchrun's shutdown grace period" in line:
                 break
-        time.sleep(0.5)
+        time.sleep(0.2)  # step 2 has started: the warning is printed as step 1 ends
         proc.send_signal(signal.SIGTERM)  # to torchrun's agent, as srun or scancel would
         lines += proc.stdout.readlines()
         proc.wait(timeout=120)

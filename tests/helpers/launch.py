@@ -90,6 +90,17 @@ def tiny_run_overrides(demo_data, run_dir, steps, tp=1, extra=()) -> list:
             f"training.train_steps={steps}", *extra]
 
 
+def smollm2_shape_config(folder: Path, num_layers: int) -> Path:
+    """A config.json folder of SmolLM2-135M's shape with ``num_layers`` layers, fp32, randomly
+    initialized (pass ``checkpoint.hf_init_dir=null``): its 49,152-way logits make a step, and
+    the memory its first step allocates, large next to the tiny test model's."""
+    from solopo_mcore.models.reference_configs import SMOLLM2_135M_INSTRUCT
+    folder.mkdir(parents=True, exist_ok=True)
+    config = dict(SMOLLM2_135M_INSTRUCT, num_hidden_layers=num_layers, torch_dtype="float32")
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 def read_metrics(path):
     """(training rows, eval rows) of a metrics.jsonl."""
     rows = [json.loads(line) for line in open(path)]
