@@ -225,7 +225,8 @@ def plot(grouped: dict, model: str, path: Path) -> None:
         num_seeds = max(len(v) for v in arms.values())
         ax.set_xticks(range(len(names)), [n.replace("orpo-", "") for n in names], rotation=20)
         ax.set_ylim(0, 1.18)
-        ax.set_title(f"{model}, long {length} tokens\n(settings {sid}, up to {num_seeds} seeds)",
+        seeds = f"{num_seeds} seed" + ("s" if num_seeds != 1 else "")
+        ax.set_title(f"{model}, long {length} tokens\n(settings {sid}, up to {seeds})",
                      fontsize=9)
         ax.set_ylabel("greedy sub-EM accuracy (held out)")
     axes[0][0].legend(fontsize=8, loc="upper center", ncol=3)
